@@ -1,0 +1,742 @@
+"""Automagic_Sinkgd: a per-element adaptive-lr optimizer for Stable Diffusion LoRA and fine-tuning.
+
+One file, torch and the standard library only, so it can be copied into any project (for
+kohya sd-scripts: into its ``library/`` folder, then
+``--optimizer_type library.automagic_sinkgd.Automagic_Sinkgd``).
+
+Layout, in the spirit of ``torch/optim/adamw.py``:
+  * one small pure function per technique (each cites its paper), all working on a stack of
+    same-shape tensors with a leading batch dimension B, so the per-tensor path is just B == 1;
+  * ``_step_bucket`` composes them for one bucket of same-shape tensors;
+  * the ``Automagic_Sinkgd`` class: validation, state, buckets, resume, logging helpers.
+
+No host synchronisation happens in ``step()``: phases are decided from per-tensor step counters
+kept as Python ints in the state (saved with it), every data-dependent decision is a
+``torch.where`` on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Automagic_Sinkgd",
+    "grams_direction",
+    "orthograd",
+    "sinkgd_scalings",
+    "sinkgd_normalize",
+    "prodigy_signal",
+    "prodigy_bumps",
+    "automagic_mask_update_",
+    "vradam_brake",
+    "allora_row_scaling",
+    "post_warmup_decay",
+    "gradient_scaled_decay",
+    "stochastic_round_",
+]
+
+# Default chunk for stacking same-shape tensors: big enough to amortise kernel launches over
+# hundreds of LoRA matrices, small enough that the stacked copies stay a few MB.
+_DEFAULT_BUCKET_NUMEL = 1 << 21
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure transforms. Matrices arrive as (B, rows, cols), vectors as (B, n); B tensors at once.
+# ----------------------------------------------------------------------------------------------
+
+
+def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> for each of the B stacked tensors, as a (B,) tensor."""
+    # A (B,1,N) @ (B,N,1) bmm would avoid the temporary but is ~10x slower on CPU.
+    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+
+
+def _batched_sq_norm(a: Tensor) -> Tensor:
+    """||a_i||^2 for each of the B stacked tensors, as a (B,) tensor, in one read."""
+    return torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1).square()
+
+
+def _per_tensor(values: Tensor, like: Tensor) -> Tensor:
+    """Reshape a (B,) tensor so it broadcasts against a stack shaped like ``like``."""
+    return values.view((-1,) + (1,) * (like.ndim - 1))
+
+
+def grams_direction(grad: Tensor, exp_avg: Tensor, is_matrix: bool) -> Tensor:
+    """Grams (Cao et al. 2024, arXiv 2412.17107): magnitude from the momentum, sign from the gradient.
+
+    Matrices take the sign of g + m, vectors the sign of g.
+    """
+    if is_matrix:
+        # copysign(m, g + m) equals |m| * sign(g + m) except on an exact tie g + m == 0 with
+        # m != 0, which floating-point gradients do not produce; it is one kernel instead of three.
+        direction = torch.add(grad, exp_avg)
+        return torch.copysign(exp_avg, direction, out=direction)
+    # Vectors keep the exact rule: a bias whose gradient is exactly 0 (a dead unit) must not move.
+    return exp_avg.abs() * grad.sign()
+
+
+def orthograd(update: Tensor, weight: Tensor) -> Tensor:
+    """OrthoGrad (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697).
+
+    Removes from each update its component along the weights, then restores the update's norm.
+    """
+    weight = weight.to(update.dtype)
+    tiny = torch.finfo(update.dtype).tiny
+    projection = _batched_dot(update, weight) / _batched_sq_norm(weight).clamp_min(tiny)
+    orthogonal = update - _per_tensor(projection, update) * weight
+    norm_before = _batched_sq_norm(update).sqrt()
+    norm_after = _batched_sq_norm(orthogonal).sqrt()
+    rescale = torch.where(norm_after > 0, norm_before / norm_after.clamp_min(tiny), 0.0)
+    return orthogonal.mul_(_per_tensor(rescale, orthogonal))
+
+
+def sinkgd_scalings(update: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """SinkGD (Scetbon et al. 2025, "Gradient Multi-Normalization", arXiv 2502.06742).
+
+    Alternately rescaling rows to L2 norm sqrt(cols) and columns to sqrt(rows) ``iters`` times
+    equals diag(r) @ U @ diag(c) for two vectors found by Sinkhorn's iteration on U**2. Working on
+    the squares turns 4 * iters passes that rewrite U into 2 * iters batched mat-vecs that only
+    read U**2, and lets the caller fold r and c into the final update. Returns r (B, rows, 1) and
+    c (B, 1, cols); a row or column that is all zero keeps scale 0 instead of 0/0.
+    """
+    batch, rows, cols = update.shape
+    if iters <= 0:
+        ones = update.new_ones(())
+        return ones.expand(batch, rows, 1), ones.expand(batch, 1, cols)
+    squares = update.square()
+    col_sq = update.new_ones(batch, cols, 1)  # c**2, as a column for bmm
+    for _ in range(iters):
+        row_norm_sq = torch.bmm(squares, col_sq)  # (B, rows, 1): ||row_i of U diag(c)||^2
+        row_sq = torch.where(row_norm_sq > 0, cols / row_norm_sq, 0.0)
+        col_norm_sq = torch.bmm(row_sq.transpose(1, 2), squares)  # (B, 1, cols)
+        col_sq = torch.where(col_norm_sq > 0, rows / col_norm_sq, 0.0).transpose(1, 2)
+    return row_sq.sqrt(), col_sq.transpose(1, 2).sqrt()
+
+
+def sinkgd_normalize(update: Tensor, iters: int) -> Tensor:
+    """SinkGD (arXiv 2502.06742) applied: diag(r) @ U @ diag(c) for a (B, rows, cols) stack."""
+    row_scale, col_scale = sinkgd_scalings(update, iters)
+    return update * row_scale * col_scale
+
+
+def prodigy_signal(grad: Tensor, weight: Tensor, initial_weight: Tensor) -> Tensor:
+    """Prodigy (Mishchenko & Defazio 2023, arXiv 2306.06101): c = -<g, x - x0>, one per tensor.
+
+    Positive when the gradient still points back past the starting weights, i.e. the distance
+    travelled is an underestimate and the learning rate may grow faster.
+    """
+    product = torch.sub(initial_weight.to(grad.dtype), weight.to(grad.dtype)).mul_(grad)
+    return product.reshape(grad.shape[0], -1).sum(dim=1)
+
+
+def prodigy_bumps(lr_bump: float, d_coef: float, signal: Optional[Tensor], batch: int,
+                  like: Tensor) -> tuple[Tensor, Tensor]:
+    """Prodigy-style bump sizes (arXiv 2306.06101): the signal picks which way moves d_coef faster.
+
+    Returns (up, down), each (B,) in the dtype and device of ``like``.
+    """
+    base = torch.full((batch,), lr_bump, dtype=like.dtype, device=like.device)
+    if signal is None or d_coef == 1:
+        return base, base
+    up = torch.where(signal > 0, base * d_coef, base)
+    down = torch.where(signal < 0, base * d_coef, base)
+    return up, down
+
+
+def automagic_mask_update_(lr_mask: Tensor, grad_positive: Tensor, polarity: Tensor, up: Tensor,
+                           down: Tensor, min_lr: float, max_lr: float) -> Tensor:
+    """Automagic per-element learning rate (in place): raise an element's lr by ``up`` while its
+    gradient keeps the sign it had last step, lower it by ``down`` when the sign flips, clamp
+    to [min_lr, max_lr]. ``up``/``down`` are (B,) so each tensor moves by its own amount."""
+    agree = grad_positive == polarity
+    # mask - down + agree * (up + down): a broadcast torch.where here is ~4x slower on CPU.
+    lr_mask.sub_(_per_tensor(down, lr_mask)).addcmul_(agree, _per_tensor(up + down, lr_mask))
+    return lr_mask.clamp_(min_lr, max_lr)
+
+
+def vradam_brake(exp_avg: Tensor) -> Tensor:
+    """VRAdam (arXiv 2505.13196): velocity-regularised step, 1 / (1 + min(3 * ||m||^2, 10)) per tensor."""
+    return 1.0 / (1.0 + (3.0 * _batched_sq_norm(exp_avg)).clamp_max(10.0))
+
+
+def allora_row_scaling(weight: Tensor, eta: float) -> Tensor:
+    """ALLoRA (Huang et al. 2024, arXiv 2410.09692): per-row factor 1 / sqrt(||w_row|| + 1/eta^2).
+
+    Rows that are still small (a zero-initialised lora_up) get the full factor eta and leave zero
+    quickly; large rows are damped. Returns (B, rows) in float32 or wider.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    row_norms = torch.linalg.vector_norm(weight.to(dtype), dim=-1)
+    return (row_norms + 1.0 / eta**2).rsqrt()
+
+
+def post_warmup_decay(lr_decay: Tensor, lr_ratio: float) -> Tensor:
+    """Automagic's post-warm-up schedule: the linear decay, capped by an outside LR scheduler's
+    ratio group_lr / lr_max (so a scheduler can only lower it) and floored at 0.1."""
+    return lr_decay.clamp_max(lr_ratio).clamp_min(0.1)
+
+
+def gradient_scaled_decay(abs_grad_mean: Tensor, group_mean: Tensor, group_std: Tensor) -> Tensor:
+    """Gradient-aware weight decay strength theta = 2 * sigmoid(4 z), z = the tensor's mean |g|
+    standardised by the group's; 1 for a typical tensor, up to 2 for tensors with large gradients."""
+    z = (abs_grad_mean - group_mean) / group_std.clamp_min(torch.finfo(group_std.dtype).tiny)
+    return 2.0 * torch.sigmoid(4.0 * z)
+
+
+def stochastic_round_(target: Tensor, value: Tensor, generator: torch.Generator) -> Tensor:
+    """Stochastic rounding (Gupta et al. 2015, arXiv 1502.02551) of float32 ``value`` into the
+    bf16/fp16 ``target``: rounds up with probability equal to the remainder, so updates smaller
+    than half an ulp still move the weights on average instead of being rounded away."""
+    if target.dtype == torch.bfloat16:
+        # bf16 is the top half of fp32: add uniform noise below the kept bits, then truncate.
+        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device,
+                              generator=generator)
+        bits = value.view(torch.int32) + noise
+        bits.bitwise_and_(-(1 << 16))
+        return target.copy_(bits.view(torch.float32))
+    nearest = value.to(target.dtype)
+    error = value - nearest.to(value.dtype)
+    neighbour = torch.nextafter(nearest, torch.where(error > 0, math.inf, -math.inf).to(target.dtype))
+    gap = (neighbour.to(value.dtype) - nearest.to(value.dtype)).abs()
+    take_neighbour = torch.rand(value.shape, dtype=value.dtype, device=value.device,
+                                generator=generator) * gap < error.abs()
+    return target.copy_(torch.where(take_neighbour, neighbour, nearest))
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition: one bucket = tensors of one group that share shape, dtype, device and phase.
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_matrix_view(tensor: Tensor) -> Tensor:
+    """Matrices and conv kernels are treated as (out_channels, -1); vectors and scalars as (n,)."""
+    return tensor.reshape(tensor.shape[0], -1) if tensor.ndim >= 2 else tensor.reshape(-1)
+
+
+def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Stack same-shape tensors to (B, *shape); a single tensor becomes a view, no copy."""
+    if len(tensors) == 1:
+        stacked = tensors[0].reshape((1,) + shape)  # a view unless the tensor is not contiguous
+    else:
+        stacked = torch.stack([t.reshape(shape) for t in tensors])
+    return stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
+
+
+def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...]) -> Tensor:
+    """The (B, *shape) stack of one state entry, updated in place by the step.
+
+    The first time a bucket is seen its state tensors are copied into one buffer and the state
+    is pointed at views of it; from then on the stack is free (no copy in, no copy out). After a
+    resume, or when a bucket changes members, the views no longer line up and it is redone once.
+    """
+    tensors = [s[key] for s in states]
+    if len(tensors) == 1:
+        return tensors[0].reshape((1,) + shape)
+    base = tensors[0]._base
+    numel = tensors[0].numel()
+    if (base is not None and base.is_contiguous() and base.numel() == numel * len(tensors)
+            and all(t._base is base and t.storage_offset() - base.storage_offset() == i * numel
+                    for i, t in enumerate(tensors))):
+        return base.view((len(tensors),) + shape)
+    stacked = torch.stack([t.reshape(shape) for t in tensors])
+    for state, view, old in zip(states, stacked.unbind(0), tensors):
+        state[key] = view.view(old.shape)
+    return stacked
+
+
+def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
+    """Write a stack back into its tensors, unless it is a view of them already."""
+    if len(tensors) == 1 and stacked.data_ptr() == tensors[0].data_ptr() and stacked.dtype == tensors[0].dtype:
+        return
+    torch._foreach_copy_(tensors, [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)])
+
+
+class _Phase:
+    """Which techniques apply at a tensor's step t; the same for every tensor of a bucket."""
+
+    __slots__ = ("first", "warmup", "early", "orthograd", "post")
+
+    def __init__(self, t: int, warmup_steps: int, orthograd_on: bool, is_matrix: bool):
+        self.first = t == 1
+        self.warmup = t < warmup_steps               # mask still adapting
+        self.early = t < warmup_steps / 2            # Prodigy signal and weight decay
+        self.orthograd = orthograd_on and is_matrix and t > warmup_steps
+        self.post = t >= warmup_steps                # mask frozen, linear decay
+
+    def key(self) -> tuple:
+        return (self.first, self.warmup, self.early, self.orthograd, self.post)
+
+
+def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optional[Tensor],
+                 weight: Tensor, initial_weight: Optional[Tensor], avg_lr: Tensor, avg_lr_max: Tensor,
+                 row_scaling: Optional[Tensor], lr_decay: Optional[Tensor], decay_rate: Optional[Tensor],
+                 group_mean: Optional[Tensor], group_std: Optional[Tensor], lr_ratio: float, *,
+                 warmup: bool, early: bool, use_orthograd: bool, post: bool, is_matrix: bool,
+                 beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
+                 weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
+                 grad_is_copy: bool) -> Tensor:
+    """Steps 2-9 of the SPEC on stacked tensors (B, ...), for t >= 2. Pure tensor code, so it can
+    run eagerly or under torch.compile. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max and
+    lr_decay in place and returns the new weights in the state's precision. ``grad`` may be
+    overwritten when ``grad_is_copy`` (a stacked copy), never when it views the caller's .grad."""
+    batch = grad.shape[0]
+    abs_grad_sum = torch.linalg.vector_norm(grad.reshape(batch, -1), ord=1, dim=1)
+    # A tensor whose gradient holds NaN/Inf is skipped: its gradient is zeroed and every
+    # per-tensor rate below multiplied by 0, so each state and weight update is an exact no-op,
+    # decided on the device without a host sync.
+    finite = torch.isfinite(abs_grad_sum)
+    finite_f = finite.to(exp_avg.dtype)
+    skipped = _per_tensor(~finite, grad)
+    grad = grad.masked_fill_(skipped, 0.0) if grad_is_copy else grad.masked_fill(skipped, 0.0)
+
+    # 2. direction, from the momentum before this step (ADOPT's ordering).
+    update = grams_direction(grad, exp_avg, is_matrix) if grams else exp_avg.clone()
+    if use_orthograd:
+        update = orthograd(update, weight)
+
+    # 3. momentum; a skipped tensor gets weight 0 and keeps its exp_avg bit for bit.
+    exp_avg.lerp_(grad, _per_tensor((1 - beta1) * finite_f, grad))
+    brake = vradam_brake(exp_avg) if vradam else None
+
+    # 4-5. Prodigy signal and the learning-rate mask, during warm-up only.
+    if warmup:
+        signal = None
+        if early and d_coef != 1 and initial_weight is not None:
+            signal = prodigy_signal(grad, weight, initial_weight)
+        up, down = prodigy_bumps(lr_bump, d_coef, signal, batch, lr_mask)
+        grad_positive = grad > 0
+        automagic_mask_update_(lr_mask, grad_positive, polarity, up * finite_f, down * finite_f,
+                               min_lr, max_lr)
+        # A skipped tensor keeps its polarity: its zeroed gradient left grad_positive all False,
+        # so OR the old bits back in (on uint8 views: a broadcast bool op is ~3x slower).
+        grad_positive.view(torch.uint8).bitwise_or_(polarity.view(torch.uint8) & skipped.view(torch.uint8))
+        polarity.copy_(grad_positive)
+        avg_lr.copy_(lr_mask.reshape(batch, -1).mean(dim=1))
+        avg_lr_max.copy_(torch.maximum(avg_lr_max, avg_lr))
+
+    # 6. after warm-up: frozen mask, linear decay capped by an outside scheduler.
+    rate = finite_f
+    if post:
+        lr_decay.sub_(decay_rate * finite_f)
+        rate = rate * post_warmup_decay(lr_decay, lr_ratio)
+
+    # 7. effective per-element lr = mask * ALLoRA row factor * VRAdam brake * decay.
+    if brake is not None:
+        rate = rate * brake
+    row_scaling = row_scaling.unsqueeze(-1) if row_scaling is not None else None  # (B, rows, 1)
+    if is_matrix:
+        row_scale, col_scale = sinkgd_scalings(update, sinkgd_iters)
+        row_factor = row_scale * _per_tensor(rate, row_scale)
+        if row_scaling is not None:
+            row_factor = row_factor * row_scaling
+        update.mul_(row_factor).mul_(col_scale)
+    else:
+        update.mul_(_per_tensor(rate, update))
+
+    # 8. gradient-aware decoupled weight decay, first half of warm-up only.
+    if early and weight_decay > 0:
+        theta = 1.0  # neutral, until the fused path has gathered a first set of statistics
+        if group_mean is not None:
+            theta = gradient_scaled_decay(abs_grad_sum / grad[0].numel(), group_mean, group_std)
+        mean_row_scaling = row_scaling.mean(dim=(1, 2)) if row_scaling is not None else 1.0
+        decay = avg_lr * mean_row_scaling * (brake if brake is not None else 1.0) * theta * weight_decay
+        decay = torch.where(finite, decay, 0.0)  # theta of a NaN gradient is NaN; 0 * NaN is too
+        weight = weight * _per_tensor(1.0 - decay, weight)
+
+    # 9. w = w - mask * update.
+    return torch.addcmul(weight, update, lr_mask, value=-1.0)
+
+
+def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
+                 phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
+                 generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
+                 math: Callable = _bucket_math) -> None:
+    """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
+    bf16/fp16 weights, whose update is computed in float32)."""
+    shape = tuple(_as_matrix_view(params[0]).shape)
+    state_dtype = states[0]["exp_avg"].dtype
+
+    def state(key: str) -> Optional[Tensor]:
+        """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA."""
+        if key not in states[0]:
+            return None
+        own_shape = tuple(states[0][key].shape)
+        return _stacked_state(states, key, shape if own_shape == tuple(params[0].shape) else own_shape)
+
+    grad = _gather(grads, shape, state_dtype)
+    if phase.first:
+        # ADOPT (Taniguchi et al. 2024, arXiv 2411.02853): the first step only initialises state.
+        finite = torch.isfinite(torch.linalg.vector_norm(grad.reshape(len(grads), -1), ord=1, dim=1))
+        grad = torch.where(_per_tensor(finite, grad), grad, 0.0)
+        state("exp_avg").copy_(grad).mul_(1 - group["beta1"])
+        if phase.warmup:
+            state("polarity").copy_(grad > 0)
+        return
+    lr_ratio = group["lr"] / group["lr_max"]
+    new_weight = math(
+        grad, state("exp_avg"), state("lr_mask"), state("polarity"), _gather(params, shape, state_dtype),
+        state("initial_weight"), state("avg_lr"), state("avg_lr_max"), state("row_scaling"),
+        state("lr_decay"), state("decay_rate"), *(group_stats or (None, None)), lr_ratio,
+        warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
+        is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
+        min_lr=group["min_lr"], max_lr=group["max_lr"], weight_decay=group["weight_decay"],
+        sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
+        grad_is_copy=grad.data_ptr() != grads[0].data_ptr())
+    if params[0].dtype == state_dtype:
+        _scatter(new_weight, params)
+    else:
+        rounded = torch.empty(new_weight.shape, dtype=params[0].dtype, device=new_weight.device)
+        stochastic_round_(rounded, new_weight, generator_for(new_weight, seed))
+        _scatter(rounded, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: Any, ok: bool, allowed: str, hint: str = "") -> None:
+    if not ok:
+        raise ValueError(f"Automagic_Sinkgd: {name}={value!r} is out of range; allowed: {allowed}.{hint}")
+
+
+class Automagic_Sinkgd(torch.optim.Optimizer):
+    """SinkGD-normalised Grams/ADOPT steps with an Automagic per-element learning-rate mask.
+
+    Args:
+        params: parameters or parameter groups (each group may set its own ``lr`` and any
+            argument below; the mask of a group starts at that group's lr).
+        lr: base learning rate, within [min_lr, max_lr]; recommended 1e-6 .. 1e-4.
+        min_lr, max_lr: bounds of the per-element learning-rate mask.
+        lr_bump: one up/down move of the mask during warm-up (0 freezes the mask at lr).
+        eta: ALLoRA strength (LoRA mode matrices); > 0.
+        beta1: momentum decay, in [0, 1).
+        d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
+        weight_decay: decoupled, gradient-aware weight decay strength (first half of warm-up).
+        warmup_steps: steps during which the mask adapts; >= 1.
+        full_finetune: False = LoRA mode (4 SinkGD iterations, ALLoRA), True = 5 iterations.
+        orthograd: apply OrthoGrad to matrix updates after warm-up.
+        stats_update_freq: refresh the group's gradient statistics every N steps; >= 1.
+        sinkgd_iters: override the SinkGD iteration count (0 disables SinkGD).
+        grams: False uses the plain momentum as direction (ablation).
+        vradam: False disables the VRAdam brake (ablation).
+        allora: False disables ALLoRA row scaling (ablation).
+        foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
+            at a time (same math).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-5, min_lr: float = 1e-6, max_lr: float = 1e-2,
+                 lr_bump: float = 1e-5, eta: float = 2, beta1: float = 0.9, d_coef: float = 2,
+                 weight_decay: float = 5e-4, warmup_steps: int = 500, full_finetune: bool = False,
+                 orthograd: bool = False, stats_update_freq: int = 5, sinkgd_iters: Optional[int] = None,
+                 grams: bool = True, vradam: bool = True, allora: bool = True,
+                 foreach: Optional[bool] = None):
+        defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
+                        d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                        full_finetune=full_finetune, orthograd=orthograd,
+                        stats_update_freq=stats_update_freq, sinkgd_iters=sinkgd_iters, grams=grams,
+                        vradam=vradam, allora=allora)
+        self._validate(defaults, "")
+        self.foreach = foreach
+        super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            self._validate(group, f" (param group {index})")
+            # The largest lr this group has seen: an outside scheduler can only lower the decay.
+            group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
+            group.setdefault("group_step", 0)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._fused_gather: dict[int, list] = {}
+        self._positions: dict[int, tuple[int, int]] = {}
+
+    def _param_position(self, p: Tensor) -> tuple[int, int]:
+        """(group index, index in group) of a parameter; cached, since the fused backward path
+        asks once per parameter per step and a linear search would be quadratic."""
+        if id(p) not in self._positions:
+            self._positions = {id(q): (gi, i) for gi, g in enumerate(self.param_groups)
+                               for i, q in enumerate(g["params"])}
+        return self._positions[id(p)]
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate(settings: dict, where: str) -> None:
+        get = settings.get
+        lr, min_lr, max_lr = get("lr"), get("min_lr"), get("max_lr")
+        _check_range("min_lr" + where, min_lr, min_lr >= 0, "min_lr >= 0")
+        _check_range("max_lr" + where, max_lr, max_lr > 0 and max_lr >= min_lr,
+                     f"max_lr > 0 and max_lr >= min_lr ({min_lr})")
+        _check_range("lr" + where, lr, lr > 0, "lr > 0")
+        hint = ""
+        if lr >= 0.1:
+            hint = (" Prodigy/D-Adaptation habits such as lr=1.0 do not apply: Automagic_Sinkgd takes a"
+                    " real learning rate (1e-6 .. 1e-4; the presets use 1e-5 .. 5e-5).")
+        _check_range("lr" + where, lr, min_lr <= lr <= max_lr, f"min_lr <= lr <= max_lr, i.e. [{min_lr}, {max_lr}]", hint)
+        _check_range("lr_bump" + where, get("lr_bump"), get("lr_bump") >= 0, "lr_bump >= 0")
+        _check_range("eta" + where, get("eta"), get("eta") > 0, "eta > 0")
+        _check_range("beta1" + where, get("beta1"), 0 <= get("beta1") < 1, "0 <= beta1 < 1")
+        _check_range("d_coef" + where, get("d_coef"), get("d_coef") >= 1, "d_coef >= 1 (1 disables it)")
+        _check_range("weight_decay" + where, get("weight_decay"), get("weight_decay") >= 0, "weight_decay >= 0")
+        warmup = get("warmup_steps")
+        _check_range("warmup_steps" + where, warmup, isinstance(warmup, int) and warmup >= 1,
+                     "an integer >= 1")
+        freq = get("stats_update_freq")
+        _check_range("stats_update_freq" + where, freq, isinstance(freq, int) and freq >= 1,
+                     "an integer >= 1")
+        iters = get("sinkgd_iters")
+        _check_range("sinkgd_iters" + where, iters, iters is None or (isinstance(iters, int) and iters >= 0),
+                     "None (4 for LoRA, 5 for full fine-tune) or an integer >= 0")
+        for flag in ("full_finetune", "orthograd", "grams", "vradam", "allora"):
+            _check_range(flag + where, get(flag), isinstance(get(flag), bool), "True or False")
+
+    # -- state --------------------------------------------------------------------------------
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        state_dtype = torch.promote_types(p.dtype, torch.float32)
+        warmup = group["warmup_steps"]
+        # The mask starts at the group's base lr: kohya's schedulers with warm-up put 0 into
+        # group["lr"] at step 0 and keep the base in "initial_lr".
+        start_lr = group.get("initial_lr", group["lr"])
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+        state["lr_mask"] = torch.full_like(p, start_lr, dtype=state_dtype, memory_format=torch.preserve_format)
+        state["avg_lr"] = torch.tensor(start_lr, dtype=state_dtype, device=p.device)
+        state["avg_lr_max"] = torch.tensor(start_lr, dtype=state_dtype, device=p.device)
+        if warmup > 1:
+            state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.preserve_format)
+        if group["d_coef"] != 1 and 1 < warmup / 2:
+            state["initial_weight"] = p.detach().clone(memory_format=torch.preserve_format)
+        if p.ndim >= 2 and not group["full_finetune"] and group["allora"]:
+            state["row_scaling"] = allora_row_scaling(_as_matrix_view(p.detach()).unsqueeze(0),
+                                                      group["eta"]).squeeze(0).to(state_dtype)
+        return state
+
+    @staticmethod
+    def _advance_phase(state: dict, group: dict) -> int:
+        """Advance the tensor's own step counter; free state its next phases no longer need."""
+        state["step"] += 1
+        t = state["step"]
+        warmup = group["warmup_steps"]
+        if t >= warmup / 2:
+            state.pop("initial_weight", None)
+        if t >= warmup:
+            state.pop("polarity", None)
+            if "lr_decay" not in state:
+                # Linear decay over another warmup_steps, slower if the mask ended below its peak.
+                state["decay_rate"] = state["avg_lr"] / state["avg_lr_max"] / warmup
+                state["lr_decay"] = torch.ones_like(state["avg_lr"])
+        return t
+
+    def _generator_for(self, like: Tensor, seed: int) -> torch.Generator:
+        generator = self._generators.get(like.device)
+        if generator is None:
+            generator = self._generators[like.device] = torch.Generator(device=like.device)
+        return generator.manual_seed(seed)
+
+    @staticmethod
+    def _rounding_seed(group_index: int, param_index: int, t: int) -> int:
+        """A seed from (tensor, step) alone: replicas agree, and a resumed run rounds identically."""
+        return (group_index * 1_000_003 + param_index) * 2_654_435_761 + t * 97_531 & 0x7FFF_FFFF_FFFF
+
+    # -- group statistics -----------------------------------------------------------------------
+
+    @staticmethod
+    def _stats_due(group: dict) -> bool:
+        return (group["group_step"] - 1) % group["stats_update_freq"] == 0
+
+    @staticmethod
+    def _finite_sums(abs_sums: Tensor, norms: Tensor, numels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-tensor |g| sums and L2 norms -> group sums over the finite tensors only, so one
+        NaN gradient cannot poison the statistics (and through them every tensor's decay)."""
+        finite = torch.isfinite(abs_sums) & torch.isfinite(norms)
+        zero = abs_sums.new_zeros(())
+        return (torch.where(finite, abs_sums.double(), zero).sum(),
+                torch.where(finite, norms.double().square(), zero).sum(),
+                torch.where(finite, numels.to(abs_sums.device, torch.float64), zero).sum())
+
+    @staticmethod
+    def _store_stats(group: dict, abs_sum: Tensor, sq_sum: Tensor, count: Tensor) -> None:
+        """mean and population std of |g| over every gradient element of the group, from sums:
+        no concatenation of gradients (that would copy all of them)."""
+        count = count.clamp_min(1.0)
+        mean = abs_sum / count
+        var = (sq_sum / count - mean * mean).clamp_min(0.0)
+        group["grad_abs_mean"] = mean.float()
+        group["grad_abs_std"] = var.sqrt().float()
+
+    def _refresh_group_stats(self, group: dict, grads: list[Tensor]) -> None:
+        numels = torch.tensor([g.numel() for g in grads], dtype=torch.float64)
+        sums = self._finite_sums(torch.stack(torch._foreach_norm(grads, 1)),
+                                 torch.stack(torch._foreach_norm(grads, 2)), numels)
+        self._store_stats(group, *sums)
+
+    @staticmethod
+    def _group_stats(group: dict) -> Optional[tuple]:
+        if "grad_abs_mean" not in group:
+            return None
+        return group["grad_abs_mean"], group["grad_abs_std"]
+
+    # -- step -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolved(group: dict) -> dict:
+        """Group settings with sinkgd_iters resolved from the mode (4 for LoRA, 5 for full)."""
+        if group["sinkgd_iters"] is None:
+            return {**group, "sinkgd_iters": 5 if group["full_finetune"] else 4}
+        return group
+
+    @staticmethod
+    def _check_grad(p: Tensor) -> Tensor:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("Automagic_Sinkgd does not support sparse gradients; use dense parameters "
+                               "(e.g. nn.Embedding(sparse=False)).")
+        if grad.is_complex() or p.is_complex():
+            raise RuntimeError("Automagic_Sinkgd does not support complex parameters or gradients.")
+        return grad
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            entries = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            if not entries:
+                continue
+            group["lr_max"] = max(group["lr_max"], group["lr"])
+            group["group_step"] += 1
+            settings = self._resolved(group)
+            grads = [self._check_grad(p) for _, p in entries]
+            buckets: dict[tuple, list] = {}
+            needs_stats = False
+            for (index, p), grad in zip(entries, grads):
+                state = self.state[p] if self.state[p] else self._init_state(p, group)
+                t = self._advance_phase(state, group)
+                is_matrix = p.ndim >= 2
+                phase = _Phase(t, group["warmup_steps"], group["orthograd"], is_matrix)
+                needs_stats |= phase.early and group["weight_decay"] > 0
+                key = (tuple(_as_matrix_view(p).shape), p.dtype, p.device, phase.key(),
+                       "row_scaling" in state, "initial_weight" in state, "polarity" in state)
+                buckets.setdefault(key, []).append((index, p, grad, state, phase, is_matrix))
+            if needs_stats and (self._stats_due(group) or "grad_abs_mean" not in group):
+                self._refresh_group_stats(group, grads)
+            stats = self._group_stats(group)
+            for members in buckets.values():
+                for chunk in self._chunks(members):
+                    self._run_bucket(chunk, settings, stats, group_index)
+        return loss
+
+    def _chunks(self, members: list) -> Iterable[list]:
+        """Split a bucket so a stacked copy stays small; foreach=False steps tensors one by one."""
+        if self.foreach is False:
+            for member in members:
+                yield [member]
+            return
+        numel = members[0][1].numel()
+        per_chunk = max(1, _DEFAULT_BUCKET_NUMEL // max(numel, 1))
+        for start in range(0, len(members), per_chunk):
+            yield members[start:start + per_chunk]
+
+    def _run_bucket(self, chunk: list, settings: dict, stats: Optional[tuple], group_index: int) -> None:
+        index, _, _, state, phase, is_matrix = chunk[0]
+        _step_bucket(params=[m[1] for m in chunk], grads=[m[2] for m in chunk], states=[m[3] for m in chunk],
+                     group=settings, phase=phase, is_matrix=is_matrix,
+                     group_stats=stats, generator_for=self._generator_for,
+                     seed=self._rounding_seed(group_index, index, state["step"]))
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict) -> None:
+        """Step one parameter from its gradient hook (kohya ``--fused_backward_pass``).
+
+        Group statistics cannot be computed before the step when gradients arrive one at a time,
+        so they come from |g| sums gathered while the previous stats step ran (the first stats
+        step uses theta = 1, the neutral value, as no statistics exist yet).
+        """
+        if p.grad is None:
+            return
+        grad = self._check_grad(p)
+        group_index, index = self._param_position(p)
+        # Hooks registered before a resume hold the old group dict; the live one has the loaded state.
+        group = self.param_groups[group_index]
+        state = self.state[p] if self.state[p] else self._init_state(p, group)
+        t = self._advance_phase(state, group)
+        gather = self._fused_gather.setdefault(group_index, [0, None, None, None])  # step, |g| sum, g^2 sum, n
+        if t > group["group_step"]:
+            # The first tensor of a new step closes the previous step's gathering.
+            if gather[1] is not None:
+                self._store_stats(group, gather[1], gather[2], gather[3])
+            group["group_step"] = t
+            group["lr_max"] = max(group["lr_max"], group["lr"])
+            gather[:] = [t, None, None, None]
+        phase = _Phase(t, group["warmup_steps"], group["orthograd"], p.ndim >= 2)
+        if phase.early and group["weight_decay"] > 0 and self._stats_due(group):
+            flat = grad.reshape(-1)
+            sums = self._finite_sums(torch.linalg.vector_norm(flat, 1), torch.linalg.vector_norm(flat, 2),
+                                     torch.tensor(float(flat.numel()), dtype=torch.float64))
+            gather[1:] = sums if gather[1] is None else [a + b for a, b in zip(gather[1:], sums)]
+        self._run_bucket([(index, p, grad, state, phase, p.ndim >= 2)], self._resolved(group),
+                         self._group_stats(group), group_index)
+
+    # -- monitoring -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def effective_lrs(self) -> list[Tensor]:
+        """Average effective learning rate of each group, element-weighted, as 0-d tensors.
+
+        Computed from the state on demand, so reading it only on logged steps costs nothing on
+        the others; it stays on the device until the caller converts it.
+        """
+        results = []
+        for group in self.param_groups:
+            total, count = None, 0
+            lr_ratio = group["lr"] / group["lr_max"] if group["lr_max"] > 0 else 1.0
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "avg_lr" not in state:
+                    continue
+                lr = state["avg_lr"]
+                if "lr_decay" in state:
+                    lr = lr * post_warmup_decay(state["lr_decay"], lr_ratio)
+                if group["vradam"]:
+                    lr = lr * vradam_brake(state["exp_avg"].reshape(1, -1))[0]
+                if "row_scaling" in state:
+                    lr = lr * state["row_scaling"].mean()
+                total = lr * p.numel() if total is None else total + lr * p.numel()
+                count += p.numel()
+            if total is None:
+                base = group.get("initial_lr", group["lr"])
+                results.append(torch.tensor(float(base)))
+            else:
+                results.append(total / count)
+        return results
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict, keeping every state tensor in the dtype it was saved in.
+
+        torch's default casts floating state (and even bool) to the parameter's dtype, which
+        would turn the float32 mask and momentum of bf16 weights into bf16.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+        for group in self.param_groups:
+            group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
+            group.setdefault("group_step", 0)
+            device = group["params"][0].device if group["params"] else None
+            for key in ("grad_abs_mean", "grad_abs_std"):
+                if key in group and device is not None:
+                    group[key] = group[key].to(device)
+        self._fused_gather.clear()

@@ -1,0 +1,728 @@
+"""Built-in training backend: kohya-style LoRA / full fine-tune of a Stable Diffusion 1.x/2.x model on
+torch + diffusers + accelerate, for machines without sd-scripts.
+
+    main(argv, script="train_network") -> exit code
+
+Modes: LoRA (kohya's train_network.py, networks.lora) by default; full fine-tune of the U-Net (kohya's
+fine_tune.py) when script == "fine_tune" or the optimizer args say full_finetune=True (the "full" preset).
+
+Reproducibility: all randomness of a training step (batch order, flips, VAE sampling, noise, timesteps)
+is drawn from generators seeded with (seed, micro-batch number, process rank), never from global RNG
+state. A run resumed from --save_state therefore replays exactly the steps an uninterrupted run would
+take, and ends with bit-identical weights on CPU.
+
+Multi-process (accelerate launch): the trained modules are wrapped in DistributedDataParallel by
+accelerate, each process trains on its own slice of every batch, only the main process writes files,
+and at the end every process checks that its weights hash equal to the others'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import args as cli
+from . import checkpoint, lora, sampling
+from .atomic import check_writable
+from .data import BatchOrder, ImageDataset, collate, scan_dataset
+from .errors import UserError
+
+QUICK_START_STEPS = 300  # embedded dataset: enough for the concept to show in the samples (see the note)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Everything resolved from the arguments before a model is loaded."""
+
+    args: object
+    full_finetune: bool
+    model_path: str
+    embedded_model: bool
+    train_data_dir: str
+    caption_extension: str
+    output_dir: Path
+    output_name: str
+    seed: int
+    prompts: list = field(default_factory=list)
+
+
+def _wants_full_finetune(script: str, optimizer_args: list[str] | None) -> bool:
+    from ..optimizer_factory import parse_optimizer_args
+
+    if script == "fine_tune":
+        return True
+    return bool(parse_optimizer_args(optimizer_args or []).get("full_finetune", False))
+
+
+def _embedded_defaults():
+    from . import default_model
+
+    return default_model
+
+
+def resolve(args, script: str) -> Setup:
+    full = _wants_full_finetune(script, args.optimizer_args)
+    cli.validate(args, full)
+    embedded = _embedded_defaults() if (args.pretrained_model_name_or_path is None or args.train_data_dir is None) else None
+    model_path = args.pretrained_model_name_or_path or embedded.ensure_default_model()
+    output_dir = Path(args.output_dir or cli.DEFAULT_OUTPUT_DIR)
+    caption_extension = args.caption_extension
+    if args.train_data_dir is None:
+        cache = embedded.default_cache_dir() / "default_dataset"
+        train_data_dir = embedded.ensure_default_dataset(str(cache))
+        caption_extension = ".txt"  # what the embedded dataset ships; --train_data_dir is yours to caption
+    else:
+        train_data_dir = args.train_data_dir
+    prompts = []
+    if args.sample_prompts:
+        prompts = sampling.read_prompt_file(args.sample_prompts)
+    elif args.pretrained_model_name_or_path is None:
+        prompts = [sampling.SamplePrompt(p, steps=embedded.SAMPLE_STEPS, scale=embedded.SAMPLE_GUIDANCE)
+                   for p in embedded.SAMPLE_PROMPTS]
+    if args.pretrained_model_name_or_path is None:
+        args.resolution = args.resolution or str(embedded.DEFAULT_RESOLUTION)
+        if args.max_train_steps is None and args.max_train_epochs is None and args.train_data_dir is None:
+            args.max_train_steps = QUICK_START_STEPS
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    return Setup(args, full, model_path, args.pretrained_model_name_or_path is None, train_data_dir,
+                 caption_extension, output_dir, args.output_name or cli.DEFAULT_OUTPUT_NAME, seed, prompts)
+
+
+def load_pipeline(path: str, v2: bool):
+    """A local diffusers folder, or a single-file SD 1.x/2.x checkpoint diffusers can read offline."""
+    import diffusers
+
+    p = Path(path)
+    common = {"safety_checker": None, "requires_safety_checker": False}
+    if p.is_dir():
+        index = p / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"--pretrained_model_name_or_path {path!r} is a folder without model_index.json "
+                            "(expected a diffusers StableDiffusionPipeline folder)")
+        cls_name = json.loads(index.read_text()).get("_class_name", "")
+        if "XL" in cls_name or cls_name not in ("StableDiffusionPipeline", ""):
+            raise UserError(f"--pretrained_model_name_or_path {path!r} is a {cls_name}; the built-in backend trains "
+                            "SD 1.x/2.x (StableDiffusionPipeline) models; use sd-scripts for others")
+        return diffusers.StableDiffusionPipeline.from_pretrained(str(p), local_files_only=True, **common)
+    if p.is_file():
+        try:
+            return diffusers.StableDiffusionPipeline.from_single_file(str(p), local_files_only=True, **common)
+        except Exception as e:  # usually: the model config is not in the local Hugging Face cache
+            raise UserError(
+                f"cannot load single-file checkpoint {path!r} offline ({type(e).__name__}: {e}). Convert it to a "
+                "diffusers folder once, or make its config available in the Hugging Face cache"
+                + (" (SD 2.x: --v2)" if v2 else "")
+            ) from None
+    raise UserError(f"--pretrained_model_name_or_path {path!r} does not exist")
+
+
+def compute_max_steps(args, batches_per_epoch: int) -> int:
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_epochs is not None:  # kohya: epochs win over steps
+        return args.max_train_epochs * steps_per_epoch
+    return args.max_train_steps if args.max_train_steps is not None else cli.DEFAULT_MAX_TRAIN_STEPS
+
+
+def example_generator(seed: int, slot: int) -> torch.Generator:
+    """The random stream of one training example (VAE sample, noise, timestep): a function of (seed, slot)
+    only, so it is the same after a resume and however the batch is split over processes. A CPU
+    generator, so the numbers do not depend on the device either."""
+    key = hashlib.sha256(f"{seed}/{slot}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+
+def _randn(shape, generators: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
+def weights_digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _warmup_steps(value, max_steps: int) -> int:
+    return int(value * max_steps) if isinstance(value, float) and value < 1 else int(value)
+
+
+def make_lr_scheduler(args, optimizer, max_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=_warmup_steps(args.lr_warmup_steps, max_steps),
+                         num_training_steps=max_steps, num_cycles=args.lr_scheduler_num_cycles,
+                         power=args.lr_scheduler_power)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    # cast only when needed: diffusers warns on every .to(dtype), even a no-op one
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
+class Model:
+    """The pipeline's parts, what is trained, and the loss of one micro-batch."""
+
+    def __init__(self, setup: Setup, accelerator):
+        args = setup.args
+        self.args, self.full = args, setup.full_finetune
+        self.accelerator = accelerator
+        self.pipe = load_pipeline(setup.model_path, args.v2)
+        pipe = self.pipe
+        self.unet, self.text_encoder, self.vae, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # a tokenizer saved without model_max_length reports a huge number: the text encoder's limit decides
+        self.max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        self.v_prediction = args.v_parameterization or self.noise_scheduler.config.prediction_type == "v_prediction"
+        # frozen parts may live in the mixed-precision dtype (as kohya does); trained weights stay float32
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        device = accelerator.device
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.requires_grad_(False)
+            module.eval()
+        _place(self.vae, device, torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
+        self.train_unet = self.train_text_encoder = False
+        self.lora_modules: list[lora.LoRAModule] = []
+        if self.full:
+            self._setup_full(device)
+        else:
+            self._setup_lora(device)
+        if args.gradient_checkpointing:
+            if self.train_unet:
+                self.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+
+    def _setup_lora(self, device) -> None:
+        args = self.args
+        dim = args.network_dim or 4  # kohya's default rank
+        alpha = args.network_alpha if args.network_alpha else dim  # kohya: alpha 0/None means no scaling
+        _place(self.unet, device, self.weight_dtype)
+        _place(self.text_encoder, device, self.weight_dtype)
+        self.train_unet = not args.network_train_text_encoder_only
+        self.train_text_encoder = not args.network_train_unet_only
+        self.te_loras = lora.inject(self.text_encoder, lora.TEXT_ENCODER_PREFIX, lora.TEXT_ENCODER_TARGETS, dim,
+                                    alpha) if self.train_text_encoder else []
+        self.unet_loras = lora.inject(self.unet, lora.UNET_PREFIX, lora.UNET_TARGETS, dim, alpha) if self.train_unet else []
+        self.lora_modules = self.te_loras + self.unet_loras
+        for m in self.lora_modules:
+            m.to(device, dtype=torch.float32)
+            m.requires_grad_(True)
+        if args.network_weights:
+            state = checkpoint.load_weights(args.network_weights)
+            try:
+                lora.load_kohya_state_dict(self.lora_modules, state, args.network_weights)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        self.dim, self.alpha = dim, alpha
+
+    def _setup_full(self, device) -> None:
+        args = self.args
+        _place(self.unet, device, torch.float32)
+        self.unet.requires_grad_(True)
+        self.train_unet = True
+        self.train_text_encoder = args.train_text_encoder
+        _place(self.text_encoder, device, torch.float32 if self.train_text_encoder else self.weight_dtype)
+        if self.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+
+    # --- what is trained
+
+    def param_groups(self) -> tuple[list[dict], list[str]]:
+        """kohya's group order: text encoder first, then U-Net; each with its own lr."""
+        args = self.args
+        groups, names = [], []
+        if self.full:
+            if self.train_text_encoder:
+                te_lr = args.learning_rate_te if args.learning_rate_te is not None else args.learning_rate
+                groups.append({"params": [p for p in self.text_encoder.parameters()], "lr": te_lr})
+                names.append("textencoder")
+            groups.append({"params": [p for p in self.unet.parameters()], "lr": args.learning_rate})
+            names.append("unet")
+            return groups, names
+        if self.te_loras:
+            lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
+            groups.append({"params": [p for m in self.te_loras for p in m.parameters()], "lr": lr})
+            names.append("textencoder")
+        if self.unet_loras:
+            lr = args.unet_lr if args.unet_lr is not None else args.learning_rate
+            groups.append({"params": [p for m in self.unet_loras for p in m.parameters()], "lr": lr})
+            names.append("unet")
+        return groups, names
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [m for m, on in ((self.text_encoder, self.train_text_encoder), (self.unet, self.train_unet)) if on]
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups()[0] for p in g["params"]]
+
+    def state_weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights only: the kohya LoRA dict, or the U-Net (+ text encoder) with prefixes."""
+        if not self.full:
+            return lora.kohya_state_dict(self.lora_modules)
+        out = {f"unet.{k}": v for k, v in self._unwrap(self.unet).state_dict().items()}
+        if self.train_text_encoder:
+            out.update({f"text_encoder.{k}": v for k, v in self._unwrap(self.text_encoder).state_dict().items()})
+        return out
+
+    def load_state_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            if not self.full:
+                lora.load_kohya_state_dict(self.lora_modules, tensors, source)
+                return
+            for prefix, module in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+                part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if part:
+                    self._unwrap(module).load_state_dict(part, strict=True)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{source}: the saved weights do not fit this model/settings: {e}") from None
+
+    def _unwrap(self, module):
+        return self.accelerator.unwrap_model(module)
+
+    def set_train(self, training: bool) -> None:
+        for m in self.trained_modules():
+            m.train(training)
+
+    # --- loss
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
+        clip_skip = self.args.clip_skip
+        with contextlib.nullcontext() if self.train_text_encoder else torch.no_grad():
+            if clip_skip and clip_skip > 1:
+                out = self.text_encoder(ids, output_hidden_states=True)
+                hidden = out.hidden_states[-clip_skip]
+                te = self._unwrap(self.text_encoder)
+                return getattr(te, "text_model", te).final_layer_norm(hidden)  # transformers 5 has no text_model
+            return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.accelerator.device, dtype=self.vae.dtype)).latent_dist
+        noise = _randn(dist.mean.shape[1:], generators).to(dist.mean.device, dist.mean.dtype)
+        latents = dist.mean + dist.std * noise  # = dist.sample(), drawn from each example's own generator
+        return (latents * self.vae.config.scaling_factor).float()
+
+    def loss(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+        args, device = self.args, self.accelerator.device
+        noise = _randn(latents.shape[1:], generators)
+        if args.noise_offset:
+            noise = noise + args.noise_offset * _randn((latents.shape[1], 1, 1), generators)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            hidden = self.encode_text(captions)
+            pred = self.unet(noisy.to(torch.float32 if self.full else self.weight_dtype), timesteps, hidden).sample
+        target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
+        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if args.min_snr_gamma:
+            per_example = per_example * self._min_snr_weight(timesteps)
+        return per_example.mean()
+
+    def _min_snr_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction
+        alphas = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        weight = torch.clamp(snr, max=self.args.min_snr_gamma)
+        return weight / (snr + 1) if self.v_prediction else weight / snr
+
+    # --- outputs
+
+    def sample(self, setup: Setup, size: tuple[int, int]) -> list:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self._unwrap(self.text_encoder), tokenizer=self.tokenizer,
+            unet=self._unwrap(self.unet), scheduler=sampling.make_scheduler(self.args.sample_sampler, self.pipe.scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        self.set_train(False)
+        try:
+            return sampling.generate(pipe, setup.prompts, size, setup.seed, self.accelerator.autocast)
+        finally:
+            self.set_train(True)
+
+    def save_model(self, setup: Setup, path_stem: Path, metadata: dict[str, str]) -> Path:
+        dtype = checkpoint.SAVE_DTYPES[self.args.save_precision]
+        if not self.full:
+            fmt = self.args.save_model_as or "safetensors"
+            path = path_stem.with_name(path_stem.name + "." + fmt)
+            return checkpoint.save_weights(path, lora.kohya_state_dict(self.lora_modules, dtype),
+                                           None if self.args.no_metadata else metadata)
+        from diffusers import StableDiffusionPipeline
+
+        unet, te = self._unwrap(self.unet), self._unwrap(self.text_encoder)
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=te, tokenizer=self.tokenizer, unet=unet,
+                                       scheduler=self.pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        fmt = self.args.save_model_as or "diffusers"
+        if fmt in ("diffusers", "diffusers_safetensors"):
+            from .atomic import atomic_dir
+
+            with atomic_dir(path_stem) as tmp:
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+                if dtype is not None:
+                    pipe.to(torch.float32)
+            return path_stem
+        raise UserError(f"--save_model_as {fmt}: single-file export of a full fine-tune is not implemented in "
+                        "the built-in backend; use --save_model_as diffusers")
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+
+
+def lora_metadata(setup: Setup, model: Model, optimizer_name: str, optimizer_args: str, steps: int, epoch: int,
+                  n_images: int, batches_per_epoch: int, max_steps: int, started: float) -> dict[str, str]:
+    """kohya-style `ss_*` metadata (all values strings, as safetensors requires)."""
+    args = setup.args
+    v2 = bool(args.v2 or getattr(model.pipe.unet.config, "cross_attention_dim", 768) == 1024)
+    meta = {} if model.full else {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(model.dim),
+        "ss_network_alpha": str(float(model.alpha)),
+        "ss_network_args": "null",
+    }
+    meta.update({
+        "ss_optimizer": f"{optimizer_name}({optimizer_args})" if optimizer_args else optimizer_name,
+        "ss_learning_rate": str(args.learning_rate),
+        "ss_unet_lr": str(args.unet_lr if args.unet_lr is not None else args.learning_rate),
+        "ss_text_encoder_lr": str(args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate),
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps),
+        "ss_max_grad_norm": str(args.max_grad_norm),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_batch_size_per_device": str(args.train_batch_size),
+        "ss_num_train_images": str(n_images),
+        "ss_num_batches_per_epoch": str(batches_per_epoch),
+        "ss_num_epochs": str(math.ceil(max_steps * args.gradient_accumulation_steps / batches_per_epoch)),
+        "ss_max_train_steps": str(max_steps),
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_seed": str(setup.seed),
+        "ss_resolution": str(tuple(cli.parse_resolution(args.resolution or 512))),
+        "ss_clip_skip": str(args.clip_skip),
+        "ss_noise_offset": str(args.noise_offset),
+        "ss_min_snr_gamma": str(args.min_snr_gamma),
+        "ss_network_train_unet_only": str(bool(args.network_train_unet_only)),
+        "ss_network_train_text_encoder_only": str(bool(args.network_train_text_encoder_only)),
+        "ss_v2": str(v2),
+        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_sd_model_name": os.path.basename(os.path.normpath(setup.model_path)),
+        "ss_output_name": setup.output_name,
+        "ss_training_comment": str(args.training_comment),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(time.time()),
+        "ss_session_id": str(setup.seed),
+        "ss_caption_extension": setup.caption_extension,
+        "ss_dataset_dirs": json.dumps({os.path.basename(setup.train_data_dir.rstrip("/")): {"img_count": n_images}}),
+    })
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Index lists for micro-batches first..last-1 of this process (DataLoader batch_sampler)."""
+
+    def __init__(self, order: BatchOrder, first: int, last: int, rank: int):
+        self.order, self.first, self.last, self.rank = order, first, last, rank
+
+    def __iter__(self):
+        return (self.order.batch(g, self.rank) for g in range(self.first, self.last))
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+
+def _effective_lr_text(optimizer, names: list[str]) -> dict[str, float]:
+    """Scheduler lr per group, and the optimizer's own effective lr when it reports one (Automagic)."""
+    out = {f"lr/{n}": float(g["lr"]) for n, g in zip(names, optimizer.param_groups)}
+    if hasattr(optimizer, "effective_lrs"):
+        for n, value in zip(names, optimizer.effective_lrs()):
+            out[f"lr/effective/{n}"] = float(value)  # one host sync per group, only when displayed/logged
+    return out
+
+
+def _short(log_name: str) -> str:
+    """'lr/effective/textencoder' -> 'eff_lr_te': keeps the progress bar on one line."""
+    name = log_name.replace("lr/effective/", "eff_lr_").replace("lr/", "lr_")
+    return name.replace("textencoder", "te")
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def train(setup: Setup) -> int:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from ..optimizer_factory import OptimizerArgsError, build_optimizer
+
+    args = setup.args
+    logging_dir = args.logging_dir
+    # cpu=True on a machine without an accelerator makes a torchrun / `accelerate launch --multi_gpu` start
+    # use torch.distributed over gloo (accelerate's MULTI_CPU) instead of N unrelated single processes
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_accelerator(),
+                              log_with="tensorboard" if logging_dir else None, project_dir=logging_dir)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if main:
+        check_writable(setup.output_dir)
+    size = cli.parse_resolution(args.resolution or 512)
+    with warnings.catch_warnings():
+        if not main:
+            warnings.simplefilter("ignore")  # one copy of dataset warnings is enough
+        examples = scan_dataset(setup.train_data_dir, setup.caption_extension)
+    order = BatchOrder(len(examples), args.train_batch_size, world, setup.seed, args.flip_aug)
+    max_steps = compute_max_steps(args, order.batches_per_epoch)
+    accum = args.gradient_accumulation_steps
+
+    torch.manual_seed(setup.seed)  # the LoRA down-projections' random init (kohya: set_seed at start)
+    model = Model(setup, accelerator)
+    groups, group_names = model.param_groups()
+    try:
+        optimizer_name, optimizer_args, optimizer = build_optimizer(
+            args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [])
+    except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
+        raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
+    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps)
+    raw_optimizer = optimizer
+
+    start_step, losses, lr_history = 0, [], {}
+    if args.resume:
+        weights, opt_state, sched_state, train_state = checkpoint.read_state(args.resume)
+        model.load_state_weights(weights, args.resume)
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"--resume {args.resume}: optimizer state does not fit this run "
+                            f"(same --optimizer_type and trained modules needed): {e}") from None
+        lr_scheduler.load_state_dict(sched_state)
+        start_step = int(train_state["current_step"])
+        losses, lr_history = list(train_state.get("losses", [])), dict(train_state.get("lrs", {}))
+        if args.seed is None:  # the order of the remaining batches depends on the seed
+            setup.seed = int(train_state["seed"])
+            order = BatchOrder(len(examples), args.train_batch_size, world, setup.seed, args.flip_aug)
+        if start_step >= max_steps:
+            raise UserError(f"--resume {args.resume} is at step {start_step}, not below --max_train_steps {max_steps}")
+
+    # accelerate wraps what is trained (DDP when several processes); the frozen rest stays as it is
+    if model.train_unet:
+        model.unet = accelerator.prepare(model.unet)
+    if model.train_text_encoder:
+        model.text_encoder = accelerator.prepare(model.text_encoder)
+    optimizer = accelerator.prepare(optimizer)
+    model.set_train(True)
+    trainable = model.trainable_tensors()
+
+    dataset = ImageDataset(examples, size)
+    latent_cache = _cache_latents(model, dataset, setup.seed) if args.cache_latents else None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_Batches(order, start_step * accum, max_steps * accum, rank), collate_fn=collate,
+        num_workers=0 if latent_cache else args.max_data_loader_n_workers,
+        persistent_workers=bool(args.persistent_data_loader_workers and args.max_data_loader_n_workers and not latent_cache))
+
+    if logging_dir:
+        accelerator.init_trackers(args.log_prefix or "network_train", config={"seed": setup.seed})
+    started = time.time()
+    columns: dict[str, list] = {}
+    if main:
+        print(f"built-in backend: {'full fine-tune' if setup.full_finetune else 'LoRA'} | {len(examples)} examples "
+              f"({order.batches_per_epoch} batches/epoch x {world} process(es)) | {max_steps} steps | "
+              f"optimizer {optimizer_name}({optimizer_args}) | seed {setup.seed} | output {setup.output_dir}", flush=True)
+    want_first_samples = setup.prompts and (args.sample_at_first or setup.embedded_model) and start_step == 0
+    if main and want_first_samples:
+        columns["before"] = model.sample(setup, size)
+        _save_samples(setup, columns["before"], 0)
+
+    state = {"step": start_step, "micro": start_step * accum}
+    progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main, dynamic_ncols=True,
+                    file=sys.stdout)
+    display_every = 1 if accelerator.device.type == "cpu" else 10  # .item() syncs an accelerator
+    pending: list[torch.Tensor] = []
+    batches = iter(loader)
+    for step in range(start_step, max_steps):
+        for a in range(accum):
+            g = step * accum + a
+            batch = next(batches)
+            generators = [example_generator(setup.seed, slot) for slot in batch["slot"]]
+            if latent_cache is not None:
+                latents = torch.stack([latent_cache[(i, f)] for i, f in zip(batch["index"], batch["flip"])])
+                latents = latents.to(accelerator.device)
+            else:
+                latents = model.encode_images(batch["pixels"], generators)
+            sync = a == accum - 1
+            ctx = contextlib.ExitStack()
+            if not sync and world > 1:
+                for m in model.trained_modules():
+                    ctx.enter_context(accelerator.no_sync(m))
+            with ctx:
+                loss = model.loss(latents, batch["caption"], generators)
+                accelerator.backward(loss / accum)
+            pending.append(loss.detach() / accum)
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % display_every == 0 or done == max_steps:
+            values = torch.stack(pending).view(-1, accum).sum(dim=1).tolist()
+            pending.clear()
+            losses.extend(values)
+            lrs = _effective_lr_text(raw_optimizer, group_names)
+            for k, v in lrs.items():
+                lr_history.setdefault(k, []).append((done, v))
+            window = losses[-100:]
+            shown = {"loss": f"{sum(window) / len(window):.4f}"}
+            shown.update({_short(k): f"{v:.2e}" for k, v in lrs.items()})
+            progress.set_postfix(shown, refresh=False)
+            if logging_dir:
+                accelerator.log({"loss/current": values[-1], "loss/average": sum(window) / len(window), **lrs}, step=done)
+        progress.update(1)
+        epoch_end = done % math.ceil(order.batches_per_epoch / accum) == 0
+        epoch = math.ceil(done * accum / order.batches_per_epoch)
+        if done < max_steps:
+            _periodic(setup, model, accelerator, done, epoch, epoch_end, optimizer, lr_scheduler, losses, lr_history,
+                      columns, size, lambda s, e: lora_metadata(setup, model, optimizer_name, optimizer_args, s, e,
+                                                                len(examples), order.batches_per_epoch, max_steps, started))
+    progress.close()
+
+    _check_ranks_in_sync(accelerator, trainable)
+    final_epoch = math.ceil(max_steps * accum / order.batches_per_epoch)
+    if main:
+        meta = lora_metadata(setup, model, optimizer_name, optimizer_args, max_steps, final_epoch, len(examples),
+                             order.batches_per_epoch, max_steps, started)
+        saved = model.save_model(setup, setup.output_dir / setup.output_name, meta)
+        print(f"saved {saved}", flush=True)
+        if args.save_state or args.save_state_on_train_end:
+            path = setup.output_dir / f"{setup.output_name}-state"
+            _save_state(setup, model, optimizer, lr_scheduler, max_steps, final_epoch, losses, lr_history, path)
+        if losses:
+            curve = sampling.save_loss_curve(setup.output_dir / f"{setup.output_name}_loss.png", losses, lr_history,
+                                             f"{'full fine-tune' if setup.full_finetune else 'LoRA'} | {optimizer_name}")
+            print(f"saved {curve}", flush=True)
+        if setup.prompts:
+            columns["after" if columns else f"step {max_steps}"] = model.sample(setup, size)
+            _save_samples(setup, columns[list(columns)[-1]], max_steps)
+            grid = sampling.make_grid(columns, [p.prompt for p in setup.prompts])
+            path = sampling.save_png(grid, setup.output_dir / "sample" / f"{setup.output_name}_grid.png")
+            print(f"saved {path}", flush=True)
+    accelerator.wait_for_everyone()
+    if logging_dir:
+        accelerator.end_training()
+    return 0
+
+
+def _cache_latents(model: Model, dataset: ImageDataset, seed: int) -> dict:
+    """VAE latents of every distinct (image, flip) once; each its own seeded draw, identical on every process."""
+    cache, seen = {}, {}
+    flips = (False, True) if model.args.flip_aug else (False,)
+    for index, example in enumerate(dataset.examples):
+        for flip in flips:
+            key = (example.image, flip)
+            if key not in seen:
+                pixels = dataset[(index, flip, 0)]["pixels"].unsqueeze(0)
+                seen[key] = model.encode_images(pixels, [example_generator(seed, -1 - len(seen))])[0].cpu()
+            cache[(index, flip)] = seen[key]
+    return cache
+
+
+def _save_samples(setup: Setup, images: list, step: int) -> None:
+    for i, image in enumerate(images):
+        sampling.save_png(image, setup.output_dir / "sample" / f"{setup.output_name}_{step:06d}_{i:02d}.png")
+
+
+def _save_state(setup, model, optimizer, lr_scheduler, step, epoch, losses, lr_history, path: Path) -> None:
+    train_state = {"current_step": step, "current_epoch": epoch, "seed": setup.seed, "losses": losses,
+                   "lrs": lr_history, "full_finetune": setup.full_finetune}
+    checkpoint.save_state(path, model.state_weights(), optimizer, lr_scheduler, train_state)
+    print(f"saved state {path}", flush=True)
+
+
+def _periodic(setup, model, accelerator, done, epoch, epoch_end, optimizer, lr_scheduler, losses, lr_history,
+              columns, size, metadata) -> None:
+    """kohya's intermediate saves and samples (main process only; the others wait)."""
+    args = setup.args
+    by_steps = args.save_every_n_steps and done % args.save_every_n_steps == 0
+    by_epochs = args.save_every_n_epochs and epoch_end and epoch % args.save_every_n_epochs == 0
+    sample_now = setup.prompts and (
+        (args.sample_every_n_steps and done % args.sample_every_n_steps == 0)
+        or (args.sample_every_n_epochs and epoch_end and epoch % args.sample_every_n_epochs == 0))
+    if not (by_steps or by_epochs or sample_now):
+        return
+    if accelerator.is_main_process:
+        for on, suffix in ((by_steps, f"-step{done:08d}"), (by_epochs, f"-{epoch:06d}")):
+            if not on:
+                continue
+            stem = setup.output_dir / f"{setup.output_name}{suffix}"
+            print(f"\nsaved {model.save_model(setup, stem, metadata(done, epoch))}", flush=True)
+            if args.save_state:
+                _save_state(setup, model, optimizer, lr_scheduler, done, epoch, losses, lr_history,
+                            stem.with_name(stem.name + "-state"))
+        if sample_now:
+            columns[f"step {done}"] = model.sample(setup, size)
+            _save_samples(setup, columns[f"step {done}"], done)
+    accelerator.wait_for_everyone()
+
+
+def _check_ranks_in_sync(accelerator, tensors: list[torch.Tensor]) -> None:
+    """Every process must end with the same weights (DDP averages gradients; a bug here would be silent)."""
+    if accelerator.num_processes == 1:
+        return
+    digest = weights_digest(tensors)
+    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=accelerator.device)
+    gathered = accelerator.gather(value).tolist()
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"trained weights differ between processes: {gathered}")
+    if accelerator.is_main_process:
+        print(f"weights identical on all {accelerator.num_processes} processes (sha256 {digest[:16]})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None, script: str = "train_network") -> int:
+    """Parse kohya-style arguments and train; returns the exit code (2 for a usage/data error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = cli.parse_args(argv)
+        setup = resolve(args, script)
+        return train(setup)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Make kohya sd-scripts use Automagic_Sinkgd by name, without editing sd-scripts.
+
+``install()`` changes three things, each only for our optimizer; every other optimizer
+goes through kohya's own code untouched:
+
+* ``library.train_util.get_optimizer`` (kohya's factory, looked up as a module attribute
+  by every trainer) builds Automagic_Sinkgd for ``--optimizer_type automagic_sinkgd``.
+  That also bypasses kohya's "fused_backward_pass needs Adafactor" assertion for us only.
+* ``library.adafactor_fused.patch_adafactor_fused`` (called by sdxl_train.py & co. under
+  ``--fused_backward_pass``) leaves our optimizer its own ``step_param(p, group)``
+  instead of grafting Adafactor's onto it.
+* the ``log`` method of accelerate's trackers (TensorBoard, wandb, ...) adds
+  ``lr/automagic_eff/<group>`` scalars (the average effective learning rate of each param
+  group) to every log call that carries kohya's ``lr/<group>`` scalars. kohya only logs
+  ``lr/d*lr/...`` for optimizers it names (DAdapt/Prodigy), and its log builders differ
+  per script; the trackers are the one place every trainer goes through, and only on
+  logged steps, so the host sync that reading the values needs happens only then.
+
+kohya modules are patched when they are imported (a ``sys.meta_path`` finder), not
+imported by us early: the trainer scripts do setup work (``init_ipex()``) before their
+imports, and the launcher must run them exactly as the user would.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import logging
+import os
+import sys
+import weakref
+from typing import Any, Callable, Iterable
+
+from .optimizer_factory import (
+    OptimizerArgsError,
+    ShardedParamsError,
+    build_optimizer,
+    is_automagic,
+    parse_optimizer_args,
+)
+
+logger = logging.getLogger(__name__)
+
+EFFECTIVE_LR_PREFIX = "lr/automagic_eff/"
+_MARK = "__automagic_sinkgd_hook__"  # set on every function we wrap: makes install() idempotent
+
+# Optimizers built through the hook, oldest first (weak: a finished run's optimizer may go away).
+_built_optimizers: list[weakref.ReferenceType] = []
+
+
+# --------------------------------------------------------------------------- get_optimizer
+
+
+def kohya_build_optimizer(args, trainable_params) -> tuple[str, str, Any]:
+    """Our branch of kohya's ``get_optimizer(args, trainable_params)``: same inputs, same triple."""
+    if getattr(args, "use_8bit_adam", False) or getattr(args, "use_lion_optimizer", False):
+        raise OptimizerArgsError(
+            f"--optimizer_type {args.optimizer_type} cannot be combined with --use_8bit_adam / --use_lion_optimizer"
+        )
+    if getattr(args, "fused_backward_pass", False) and getattr(args, "gradient_accumulation_steps", 1) != 1:
+        raise OptimizerArgsError("--fused_backward_pass needs --gradient_accumulation_steps 1 (kohya's own rule)")
+    check_not_sharded_by_launch(args)
+    kwargs = parse_optimizer_args(getattr(args, "optimizer_args", None))
+    name, args_text, optimizer = build_optimizer(args.optimizer_type, trainable_params, args.learning_rate, kwargs)
+    # kohya's own wording ("use <type> | {kwargs}"), plus the class it resolved to
+    logger.info(f"use {args.optimizer_type} | {kwargs} -> {name}")
+    _built_optimizers.append(weakref.ref(optimizer))
+    return name, args_text, optimizer
+
+
+def wrap_get_optimizer(original: Callable) -> Callable:
+    if getattr(original, _MARK, False):
+        return original
+
+    @functools.wraps(original)
+    def get_optimizer(args, trainable_params):
+        if is_automagic(getattr(args, "optimizer_type", None)):
+            return kohya_build_optimizer(args, trainable_params)
+        return original(args, trainable_params)
+
+    setattr(get_optimizer, _MARK, True)
+    return get_optimizer
+
+
+def check_not_sharded_by_launch(args) -> None:
+    """Refuse DeepSpeed ZeRO / FSDP up front, before the model is wrapped.
+
+    Both hand the optimizer flat 1-D shards of the weights, so SinkGD, Grams and
+    OrthoGrad (which need each weight as a matrix) would silently fall back to the vector
+    rule. The optimizer's own first-step check (optimizer_factory.install_shard_guard)
+    catches the cases this cannot see.
+    """
+    zero_stage = getattr(args, "zero_stage", 2)
+    if getattr(args, "deepspeed", False) and (zero_stage is None or zero_stage >= 1):
+        raise ShardedParamsError(
+            f"Automagic_Sinkgd does not support DeepSpeed ZeRO (--deepspeed, zero_stage={zero_stage}): ZeRO gives "
+            "the optimizer flat 1-D shards, which would silently disable SinkGD. Train without --deepspeed "
+            "(use --gradient_checkpointing / --full_bf16 / --fused_backward_pass to save memory)."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        raise ShardedParamsError(
+            "Automagic_Sinkgd does not support FSDP (accelerate config distributed_type FSDP): FSDP gives the "
+            "optimizer flattened 1-D shards, which would silently disable SinkGD. Use DDP (MULTI_GPU) instead."
+        )
+
+
+# --------------------------------------------------------------------------- fused backward
+
+
+def _unwrap(optimizer):
+    """The optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def has_own_step_param(optimizer) -> bool:
+    return callable(getattr(type(_unwrap(optimizer)), "step_param", None))
+
+
+def wrap_patch_adafactor_fused(original: Callable) -> Callable:
+    if getattr(original, _MARK, False):
+        return original
+
+    @functools.wraps(original)
+    def patch_adafactor_fused(optimizer):
+        if not has_own_step_param(optimizer):
+            return original(optimizer)  # Adafactor: kohya's own patch
+        # kohya's gradient hook calls optimizer.step_param(tensor, group) on the object it
+        # holds (accelerate's wrapper): expose our per-parameter step there.
+        inner = _unwrap(optimizer)
+        if optimizer is not inner:
+            optimizer.step_param = inner.step_param
+
+    setattr(patch_adafactor_fused, _MARK, True)
+    return patch_adafactor_fused
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def lr_names_in_logs(logs: dict) -> list[str]:
+    """Group names kohya used for its ``lr/<name>`` scalars, in group order.
+
+    Every kohya log builder writes ``lr/<name>`` for group 0, 1, ... first (then maybe
+    repeats or adds ``lr/group<i>`` aliases), so the first N distinct plain names are the
+    names of the N groups. ``lr/d*lr/...`` and our own scalars are skipped.
+    """
+    names: list[str] = []
+    for key in logs:
+        if key.startswith("lr/"):
+            name = key[3:]
+            if "/" not in name and "*" not in name and name not in names:
+                names.append(name)
+    return names
+
+
+def effective_lr_logs(logs: dict, optimizers: Iterable) -> dict[str, float]:
+    """``lr/automagic_eff/<group>`` scalars for a kohya log dict (empty if it has no ``lr/`` scalars)."""
+    names = lr_names_in_logs(logs)
+    if not names:
+        return {}
+    tensors = [t for opt in optimizers for t in _unwrap(opt).effective_lrs()]
+    if not tensors:
+        return {}
+    import torch
+
+    values = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()  # one host sync
+    return {
+        f"{EFFECTIVE_LR_PREFIX}{names[i] if i < len(names) else f'group{i}'}": v for i, v in enumerate(values)
+    }
+
+
+def logged_optimizers() -> list:
+    """Optimizers built through the hook that report effective lrs, in build order
+    (= kohya's group numbering, also with sdxl_train's one-optimizer-per-group mode)."""
+    alive = (ref() for ref in _built_optimizers)
+    return [o for o in alive if o is not None and callable(getattr(o, "effective_lrs", None))]
+
+
+def wrap_tracker_log(original: Callable) -> Callable:
+    """Wrap an accelerate tracker's ``log(values, step, ...)`` to add our scalars.
+
+    Trackers, not ``Accelerator.log``: train_network.py and its subclasses call each
+    tracker's ``log`` directly, the other scripts reach them through ``Accelerator.log``.
+    """
+    if getattr(original, _MARK, False):
+        return original
+
+    @functools.wraps(original)
+    def log(self, values, *args, **kwargs):
+        if isinstance(values, dict) and values:
+            optimizers = logged_optimizers()
+            if optimizers:
+                values = {**values, **effective_lr_logs(values, optimizers)}
+        return original(self, values, *args, **kwargs)
+
+    setattr(log, _MARK, True)
+    return log
+
+
+def patch_trackers(tracking) -> None:
+    """Wrap ``log`` of every tracker class accelerate ships (TensorBoard, wandb, ...)."""
+    import inspect
+
+    for cls in vars(tracking).values():
+        if inspect.isclass(cls) and issubclass(cls, tracking.GeneralTracker) and "log" in vars(cls):
+            cls.log = wrap_tracker_log(cls.log)
+
+
+# --------------------------------------------------------------------------- installation
+
+
+def patch_train_util(train_util) -> None:
+    train_util.get_optimizer = wrap_get_optimizer(train_util.get_optimizer)
+    import accelerate.tracking  # already imported by train_util (through accelerate)
+
+    patch_trackers(accelerate.tracking)
+
+
+def patch_adafactor_fused_module(adafactor_fused) -> None:
+    adafactor_fused.patch_adafactor_fused = wrap_patch_adafactor_fused(adafactor_fused.patch_adafactor_fused)
+
+
+KOHYA_PATCHES: dict[str, Callable] = {
+    "library.train_util": patch_train_util,
+    "library.adafactor_fused": patch_adafactor_fused_module,
+}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then our patch on the fresh module."""
+
+    def __init__(self, loader, patch: Callable):
+        self._loader, self._patch = loader, patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
+        return getattr(self._loader, name)
+
+
+class PostImportPatcher(importlib.abc.MetaPathFinder):
+    """Patch named modules right after they are first imported."""
+
+    def __init__(self, patches: dict[str, Callable]):
+        self.patches = patches
+
+    def find_spec(self, fullname, path, target=None):
+        patch = self.patches.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader, patch)
+                return spec
+        return None
+
+
+def install(patches: dict[str, Callable] | None = None) -> None:
+    """Activate the hook in this process (idempotent). Modules already imported are patched now."""
+    patches = KOHYA_PATCHES if patches is None else patches
+    for name, patch in patches.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(f, PostImportPatcher) and f.patches is patches for f in sys.meta_path):
+        sys.meta_path.insert(0, PostImportPatcher(patches))

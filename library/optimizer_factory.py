@@ -1,0 +1,264 @@
+"""Build an optimizer from a kohya-style name and ``--optimizer_args`` items.
+
+This is the part of the kohya glue that does not need kohya: the launcher's hook
+(``kohya_hook``) and the built-in trainer both call :func:`build_optimizer`.
+
+Names understood by :func:`build_optimizer`:
+
+* ``automagic_sinkgd`` (any case, or the class name ``Automagic_Sinkgd``), or a dotted
+  path ending in ``automagic_sinkgd.Automagic_Sinkgd``: our optimizer;
+* ``AdamW`` (``torch.optim.AdamW``), ``Prodigy`` (needs ``prodigyopt``);
+* any ``torch.optim`` class name (any case);
+* a dotted path ``module.Class``, imported as kohya does.
+
+``--optimizer_args`` follow kohya's syntax: ``key=value`` where the value is a Python
+literal (strings quoted, booleans ``True``/``False``, ``betas=0.9,0.99`` is a tuple).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import inspect
+from typing import Any, Iterable, Mapping
+
+import torch
+
+AUTOMAGIC_NAME = "automagic_sinkgd"
+AUTOMAGIC_CLASS_NAME = "Automagic_Sinkgd"
+
+
+class OptimizerArgsError(ValueError):
+    """A bad ``--optimizer_type`` / ``--optimizer_args`` value (the message says how to fix it)."""
+
+
+class ShardedParamsError(RuntimeError):
+    """The optimizer would see flattened 1-D shards (DeepSpeed ZeRO, FSDP) instead of weight matrices."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_optimizer_args(items: Iterable[str] | str | None) -> dict[str, Any]:
+    """Parse kohya ``--optimizer_args`` items (``key=value``, value a Python literal).
+
+    Stricter and clearer than kohya's own loop: surrounding spaces are stripped (kohya
+    would make ``"momentum "`` a key), a missing ``=`` or a key given twice is an error,
+    and a value that is not a literal says how to write strings and booleans.
+    A single string is split on whitespace, as a shell would split the flag's values.
+    """
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = items.split()
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, str):
+            raise OptimizerArgsError(
+                f"optimizer_args: each item must be a string 'key=value', got {item!r} ({type(item).__name__})"
+            )
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key.isidentifier():
+            raise OptimizerArgsError(
+                f"optimizer_args: item {item!r} is not 'key=value' (e.g. weight_decay=1e-4 or tag='x')"
+            )
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise OptimizerArgsError(
+                f"optimizer_args: the value of {key!r} ({text!r}) is not a Python literal; "
+                f"quote strings ({key}='{text}') and write booleans as True/False"
+            ) from None
+        if key in kwargs:
+            raise OptimizerArgsError(f"optimizer_args: {key!r} is given twice ({kwargs[key]!r} and {value!r})")
+        kwargs[key] = value
+    return kwargs
+
+
+def format_optimizer_args(kwargs: Mapping[str, Any]) -> str:
+    """kohya's ``optimizer_args`` string (``k=v,k=v``), stored in ``ss_optimizer`` metadata."""
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+# --------------------------------------------------------------------------- names
+
+
+def is_automagic(optimizer_type: str | None) -> bool:
+    """True for our optimizer's short name, class name or dotted path (any case).
+
+    A dotted path counts only if its module is named ``automagic_sinkgd``
+    (``library.automagic_sinkgd.Automagic_Sinkgd``,
+    ``automagic_sinkgd_plugin.automagic_sinkgd.Automagic_Sinkgd``): another package's
+    class that happens to share the name is left to kohya.
+    """
+    if not optimizer_type:
+        return False
+    parts = optimizer_type.strip().lower().split(".")
+    if parts[-1] != AUTOMAGIC_NAME:
+        return False
+    return len(parts) == 1 or parts[-2] == AUTOMAGIC_NAME
+
+
+def automagic_class() -> type:
+    """Our optimizer class, imported relative to this package (works as ``library`` or as the plugin alias)."""
+    from .automagic_sinkgd import Automagic_Sinkgd
+
+    return Automagic_Sinkgd
+
+
+def resolve_optimizer_class(optimizer_type: str) -> type:
+    """Map a kohya-style optimizer name to a class (see the module docstring)."""
+    name = (optimizer_type or "AdamW").strip()
+    if is_automagic(name):
+        if "." in name:  # the user named a module: honour it (e.g. a copy inside sd-scripts' library/) ...
+            try:
+                return _import_dotted(name)
+            except OptimizerArgsError:  # ... or, when there is no such copy, use ours
+                pass
+        return automagic_class()
+    if "." in name:
+        return _import_dotted(name)
+    if name.lower() == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise OptimizerArgsError("optimizer_type Prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy
+    torch_classes = _torch_optimizer_classes()
+    cls = torch_classes.get(name.lower())
+    if cls is None:
+        allowed = [AUTOMAGIC_NAME, "Prodigy"] + sorted(c.__name__ for c in torch_classes.values())
+        raise OptimizerArgsError(
+            f"optimizer_type {name!r} is unknown{_did_you_mean(name, allowed)}; "
+            f"use one of {', '.join(allowed)} or a dotted path module.Class"
+        )
+    return cls
+
+
+def _torch_optimizer_classes() -> dict[str, type]:
+    return {
+        n.lower(): obj
+        for n, obj in vars(torch.optim).items()
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
+    }
+
+
+def _import_dotted(path: str) -> type:
+    module_name, _, class_name = path.strip().rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise OptimizerArgsError(f"optimizer_type {path!r}: cannot import module {module_name!r} ({e})") from e
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise OptimizerArgsError(f"optimizer_type {path!r}: module {module_name!r} has no {class_name!r}") from None
+
+
+# --------------------------------------------------------------------------- keyword checks
+
+
+def valid_keywords(cls: type) -> list[str] | None:
+    """Keyword names ``cls(params, ...)`` accepts, or None when it takes ``**kwargs`` (cannot check)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [n for n in names if n != "params"]
+
+
+def check_keywords(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Reject unknown keys before construction, listing the valid ones and the closest match."""
+    valid = valid_keywords(cls)
+    if valid is None:
+        return
+    for key in kwargs:
+        if key == "lr":
+            raise OptimizerArgsError(
+                "optimizer_args: do not pass lr; set --learning_rate (or unet_lr / text_encoder_lr) instead"
+            )
+        if key not in valid:
+            settable = [k for k in valid if k != "lr"]
+            raise OptimizerArgsError(
+                f"optimizer_args: {cls.__name__} has no setting {key!r}{_did_you_mean(key, settable)}; "
+                f"valid keys: {', '.join(settable)}"
+            )
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_optimizer(
+    optimizer_type: str,
+    trainable_params,
+    learning_rate: float,
+    optimizer_args: Iterable[str] | Mapping[str, Any] | str | None = None,
+) -> tuple[str, str, torch.optim.Optimizer]:
+    """Build the optimizer the way kohya's ``get_optimizer`` does and return its triple.
+
+    ``trainable_params`` is passed through untouched (kohya's list of group dicts, each
+    with its own ``lr`` for U-Net / text encoder / LoRA+ groups; ``params`` may be a
+    ``dict_values`` view). Returns ``(name, args_string, optimizer)`` where
+    ``name = cls.__module__ + "." + cls.__name__``: kohya stores ``name(args)`` as the
+    ``ss_optimizer`` metadata of the saved model.
+    """
+    if isinstance(optimizer_args, Mapping):
+        kwargs = dict(optimizer_args)
+    else:
+        kwargs = parse_optimizer_args(optimizer_args)
+    cls = resolve_optimizer_class(optimizer_type)
+    check_keywords(cls, kwargs)
+    optimizer = cls(trainable_params, lr=learning_rate, **kwargs)
+    if is_automagic(optimizer_type):
+        install_shard_guard(optimizer)
+    return f"{cls.__module__}.{cls.__name__}", format_optimizer_args(kwargs), optimizer
+
+
+# --------------------------------------------------------------------------- sharded parameters
+
+
+def install_shard_guard(optimizer: torch.optim.Optimizer) -> None:
+    """Stop at the first ``step()`` if the parameters were flattened after construction.
+
+    DeepSpeed ZeRO replaces each group's params with one flat 1-D fp32 partition, FSDP
+    with flat parameters or 1-D views; SinkGD, Grams and OrthoGrad would then silently
+    treat every weight as a vector. We remember each parameter's rank at construction
+    and compare at the first step (a step pre-hook, so the optimizer's math is untouched).
+    """
+    ranks = {id(p): p.dim() for group in optimizer.param_groups for p in group["params"]}
+
+    def check_once(opt, args, kwargs):
+        handle.remove()
+        problem = find_flat_shards(opt.param_groups, ranks)
+        if problem:
+            raise ShardedParamsError(
+                f"{type(opt).__name__} needs each weight as a matrix, but {problem}: the parameters were "
+                "flattened/sharded (DeepSpeed ZeRO or FSDP), which would silently disable SinkGD. "
+                "Train without ZeRO/FSDP (DDP works), or choose another optimizer."
+            )
+
+    handle = optimizer.register_step_pre_hook(check_once)
+
+
+def find_flat_shards(param_groups, ranks: dict[int, int]) -> str | None:
+    """Describe the first parameter that looks like a flat shard, or None."""
+    had_matrices = any(r >= 2 for r in ranks.values())
+    for i, group in enumerate(param_groups):
+        for p in group["params"]:
+            kind = type(p).__name__
+            if kind in ("FlatParameter", "DTensor") or getattr(p, "_is_flat_param", False) or hasattr(p, "ds_id"):
+                return f"group {i} holds a {kind} (shape {tuple(p.shape)})"
+            was = ranks.get(id(p))
+            if was is not None and was >= 2 and p.dim() < 2:
+                return f"a {was}-D weight of group {i} became {p.dim()}-D (shape {tuple(p.shape)})"
+            if was is None and p.dim() == 1 and had_matrices:
+                return f"group {i} now holds a 1-D tensor of {p.numel()} elements it was not built with"
+    return None

@@ -1,0 +1,217 @@
+"""train_network_patch.py without sd-scripts: argument handling, preset merging, and full launches
+against a stand-in sd-scripts folder whose `library` package collides with ours by name."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import train_network_patch as launcher
+
+REPO = Path(launcher.__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- argument handling (in process)
+
+
+def test_own_options_are_split_off_and_kohya_options_keep_their_order():
+    own, rest = launcher.parse_launcher_args(
+        ["--output_dir", "o", "--preset", "lora", "--optimizer_args", "eta=1", "beta1=0.8", "--script",
+         "sdxl_train_network", "--noise_offset", "-0.1", "--sd_scripts", "/x"]
+    )
+    assert (own.preset, own.script, own.sd_scripts, own.backend) == ("lora", "sdxl_train_network", "/x", "auto")
+    assert rest == ["--output_dir", "o", "--optimizer_args", "eta=1", "beta1=0.8", "--noise_offset", "-0.1"]
+
+
+def test_no_abbreviations_of_our_options_swallow_kohya_flags():
+    # kohya has --script-like prefixes of nothing, but e.g. "--pre" must not become --preset
+    own, rest = launcher.parse_launcher_args(["--pre", "x"])
+    assert own.preset is None and rest == ["--pre", "x"]
+
+
+def test_take_option_forms():
+    argv = ["--a", "1", "--optimizer_args", "x=1", "y='b'", "--b", "--optimizer_type=AdamW"]
+    values, rest = launcher.take_option(argv, "--optimizer_args", many=True)
+    assert values == ["x=1", "y='b'"] and rest == ["--a", "1", "--b", "--optimizer_type=AdamW"]
+    values, rest = launcher.take_option(argv, "--optimizer_type")
+    assert values == ["AdamW"] and "--optimizer_type=AdamW" not in rest
+    assert launcher.take_option(["--c", "2"], "--config_file") == (None, ["--c", "2"])
+
+
+def read_merged(argv):
+    assert argv[0] == "--config_file"
+    from library.presets import read_kohya_config
+
+    return read_kohya_config(argv[1]), argv[2:]
+
+
+def test_preset_under_user_config_under_command_line(tmp_path):
+    user = tmp_path / "user.toml"
+    user.write_text('[train]\nlearning_rate = 3e-4\noutput_dir = "out"\noptimizer_args = ["beta1=0.8"]\n')
+    config, rest = read_merged(launcher.apply_preset(
+        "lora", ["--config_file", str(user), "--optimizer_args", "warmup_steps=7", "--seed", "1"]))
+    assert config["learning_rate"] == 3e-4 and config["output_dir"] == "out" and config["lr_scheduler"] == "constant"
+    args = dict(item.split("=") for item in config["optimizer_args"])
+    assert args["beta1"] == "0.8" and args["warmup_steps"] == "7" and args["max_lr"] == "1e-3"
+    assert rest == ["--seed", "1"]  # merged into the file; the rest is left for kohya's argparse
+
+
+def test_command_line_optimizer_switch_drops_the_preset_args():
+    config, rest = read_merged(launcher.apply_preset("lora", ["--optimizer_type", "AdamW"]))
+    assert "optimizer_args" not in config and rest == ["--optimizer_type", "AdamW"]
+
+
+def test_bad_preset_is_reported_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('optimizer_type = "automagic_sinkgd"\nwarmup = 5\n')
+    with pytest.raises(ValueError, match=r"bad\.toml: unknown key 'warmup'"):
+        launcher.apply_preset(str(bad), [])
+
+
+# ---------------------------------------------------------------- launches (subprocess)
+
+FAKE_TRAIN_UTIL = '''
+import argparse, ast, toml
+
+def read_config_from_file(args, parser):  # kohya's semantics: flatten one level, CLI wins
+    if not args.config_file:
+        return args
+    flat = {}
+    for key, value in toml.load(args.config_file).items():
+        flat.update(value) if isinstance(value, dict) else flat.__setitem__(key, value)
+    return parser.parse_args(namespace=argparse.Namespace(**flat))
+
+def get_optimizer(args, trainable_params):  # kohya's path for the optimizers it knows
+    import torch
+    if args.fused_backward_pass:
+        assert args.optimizer_type.lower() == "adafactor", "fused_backward_pass currently only works with Adafactor"
+    kwargs = {k: ast.literal_eval(v) for k, v in (a.split("=") for a in args.optimizer_args or [])}
+    cls = getattr(torch.optim, args.optimizer_type)
+    return "kohya:" + cls.__name__, "", cls(trainable_params, lr=args.learning_rate, **kwargs)
+'''
+
+FAKE_TRAINER = '''
+import argparse, json, os, sys
+import torch
+import library.train_util as train_util
+
+def setup_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config_file")
+    parser.add_argument("--optimizer_type", default="AdamW")
+    parser.add_argument("--optimizer_args", nargs="*")
+    parser.add_argument("--learning_rate", type=float, default=2e-6)
+    parser.add_argument("--lr_scheduler", default="constant")
+    parser.add_argument("--output_dir")
+    parser.add_argument("--fused_backward_pass", action="store_true")
+    return parser
+
+if __name__ == "__main__":
+    parser = setup_parser()
+    args = train_util.read_config_from_file(parser.parse_args(), parser)
+    model = torch.nn.Linear(4, 3)
+    groups = [{"params": [model.weight], "lr": args.learning_rate}, {"params": [model.bias], "lr": args.learning_rate / 2}]
+    name, opt_args, opt = train_util.get_optimizer(args, groups)
+    import library
+    plain = {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool, str))}
+    print("RESULT " + json.dumps({
+        "name": name, "args": opt_args, "cls": type(opt).__name__, "defaults": plain,
+        "group_lrs": [g["lr"] for g in opt.param_groups], "library": library.__file__, "cwd": os.getcwd(),
+        "argv0": sys.argv[0], "output_dir": args.output_dir,
+    }))
+'''
+
+
+@pytest.fixture(scope="module")
+def fake_sd_scripts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd-scripts")
+    (root / "library").mkdir()
+    (root / "library" / "__init__.py").write_text("")
+    (root / "library" / "train_util.py").write_text(textwrap.dedent(FAKE_TRAIN_UTIL))
+    for script in ("train_network.py", "fine_tune.py"):
+        (root / script).write_text(textwrap.dedent(FAKE_TRAINER))
+    return root
+
+
+def launch(args, cwd, sd_scripts=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("SD_SCRIPTS_DIR", "PYTHONPATH")}
+    env["OMP_NUM_THREADS"] = "1"
+    if sd_scripts:
+        env["SD_SCRIPTS_DIR"] = str(sd_scripts)
+    proc = subprocess.run([sys.executable, str(REPO / "train_network_patch.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    return proc, result
+
+
+def test_launch_from_the_repo_root_runs_kohyas_library_with_our_optimizer(fake_sd_scripts):
+    # From our own checkout, sys.path[0] is this repo, whose library/ would shadow kohya's.
+    proc, result = launch(["--sd_scripts", str(fake_sd_scripts), "--preset", "lora", "--learning_rate", "2e-4",
+                           "--optimizer_args", "warmup_steps=7", "--output_dir", "o"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(result["library"]).parent == fake_sd_scripts / "library"
+    assert result["cls"] == "Automagic_Sinkgd"
+    assert result["name"] == "automagic_sinkgd_plugin.automagic_sinkgd.Automagic_Sinkgd"
+    assert result["group_lrs"] == [2e-4, 1e-4]  # command line over the preset, per-group lrs kept
+    assert result["defaults"]["warmup_steps"] == 7  # command line, merged into the preset's args
+    assert result["defaults"]["max_lr"] == 1e-3 and result["defaults"]["orthograd"] is True  # preset
+    assert result["cwd"] == str(REPO) and result["output_dir"] == "o"
+    assert result["argv0"] == str(fake_sd_scripts / "train_network.py")
+
+
+def test_env_var_script_choice_and_user_config(fake_sd_scripts, tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text('[optimizer]\nlearning_rate = 3e-4\noptimizer_args = ["beta1=0.8"]\n')
+    proc, result = launch(["--script", "fine_tune", "--preset", "full", "--config_file", str(user)], cwd=tmp_path,
+                          sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 0, proc.stderr
+    assert result["argv0"].endswith("fine_tune.py") and result["cwd"] == str(tmp_path)
+    assert result["group_lrs"][0] == 3e-4 and result["defaults"]["beta1"] == 0.8
+    assert result["defaults"]["full_finetune"] is True and result["defaults"]["warmup_steps"] == 1000
+
+
+def test_other_optimizers_reach_kohya_unchanged(fake_sd_scripts, tmp_path):
+    proc, result = launch(["--optimizer_type", "SGD", "--optimizer_args", "momentum=0.9"], cwd=tmp_path,
+                          sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 0, proc.stderr
+    assert result["name"] == "kohya:SGD" and result["defaults"]["momentum"] == 0.9
+
+
+def test_typo_fails_fast_with_the_closest_key(fake_sd_scripts, tmp_path):
+    proc, result = launch(["--preset", "lora", "--optimizer_args", "warmup_step=10"], cwd=tmp_path,
+                          sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 2 and result is None  # the trainer never started
+    assert "no setting 'warmup_step' (did you mean 'warmup_steps'?)" in proc.stderr
+    assert "valid keys: min_lr, max_lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_sd_scripts_a_kohya_only_script_says_how_to_point_to_it(tmp_path):
+    proc, _ = launch(["--script", "sdxl_train", "--optimizer_type", "automagic_sinkgd"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--sd_scripts" in proc.stderr and "SD_SCRIPTS_DIR" in proc.stderr
+
+
+def test_a_folder_that_is_not_sd_scripts_is_named(tmp_path, monkeypatch):
+    with pytest.raises(launcher.LauncherError, match="--sd_scripts=.* is not a kohya-ss sd-scripts folder"):
+        launcher.find_sd_scripts(str(tmp_path))
+    monkeypatch.setenv("SD_SCRIPTS_DIR", str(tmp_path / "missing"))
+    with pytest.raises(launcher.LauncherError, match="SD_SCRIPTS_DIR=.* is not a kohya-ss sd-scripts folder"):
+        launcher.find_sd_scripts(None)
+
+
+def test_unknown_script_lists_the_trainers(fake_sd_scripts):
+    with pytest.raises(launcher.LauncherError, match="did you mean .*trainers in .*: fine_tune, train_network"):
+        launcher.find_script(fake_sd_scripts, "train_netwrok")
+
+
+def test_list_and_show_presets(capsys):
+    assert launcher.main(["--list_presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("lora", "full", "high_performance"))
+    assert launcher.main(["--show_preset", "high_performance"]) == 0
+    out = capsys.readouterr().out
+    assert "beta1=0.85" in out and 'optimizer_type = "automagic_sinkgd"' in out

@@ -1,0 +1,128 @@
+"""Presets: the shipped values (SPEC §3), validation of preset files, kohya config reading, merging."""
+
+import pytest
+import torch
+
+from library.automagic_sinkgd import Automagic_Sinkgd
+from library.optimizer_factory import build_optimizer, parse_optimizer_args
+from library.presets import (
+    PRESET_NAMES,
+    PresetError,
+    list_presets,
+    load_preset,
+    merge_configs,
+    merge_optimizer_args,
+    preset_path,
+    read_kohya_config,
+)
+
+torch.set_num_threads(1)
+
+# SPEC §3, written out independently of configs/*.toml
+SPEC = {
+    "lora": (5e-5, dict(min_lr=1e-6, max_lr=1e-3, eta=2.0, warmup_steps=500, full_finetune=False, orthograd=True,
+                        stats_update_freq=3)),
+    "full": (1e-5, dict(min_lr=5e-7, max_lr=5e-4, d_coef=2, weight_decay=1e-4, warmup_steps=1000,
+                        full_finetune=True, orthograd=True, stats_update_freq=5)),
+    "high_performance": (3e-5, dict(beta1=0.85, weight_decay=5e-4, warmup_steps=800, full_finetune=False,
+                                    orthograd=False, stats_update_freq=10)),
+}
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_shipped_presets_hold_the_spec_values(name):
+    config = load_preset(name)
+    lr, args = SPEC[name]
+    assert config["optimizer_type"] == "automagic_sinkgd"
+    assert config["learning_rate"] == pytest.approx(lr)
+    assert parse_optimizer_args(config["optimizer_args"]) == pytest.approx(args)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_shipped_presets_build_the_optimizer_they_describe(name):
+    config = load_preset(name)
+    _, _, opt = build_optimizer(config["optimizer_type"], [torch.nn.Parameter(torch.ones(2, 2))],
+                                config["learning_rate"], config["optimizer_args"])
+    assert type(opt) is Automagic_Sinkgd
+    lr, args = SPEC[name]
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+    for key, value in args.items():
+        assert opt.param_groups[0][key] == pytest.approx(value), key
+
+
+def test_list_presets_names_every_file():
+    listed = list_presets()
+    assert [n for n, _, _ in listed] == list(PRESET_NAMES)
+    assert all(path.is_file() and path.suffix == ".toml" and text for _, path, text in listed)
+
+
+def test_preset_by_path_and_unknown_name(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('optimizer_type = "automagic_sinkgd"\nlearning_rate = 1e-4\n')
+    assert preset_path(str(path)) == path
+    assert preset_path(str(tmp_path / "mine")) == path  # kohya-style: .toml optional
+    assert load_preset(path) == {"optimizer_type": "automagic_sinkgd", "learning_rate": 1e-4}
+    with pytest.raises(PresetError, match="unknown preset 'lorra'.*lora, full, high_performance"):
+        preset_path("lorra")
+    with pytest.raises(PresetError, match="does not exist"):
+        preset_path(str(tmp_path / "missing.toml"))
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ('learning_rat = 1e-4', "unknown key 'learning_rat'"),
+        ('learning_rate = "1e-4"', "learning_rate must be a TOML number"),
+        ('warmup = true\n[optimizer]\nlearning_rate = 1e-4', "unknown key 'warmup'"),
+        ('max_train_steps = 1.5', "max_train_steps must be a TOML integer"),
+        ('gradient_checkpointing = 1', "gradient_checkpointing must be a TOML boolean"),
+        ('max_train_steps = true', "max_train_steps must be a TOML integer"),
+        ('optimizer_args = "eta=2"', "optimizer_args must be a TOML list of strings"),
+        ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["warmup_step=5"]', "did you mean 'warmup_steps'"),
+        ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["orthograd=yes"]', "True/False"),
+        ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["max_lr=-1"]', "max_lr=-1 is out of range"),
+        ('optimizer_type = "automagic_sinkgd"\n[bad\n', "not valid TOML"),
+    ],
+)
+def test_invalid_preset_names_file_and_key(tmp_path, body, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(PresetError) as info:
+        load_preset(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_read_kohya_config_flattens_one_level(tmp_path):
+    path = tmp_path / "user.toml"
+    path.write_text(
+        'seed = 1\n[model]\npretrained_model_name_or_path = "m"\n[training]\nmax_train_steps = 10\n'
+        '[training.deep]\nx = 1\n'
+    )
+    # like kohya: section names are dropped, deeper tables stay dicts
+    assert read_kohya_config(path) == {"seed": 1, "pretrained_model_name_or_path": "m", "max_train_steps": 10,
+                                       "deep": {"x": 1}}
+    assert read_kohya_config(tmp_path / "user") == read_kohya_config(path)
+    with pytest.raises(PresetError, match="does not exist"):
+        read_kohya_config(tmp_path / "nope.toml")
+
+
+def test_user_config_wins_over_preset_and_optimizer_args_merge_by_key():
+    preset = load_preset("lora")
+    user = {"learning_rate": 1e-4, "output_dir": "out", "optimizer_args": ["warmup_steps=20", "beta1=0.8"]}
+    merged = merge_configs(preset, user)
+    assert merged["learning_rate"] == 1e-4 and merged["output_dir"] == "out"
+    args = parse_optimizer_args(merged["optimizer_args"])
+    assert args["warmup_steps"] == 20 and args["beta1"] == 0.8  # user's
+    assert args["max_lr"] == 1e-3 and args["orthograd"] is True  # preset's, kept
+    assert preset["optimizer_args"] == load_preset("lora")["optimizer_args"]  # inputs untouched
+
+
+def test_switching_optimizer_drops_the_presets_optimizer_args():
+    preset = load_preset("lora")
+    assert "optimizer_args" not in merge_configs(preset, {"optimizer_type": "AdamW"})
+    merged = merge_configs(preset, {"optimizer_type": "AdamW", "optimizer_args": ["weight_decay=0.1"]})
+    assert merged["optimizer_args"] == ["weight_decay=0.1"]
+
+
+def test_merge_optimizer_args_keeps_order_and_overrides():
+    assert merge_optimizer_args(["a=1", "b=2"], ["b = 3", "c=4"]) == ["a=1", "b = 3", "c=4"]

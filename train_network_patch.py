@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Run a kohya sd-scripts trainer with Automagic_Sinkgd selectable by name.
+
+    python train_network_patch.py [launcher options] [kohya options]
+    accelerate launch train_network_patch.py [launcher options] [kohya options]
+
+Launcher options (everything else goes to the trainer unchanged):
+  --sd_scripts DIR        kohya-ss sd-scripts checkout (default: $SD_SCRIPTS_DIR)
+  --script NAME           trainer to run: train_network (default), sdxl_train_network,
+                          fine_tune, train_db, sdxl_train, flux_train_network, ...
+  --preset NAME|PATH      lora, full, high_performance or a .toml file; merged under your
+                          --config_file and command line (preset < config file < command line)
+  --list_presets          list the presets and exit
+  --show_preset NAME      print a preset and exit
+  --backend auto|kohya|builtin
+                          kohya: run sd-scripts (needs --sd_scripts / SD_SCRIPTS_DIR);
+                          builtin: the plugin's own trainer (train_network / fine_tune only);
+                          auto (default): kohya when sd-scripts is found, else builtin
+
+With the kohya backend the trainer runs exactly as `python <sd-scripts>/<script>.py ...`
+would, from the current directory, with the optimizer hook installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import difflib
+import importlib
+import importlib.util
+import os
+import runpy
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PLUGIN = "automagic_sinkgd_plugin"  # our package's name in a kohya process (kohya owns `library`)
+BUILTIN_SCRIPTS = ("train_network", "fine_tune")
+
+
+class LauncherError(Exception):
+    """A problem with the launcher's own options; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------- our package
+
+
+def load_plugin():
+    """Import our package as ``automagic_sinkgd_plugin``.
+
+    The ``library/`` folder next to this file wins (a checkout runs its own code); a
+    pip-installed copy is used when this file was installed without it.
+    """
+    if PLUGIN in sys.modules:
+        return sys.modules[PLUGIN]
+    init = HERE / "library" / "__init__.py"
+    if not (HERE / "library" / "kohya_hook.py").is_file():
+        return importlib.import_module(PLUGIN)
+    spec = importlib.util.spec_from_file_location(PLUGIN, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PLUGIN] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def plugin_module(name: str):
+    load_plugin()
+    return importlib.import_module(f"{PLUGIN}.{name}")
+
+
+def stop_shadowing_kohya_library() -> None:
+    """Keep our ``library/`` from hiding kohya's ``library`` package.
+
+    ``python train_network_patch.py`` puts this folder first on sys.path (and ``-m`` or an
+    interactive start puts the current directory there): both would make ``import
+    library`` find ours. Our code is reached through the PLUGIN alias instead.
+    """
+    def is_here(entry: str) -> bool:
+        try:
+            return Path(entry or os.getcwd()).resolve() == HERE
+        except OSError:
+            return False
+
+    sys.path[:] = [entry for entry in sys.path if not is_here(entry)]
+    ours = sys.modules.get("library")
+    if ours is not None and str(getattr(ours, "__file__", "") or "").startswith(str(HERE / "library")):
+        for name in [n for n in sys.modules if n == "library" or n.startswith("library.")]:
+            del sys.modules[name]
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split our options from the trainer's (which keep their order)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--sd_scripts", default=None)
+    parser.add_argument("--script", default="train_network")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--list_presets", action="store_true")
+    parser.add_argument("--show_preset", default=None)
+    parser.add_argument("--backend", choices=("auto", "kohya", "builtin"), default="auto")
+    return parser.parse_known_args(argv)
+
+
+def take_option(argv: list[str], flag: str, many: bool = False) -> tuple[list[str] | None, list[str]]:
+    """Remove ``flag`` (``--flag v`` / ``--flag=v``; with ``many``, every value up to the next
+    ``--option``) from argv. Returns (values or None if absent, remaining argv); the last
+    occurrence wins, as with argparse."""
+    values, rest, i = None, [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == flag:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--") and (many or j == i + 1):
+                j += 1
+            values, i = argv[i + 1 : j], j
+        elif token.startswith(flag + "="):
+            values, i = [token[len(flag) + 1 :]], i + 1
+        else:
+            rest.append(token)
+            i += 1
+    return values, rest
+
+
+def apply_preset(preset: str, argv: list[str]) -> list[str]:
+    """Merge the preset under the user's --config_file and command line; return the trainer's argv.
+
+    kohya reads a single --config_file and lets the command line override it, so the
+    merged file (preset < user file) is handed over as --config_file. --optimizer_args on
+    the command line are merged key by key into the preset's when both configure our
+    optimizer (``--preset lora --optimizer_args warmup_steps=100`` keeps the rest).
+    """
+    presets = plugin_module("presets")
+    factory = plugin_module("optimizer_factory")
+    config = presets.load_preset(preset)
+    user_file, argv = take_option(argv, "--config_file")
+    if user_file:
+        config = presets.merge_configs(config, presets.read_kohya_config(user_file[0]))
+    cli_type, _ = take_option(argv, "--optimizer_type")
+    cli_args, rest = take_option(argv, "--optimizer_args", many=True)
+    optimizer_type = cli_type[0] if cli_type else config.get("optimizer_type")
+    if cli_args is not None and factory.is_automagic(config.get("optimizer_type")) and factory.is_automagic(optimizer_type):
+        config["optimizer_args"] = presets.merge_optimizer_args(config.get("optimizer_args", []), cli_args)
+        argv = rest
+    elif "optimizer_args" in config and not factory.is_automagic(optimizer_type):
+        del config["optimizer_args"]  # another optimizer on the command line: the preset's keys mean nothing to it
+    fd, path = tempfile.mkstemp(prefix="automagic_preset_", suffix=".toml")
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    presets.write_kohya_config(config, path)
+    return ["--config_file", path] + argv
+
+
+def check_optimizer_choice(argv: list[str]) -> None:
+    """Fail in a second, not after the model has loaded: validate our optimizer's settings
+    (keys and values) as the trainer will see them (config file, then command line)."""
+    factory = plugin_module("optimizer_factory")
+    config_file, _ = take_option(argv, "--config_file")
+    config = plugin_module("presets").read_kohya_config(config_file[0]) if config_file else {}
+    cli_type, _ = take_option(argv, "--optimizer_type")
+    cli_args, _ = take_option(argv, "--optimizer_args", many=True)
+    optimizer_type = cli_type[0] if cli_type else config.get("optimizer_type")
+    if not factory.is_automagic(optimizer_type):
+        return
+    kwargs = factory.parse_optimizer_args(cli_args if cli_args is not None else config.get("optimizer_args"))
+    cls = factory.resolve_optimizer_class(optimizer_type)
+    factory.check_keywords(cls, kwargs)
+    import inspect
+
+    import torch
+
+    # A one-element stand-in runs the optimizer's own range checks. Its lr is max_lr, valid
+    # whenever the bounds are: the real lrs (per group) are checked when kohya builds it.
+    lr = kwargs.get("max_lr", inspect.signature(cls.__init__).parameters["max_lr"].default)
+    try:
+        cls([torch.zeros(1, 1, requires_grad=True)], lr=lr, **kwargs)
+    except (ValueError, TypeError) as error:  # the optimizer's own message, without a traceback
+        raise LauncherError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def find_sd_scripts(option: str | None) -> Path | None:
+    text = option or os.environ.get("SD_SCRIPTS_DIR")
+    if not text:
+        return None
+    where = "--sd_scripts" if option else "SD_SCRIPTS_DIR"
+    path = Path(text).expanduser().resolve()
+    if not (path / "library" / "train_util.py").is_file():
+        raise LauncherError(f"{where}={text} is not a kohya-ss sd-scripts folder (no library/train_util.py in it)")
+    return path
+
+
+def find_script(sd_scripts: Path, name: str) -> Path:
+    file = name if name.endswith(".py") else name + ".py"
+    path = sd_scripts / file
+    if path.is_file():
+        return path
+    # trainers: scripts that build an optimizer themselves or subclass train_network's NetworkTrainer
+    trainers = sorted(
+        p.stem for p in sd_scripts.glob("*.py")
+        if any(mark in p.read_text(errors="ignore") for mark in ("get_optimizer(", "NetworkTrainer"))
+    )
+    close = difflib.get_close_matches(Path(file).stem, trainers, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise LauncherError(f"--script {name}: {path} does not exist{hint}; trainers in {sd_scripts}: {', '.join(trainers)}")
+
+
+def run_kohya(sd_scripts: Path, script: str, argv: list[str]) -> None:
+    script_path = find_script(sd_scripts, script)
+    stop_shadowing_kohya_library()
+    plugin_module("kohya_hook").install()
+    sys.path.insert(0, str(sd_scripts))  # as when the script is run directly: its folder first
+    sys.argv = [str(script_path)] + argv
+    runpy.run_path(str(script_path), run_name="__main__")
+
+
+def run_builtin(script: str, argv: list[str]) -> int:
+    name = script[:-3] if script.endswith(".py") else script
+    if name not in BUILTIN_SCRIPTS:
+        raise LauncherError(
+            f"--script {script} needs kohya-ss sd-scripts: pass --sd_scripts /path/to/sd-scripts or set "
+            f"SD_SCRIPTS_DIR (without sd-scripts only {', '.join(BUILTIN_SCRIPTS)} can run, on the built-in trainer)"
+        )
+    stop_shadowing_kohya_library()
+    return plugin_module("builtin.trainer").main(argv)
+
+
+def print_presets() -> None:
+    presets = plugin_module("presets")
+    for name, path, description in presets.list_presets():
+        print(f"{name:<18} {description}\n{'':<18} {path}")
+
+
+def show_preset(name: str) -> None:
+    presets = plugin_module("presets")
+    presets.load_preset(name)  # validated first
+    path = presets.preset_path(name)
+    print(f"# {path}\n{path.read_text(encoding='utf-8')}", end="")
+
+
+def main(argv: list[str]) -> int:
+    own, rest = parse_launcher_args(argv)
+    if own.list_presets:
+        print_presets()
+        return 0
+    if own.show_preset:
+        show_preset(own.show_preset)
+        return 0
+    if any(a in ("-h", "--help") for a in rest):
+        print(__doc__)  # then the trainer's own help, when there is one
+    if own.preset:
+        rest = apply_preset(own.preset, rest)
+    check_optimizer_choice(rest)
+    sd_scripts = find_sd_scripts(own.sd_scripts) if own.backend != "builtin" else None
+    if sd_scripts is not None:
+        run_kohya(sd_scripts, own.script, rest)
+        return 0
+    if own.backend == "kohya":
+        raise LauncherError(
+            "--backend kohya needs kohya-ss sd-scripts: pass --sd_scripts /path/to/sd-scripts or set SD_SCRIPTS_DIR"
+        )
+    return run_builtin(own.script, rest)
+
+
+def _known_errors() -> tuple[type, ...]:
+    """Our own error types: shown as one clear line instead of a traceback."""
+    errors: list[type] = [LauncherError]
+    if PLUGIN in sys.modules:
+        for module, names in (("optimizer_factory", ("OptimizerArgsError", "ShardedParamsError")), ("presets", ("PresetError",))):
+            loaded = sys.modules.get(f"{PLUGIN}.{module}")
+            errors += [getattr(loaded, n) for n in names if loaded is not None]
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is one of ours
+        if not isinstance(error, _known_errors()):
+            raise
+        print(f"train_network_patch.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
