@@ -82,7 +82,8 @@ def stop_shadowing_kohya_library() -> None:
         except OSError:
             return False
 
-    sys.path[:] = [entry for entry in sys.path if not is_here(entry)]
+    if (HERE / "library" / "kohya_hook.py").is_file():  # only a checkout of ours (never e.g. site-packages)
+        sys.path[:] = [entry for entry in sys.path if not is_here(entry)]
     ours = sys.modules.get("library")
     if ours is not None and str(getattr(ours, "__file__", "") or "").startswith(str(HERE / "library")):
         for name in [n for n in sys.modules if n == "library" or n.startswith("library.")]:
@@ -146,6 +147,8 @@ def apply_preset(preset: str, argv: list[str]) -> list[str]:
         argv = rest
     elif "optimizer_args" in config and not factory.is_automagic(optimizer_type):
         del config["optimizer_args"]  # another optimizer on the command line: the preset's keys mean nothing to it
+    source = f" under {user_file[0]}" if user_file else ""
+    print(f"train_network_patch.py: using preset {presets.preset_path(preset)}{source}", file=sys.stderr)
     fd, path = tempfile.mkstemp(prefix="automagic_preset_", suffix=".toml")
     os.close(fd)
     atexit.register(lambda: os.path.exists(path) and os.remove(path))
@@ -242,7 +245,7 @@ def show_preset(name: str) -> None:
     print(f"# {path}\n{path.read_text(encoding='utf-8')}", end="")
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     own, rest = parse_launcher_args(argv)
     if own.list_presets:
         print_presets()
@@ -276,11 +279,16 @@ def _known_errors() -> tuple[type, ...]:
     return tuple(errors)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: our own errors become one clear line and exit status 2."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return run(sys.argv[1:] if argv is None else argv)
     except Exception as error:  # noqa: BLE001 - re-raised unless it is one of ours
         if not isinstance(error, _known_errors()):
             raise
         print(f"train_network_patch.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,16 +97,22 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Peak of memory allocated and not yet freed during one step(), from the profiler's events."""
+    """Peak CPU memory allocated during one step() above what was live before it.
+
+    Uses the profiler's memory timeline (a private torch API, present since 2.1), which follows
+    each allocation from creation to release; raises RuntimeError if this torch lacks it.
+    """
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+    except ImportError as error:
+        raise RuntimeError("this torch has no profiler memory timeline") from error
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
         optimizer.step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    totals = [sum(row) for row in sizes]
+    return max(totals) - totals[0] if totals else 0
 
 
 def run_set(name: str, shapes, full: bool, repeats: int, warmup_steps_to_skip: int = 4):

@@ -39,9 +39,10 @@ __all__ = [
     "stochastic_round_",
 ]
 
-# Default chunk for stacking same-shape tensors: big enough to amortise kernel launches over
-# hundreds of LoRA matrices, small enough that the stacked copies stay a few MB.
-_DEFAULT_BUCKET_NUMEL = 1 << 21
+# Smallest chunk for stacking same-shape tensors (elements): enough to amortise kernel launches
+# over many small LoRA matrices. Chunks are otherwise capped at the largest tensor's size, so a
+# step's temporaries stay a few times the largest tensor however many tensors there are.
+_MIN_CHUNK_NUMEL = 1 << 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +452,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._fused_gather: dict[int, list] = {}
         self._positions: dict[int, tuple[int, int]] = {}
+        self._chunk_numel: Optional[int] = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._chunk_numel = None  # recomputed from the new largest tensor at the next step
 
     def _param_position(self, p: Tensor) -> tuple[int, int]:
         """(group index, index in group) of a parameter; cached, since the fused backward path
@@ -465,7 +471,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
     @staticmethod
     def _validate(settings: dict, where: str) -> None:
         get = settings.get
-        lr, min_lr, max_lr = get("lr"), get("min_lr"), get("max_lr")
+        # A group prepared by an LR scheduler holds its base in initial_lr (lr may be 0 in warm-up).
+        lr, min_lr, max_lr = get("initial_lr", get("lr")), get("min_lr"), get("max_lr")
         _check_range("min_lr" + where, min_lr, min_lr >= 0, "min_lr >= 0")
         _check_range("max_lr" + where, max_lr, max_lr > 0 and max_lr >= min_lr,
                      f"max_lr > 0 and max_lr >= min_lr ({min_lr})")
@@ -504,8 +511,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         state["lr_mask"] = torch.full_like(p, start_lr, dtype=state_dtype, memory_format=torch.preserve_format)
-        state["avg_lr"] = torch.tensor(start_lr, dtype=state_dtype, device=p.device)
-        state["avg_lr_max"] = torch.tensor(start_lr, dtype=state_dtype, device=p.device)
+        state["avg_lr"] = torch.full((), start_lr, dtype=state_dtype, device=p.device)
+        state["avg_lr_max"] = torch.full((), start_lr, dtype=state_dtype, device=p.device)
         if warmup > 1:
             state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.preserve_format)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -549,14 +556,16 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         return (group["group_step"] - 1) % group["stats_update_freq"] == 0
 
     @staticmethod
-    def _finite_sums(abs_sums: Tensor, norms: Tensor, numels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _finite_sums(abs_sums: Tensor, norms: Tensor, numels: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Per-tensor |g| sums and L2 norms -> group sums over the finite tensors only, so one
         NaN gradient cannot poison the statistics (and through them every tensor's decay)."""
         finite = torch.isfinite(abs_sums) & torch.isfinite(norms)
-        zero = abs_sums.new_zeros(())
+        zero = abs_sums.new_zeros((), dtype=torch.float64)
+        # Element counts are built on the device from the host's ints (a fill, no host copy).
+        counts = torch.stack([torch.full((), n, dtype=torch.float64, device=abs_sums.device) for n in numels])
         return (torch.where(finite, abs_sums.double(), zero).sum(),
                 torch.where(finite, norms.double().square(), zero).sum(),
-                torch.where(finite, numels.to(abs_sums.device, torch.float64), zero).sum())
+                torch.where(finite, counts, zero).sum())
 
     @staticmethod
     def _store_stats(group: dict, abs_sum: Tensor, sq_sum: Tensor, count: Tensor) -> None:
@@ -569,9 +578,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         group["grad_abs_std"] = var.sqrt().float()
 
     def _refresh_group_stats(self, group: dict, grads: list[Tensor]) -> None:
-        numels = torch.tensor([g.numel() for g in grads], dtype=torch.float64)
         sums = self._finite_sums(torch.stack(torch._foreach_norm(grads, 1)),
-                                 torch.stack(torch._foreach_norm(grads, 2)), numels)
+                                 torch.stack(torch._foreach_norm(grads, 2)), [g.numel() for g in grads])
         self._store_stats(group, *sums)
 
     @staticmethod
@@ -633,13 +641,16 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         return loss
 
     def _chunks(self, members: list) -> Iterable[list]:
-        """Split a bucket so a stacked copy stays small; foreach=False steps tensors one by one."""
+        """Split a bucket so a stacked copy is no larger than the largest tensor (or a small floor);
+        foreach=False steps tensors one by one."""
         if self.foreach is False:
             for member in members:
                 yield [member]
             return
+        if self._chunk_numel is None:
+            self._chunk_numel = max([_MIN_CHUNK_NUMEL] + [p.numel() for g in self.param_groups for p in g["params"]])
         numel = members[0][1].numel()
-        per_chunk = max(1, _DEFAULT_BUCKET_NUMEL // max(numel, 1))
+        per_chunk = max(1, self._chunk_numel // max(numel, 1))
         for start in range(0, len(members), per_chunk):
             yield members[start:start + per_chunk]
 
@@ -677,8 +688,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         phase = _Phase(t, group["warmup_steps"], group["orthograd"], p.ndim >= 2)
         if phase.early and group["weight_decay"] > 0 and self._stats_due(group):
             flat = grad.reshape(-1)
-            sums = self._finite_sums(torch.linalg.vector_norm(flat, 1), torch.linalg.vector_norm(flat, 2),
-                                     torch.tensor(float(flat.numel()), dtype=torch.float64))
+            sums = self._finite_sums(torch.linalg.vector_norm(flat, 1).view(1),
+                                     torch.linalg.vector_norm(flat, 2).view(1), [flat.numel()])
             gather[1:] = sums if gather[1] is None else [a + b for a, b in zip(gather[1:], sums)]
         self._run_bucket([(index, p, grad, state, phase, p.ndim >= 2)], self._resolved(group),
                          self._group_stats(group), group_index)

@@ -64,7 +64,7 @@ def kohya_build_optimizer(args, trainable_params) -> tuple[str, str, Any]:
     name, args_text, optimizer = build_optimizer(args.optimizer_type, trainable_params, args.learning_rate, kwargs)
     # kohya's own wording ("use <type> | {kwargs}"), plus the class it resolved to
     logger.info(f"use {args.optimizer_type} | {kwargs} -> {name}")
-    _built_optimizers.append(weakref.ref(optimizer))
+    _built_optimizers[:] = [ref for ref in _built_optimizers if ref() is not None] + [weakref.ref(optimizer)]
     return name, args_text, optimizer
 
 

@@ -31,6 +31,16 @@ def data(conv):
     return conv.Data()
 
 
+@pytest.fixture
+def small_data(conv, data):
+    """The same data with a 48-sample validation set, to keep the runs below fast."""
+    import copy
+
+    d = copy.copy(data)
+    d.val_x, d.val_y, d.val_t, d.val_noise = data.val_x[:48], data.val_y[:48], data.val_t[:48], data.val_noise[:48]
+    return d
+
+
 def test_splits_are_disjoint_and_heldout(conv, data):
     assert set(data.ft_y.tolist()) == set(conv.HELDOUT_CLASSES)
     assert set(data.val_y.tolist()) == set(conv.HELDOUT_CLASSES)
@@ -61,26 +71,28 @@ def _kinds():
         has_automagic = False
     if has_automagic:
         kinds.append(dict(name="Automagic", kind="automagic", group="automagic",
-                          kwargs=dict(lr=5e-5, warmup_steps=4, orthograd=True, stats_update_freq=3)))
+                          kwargs=dict(lr=5e-5, warmup_steps=2, orthograd=True, stats_update_freq=3)))
     return kinds
 
 
 @pytest.mark.parametrize("task", ["lora", "full"])
-def test_runs_and_report(conv, data, task, tmp_path):
+def test_runs_and_report(conv, small_data, task, tmp_path):
+    data = small_data
+    steps = 3
     torch.manual_seed(0)
     base = conv.make_unet(quick=True).state_dict()
     runs = []
     for spec in _kinds():
         if spec["kind"] == "prodigy":
             pytest.importorskip("prodigyopt")
-        rec = dict(spec, seeds=[conv.run_one(task, spec, 0, 6, data, base, quick=True)])
+        rec = dict(spec, seeds=[conv.run_one(task, spec, 0, steps, data, base, quick=True)])
         conv.summarize(rec)
         assert rec["seeds"][0]["status"] == "ok"
-        assert len(rec["mean_losses"]) == len(conv.eval_points(6))
+        assert len(rec["mean_losses"]) == len(conv.eval_points(steps))
         assert all(math.isfinite(v) for v in rec["mean_losses"])
         assert rec["ms_step"] > 0 and rec["ms_opt"] > 0
         runs.append(rec)
-    res = dict(task=task, steps=6, seeds=[0], eval_steps=conv.eval_points(6), preset_source="test",
+    res = dict(task=task, steps=steps, eval_steps=conv.eval_points(steps), preset_source="test",
                doc_warmup=1, machine="test", command="test", batch_size=conv.BATCH_SIZE,
                train_images=len(data.ft_y), runs=runs)
     (tmp_path / f"convergence_{task}.json").write_text(json.dumps(res))

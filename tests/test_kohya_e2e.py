@@ -132,6 +132,7 @@ def check_lora_runs(runs, first: int, total: int, preset_marker: str):
             assert values, f"{EFF}{group} missing; scalars: {sorted(logged)}"
             assert [s for s, _ in values] == list(steps)
             assert all(0 < v < 1 for _, v in values)
+            print(f"[kohya e2e] {run.name} {EFF}{group}: " + ", ".join(f"{s}:{v:.3g}" for s, v in values))
 
     # the resume restored the optimizer: per-tensor step counters continue (warm-up is not restarted)
     assert "All optimizer states loaded successfully" in log2

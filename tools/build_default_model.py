@@ -1,11 +1,13 @@
 """Rebuild the embedded default model (library/builtin/assets/default_model) from scratch.
 
-    python tools/build_default_model.py                # full build, seed 0 (see the README for wall time)
+    python tools/build_default_model.py                # full build, seed 0, 1 thread (~30-60 min on a CPU)
     python tools/build_default_model.py --verify-out DIR   # also train a quick LoRA and write before/after grids
 
 Stages, all on CPU, seeded:
   1. VAE (AutoencoderKL, 32x32x3 <-> 8x8x4) on procedural shapes, the star included
      (a VAE is a generic image codec: SD's own VAE has seen every kind of image).
+  1b. Decoder-only refinement (encoder frozen, so the latent space, and with it
+     stage 3, does not depend on this stage): crisper decoded images.
   2. Latent scale: scaling_factor = 1 / std of the encoded training latents.
   3. U-Net + CLIP text encoder, epsilon prediction on "a <colour> <shape> on <background>"
      captions, 10% empty captions (classifier-free guidance). The word "sks" and
@@ -110,6 +112,50 @@ def train_vae(steps: int, batch: int, seed: int):
         sched.step()
         if step % 200 == 0 or step == steps - 1:
             log(f"vae step {step} rec {rec_loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    return vae
+
+
+def refine_decoder(vae, steps: int, batch: int, seed: int):
+    """Stage 1b: sharpen the decoder with the encoder frozen.
+
+    The latent space (encoder) stays exactly as stage 1 left it, so this stage
+    is independent of the U-Net stage; it only makes decoded images crisper.
+    """
+    if steps <= 0:
+        return vae
+    torch.manual_seed(seed + 10)
+    rng = random.Random(seed + 10)
+    imgs = [dm.random_vae_example(rng) for _ in range(4000)] + [dm.random_base_example(rng)[0] for _ in range(2000)]
+    imgs += [dm.concept_example(100 + i) for i in range(200)]
+    data = torch.stack([to_tensor(i) for i in imgs])
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        moments = torch.cat([vae.quant_conv(vae.encoder(data[i:i + 256])) for i in range(0, len(data), 256)])
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed + 11)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(data), (batch,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        rec = vae.decode(z).sample
+        x = data[idx]
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"decoder step {step} rec {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.requires_grad_(False)
     vae.eval()
     return vae
 
@@ -301,11 +347,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--vae-steps", type=int, default=500)
+    ap.add_argument("--unet-steps", type=int, default=1500)
     ap.add_argument("--unet-images", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32, help="U-Net batch size")
     ap.add_argument("--vae-batch", type=int, default=24)
+    ap.add_argument("--decoder-steps", type=int, default=1500, help="stage 1b: decoder-only refinement")
+    ap.add_argument("--refine-only", type=Path, default=None,
+                    help="run only stage 1b on this stage-1 VAE folder, save to <work-dir>/vae_stage1b")
     ap.add_argument("--out", type=Path, default=dm.ASSETS_DIR)
     ap.add_argument("--verify-out", type=Path, default=None, help="also run the LoRA check, write grids here")
     ap.add_argument("--verify-only", action="store_true", help="skip the build; check the current assets")
@@ -316,6 +365,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
+    if args.refine_only:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(str(args.refine_only), torch_dtype=torch.float32)
+        refine_decoder(vae, args.decoder_steps, args.vae_batch, args.seed).save_pretrained(
+            str(args.work_dir / "vae_stage1b"))
+        log(f"decoder refinement wall time {time.time() - t_start:.0f}s")
+        return 0
     if not args.verify_only:
         tok = write_tokenizer(args.work_dir / "tokenizer")
         if args.vae_from:
@@ -325,6 +381,8 @@ def main(argv=None) -> int:
         else:
             vae = train_vae(args.vae_steps, args.vae_batch, args.seed)
             vae.save_pretrained(str(args.work_dir / "vae_stage1"))  # lets a U-Net rerun skip stage 1
+            vae = refine_decoder(vae, args.decoder_steps, args.vae_batch, args.seed)
+            vae.save_pretrained(str(args.work_dir / "vae_stage1b"))
         unet, te = train_unet(vae, tok, args.unet_steps, args.batch, args.seed, args.unet_images)
         save_assets(args.out, unet, vae, te, args.work_dir / "tokenizer")
         shutil.rmtree(args.work_dir / "tokenizer", ignore_errors=True)
