@@ -24,7 +24,7 @@ setup(
     package_dir={PACKAGE: "library", f"{PACKAGE}.configs": "configs"},
     package_data={f"{PACKAGE}.configs": ["*.toml"], f"{PACKAGE}.builtin": ["assets/*", "assets/**/*"]},
     py_modules=["train_network_patch"],
-    entry_points={"console_scripts": ["automagic-train=train_network_patch:main"]},
+    entry_points={"console_scripts": ["automagic-sinkgd-train=train_network_patch:main"]},
     install_requires=[
         "torch>=2.1",
         "accelerate>=0.30",

@@ -503,6 +503,21 @@ def summarize(rec: dict) -> None:
     rec["ms_opt"] = float(np.median([r["ms_opt"] for r in rec["seeds"]]))
 
 
+def portable_command(cmd: str) -> str:
+    """The command line with absolute paths made repo-relative (or <other-dir> outside the repo)."""
+    import re
+
+    root = REPO_ROOT.as_posix()
+
+    def fix(m):
+        path = m.group(0)
+        if path == root or path.startswith(root + "/"):
+            return path[len(root) + 1:] or "."
+        return "<other-dir>"
+
+    return re.sub(r"(?<![\w.])/[^\s;]+", fix, cmd)
+
+
 def _impl_hash() -> str | None:
     try:
         mod = sys.modules.get(AUTOMAGIC_IMPL.partition(":")[0]) or __import__(
@@ -530,7 +545,8 @@ def run_task(task: str, args, data: Data, base_state: dict) -> dict:
     result = dict(task=task, steps=args.steps, eval_steps=eval_points(args.steps),
                   preset_source=src, presets=presets, doc_warmup=doc_warmup(args.steps),
                   automagic_impl=AUTOMAGIC_IMPL, automagic_sha256=_impl_hash(),
-                  machine=machine_desc(), command=" ".join(["python", Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                  machine=machine_desc(),
+                  command=portable_command(" ".join(["python", Path(sys.argv[0]).as_posix()] + sys.argv[1:])),
                   started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   lora=dict(rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGET_SUFFIXES),
                   batch_size=BATCH_SIZE, train_images=len(data.ft_y), val_samples=len(data.val_y),
@@ -659,6 +675,30 @@ def render_plot(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def merge_results(out: Path, sources: list[Path], quick: bool) -> None:
+    """Append the configs of other result files (same task and steps) that --out lacks."""
+    suffix = "_quick" if quick else ""
+    for task in ("lora", "full"):
+        dst = out / f"convergence_{task}{suffix}.json"
+        for src_dir in sources:
+            src = src_dir / f"convergence_{task}{suffix}.json"
+            if not src.exists():
+                continue
+            other = json.loads(src.read_text())
+            if not dst.exists():
+                atomic_write_text(dst, json.dumps(other, indent=1))
+                continue
+            res = json.loads(dst.read_text())
+            if other["steps"] != res["steps"]:
+                raise SystemExit(f"--merge-from: {src} has {other['steps']} steps, {dst} {res['steps']}")
+            have = {r["name"] for r in res["runs"]}
+            new = [r for r in other["runs"] if r["name"] not in have]
+            res["runs"] += new
+            res["command"] = portable_command(res["command"] + " ; " + other["command"])
+            atomic_write_text(dst, json.dumps(res, indent=1))
+            log(f"merged {len(new)} configs from {src} into {dst}")
+
+
 def write_report(out: Path, quick: bool) -> None:
     suffix = "_quick" if quick else ""
     results = {}
@@ -690,6 +730,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="where the pretrained base is cached (default: --out)")
     p.add_argument("--resume", action="store_true", help="keep configs already in the task's JSON")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from JSON")
+    p.add_argument("--merge-from", nargs="+", default=None, metavar="DIR",
+                   help="add the configs of DIR/convergence_<task>.json (runs made in parallel with another "
+                        "--out) to --out's JSON, then rebuild the report")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--automagic-impl", default=None, metavar="MODULE:CLASS",
                    help="benchmark another implementation with the same API "
@@ -717,6 +760,8 @@ def main(argv=None) -> int:
         for task in (("lora", "full") if args.task == "both" else (args.task,)):
             run_task(task, args, data, base_state)
         log(f"total wall time {time.perf_counter() - t0:.0f} s")
+    if args.merge_from:
+        merge_results(out, [Path(d) for d in args.merge_from], args.quick)
     write_report(out, args.quick)
     return 0
 

@@ -280,10 +280,10 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
                  beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
                  grad_is_copy: bool) -> Tensor:
-    """Steps 2-9 of the SPEC on stacked tensors (B, ...), for t >= 2. Pure tensor code, so it can
-    run eagerly or under torch.compile. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max and
-    lr_decay in place and returns the new weights in the state's precision. ``grad`` may be
-    overwritten when ``grad_is_copy`` (a stacked copy), never when it views the caller's .grad."""
+    """Steps 2-9 of the step (t >= 2) on stacked tensors (B, ...), tensor code only: no host
+    reads. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max, lr_decay and ``weight`` (the
+    parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
+    ``grad`` may be overwritten when ``grad_is_copy``, never when it views the caller's .grad."""
     batch = grad.shape[0]
     abs_grad_sum = torch.linalg.vector_norm(grad.reshape(batch, -1), ord=1, dim=1)
     # A tensor whose gradient holds NaN/Inf is skipped: its gradient is zeroed and every
@@ -346,16 +346,15 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         mean_row_scaling = row_scaling.mean(dim=(1, 2)) if row_scaling is not None else 1.0
         decay = avg_lr * mean_row_scaling * (brake if brake is not None else 1.0) * theta * weight_decay
         decay = torch.where(finite, decay, 0.0)  # theta of a NaN gradient is NaN; 0 * NaN is too
-        weight = weight * _per_tensor(1.0 - decay, weight)
+        weight.mul_(_per_tensor(1.0 - decay, weight))
 
     # 9. w = w - mask * update.
-    return torch.addcmul(weight, update, lr_mask, value=-1.0)
+    return weight.addcmul_(update, lr_mask, value=-1.0)
 
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
-                 generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
-                 math: Callable = _bucket_math) -> None:
+                 generator_for: Callable[[Tensor, int], torch.Generator], seed: int) -> None:
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
     bf16/fp16 weights, whose update is computed in float32)."""
     shape = tuple(_as_matrix_view(params[0]).shape)
@@ -378,7 +377,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             state("polarity").copy_(grad > 0)
         return
     lr_ratio = group["lr"] / group["lr_max"]
-    new_weight = math(
+    new_weight = _bucket_math(
         grad, state("exp_avg"), state("lr_mask"), state("polarity"), _gather(params, shape, state_dtype),
         state("initial_weight"), state("avg_lr"), state("avg_lr_max"), state("row_scaling"),
         state("lr_decay"), state("decay_rate"), *(group_stats or (None, None)), lr_ratio,
@@ -388,7 +387,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
         grad_is_copy=grad.data_ptr() != grads[0].data_ptr())
     if params[0].dtype == state_dtype:
-        _scatter(new_weight, params)
+        _scatter(new_weight, params)  # nothing to do when it was a view of the parameter
     else:
         rounded = torch.empty(new_weight.shape, dtype=params[0].dtype, device=new_weight.device)
         stochastic_round_(rounded, new_weight, generator_for(new_weight, seed))

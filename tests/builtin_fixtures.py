@@ -93,8 +93,10 @@ def base_args(model: Path, data: Path, out: Path, steps: int = 3, *extra: str) -
     ]
 
 
-def run_cli(argv: list[str], timeout: int = 300, launcher: list[str] | None = None, env_extra: dict | None = None):
-    """Run the built-in trainer in a fresh process (as a user would), single thread, no network."""
+def run_cli(argv: list[str], timeout: int = 300, launcher: list[str] | None = None, env_extra: dict | None = None,
+            script: str | None = None, cwd: Path | None = None):
+    """Run the built-in trainer (or a top-level script) in a fresh process as a user would: no network."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **(env_extra or {}))
-    cmd = (launcher or [sys.executable]) + ["-m", "library.builtin.trainer"] + argv
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    target = [str(REPO / script)] if script else ["-m", "library.builtin.trainer"]
+    cmd = (launcher or [sys.executable]) + target + argv
+    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -39,8 +39,9 @@ def test_lora_run_writes_kohya_lora_loss_curve_and_samples(tiny, tmp_path, capsy
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of zkz --d 3 --s 2\n# a comment\nzkz number 1 --s 2 --l 3.0\n")
     out = tmp_path / "out"
-    argv = base_args(model, data, out, 4) + ["--sample_prompts", str(prompts), "--sample_at_first",
-                                             "--training_comment", "hi"]
+    # 8 examples / batch 2 = 4 steps per epoch; kohya: --max_train_epochs wins over --max_train_steps
+    argv = base_args(model, data, out, 99) + ["--max_train_epochs", "1", "--sample_prompts", str(prompts),
+                                              "--sample_at_first", "--training_comment", "hi"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "loss=" in printed and "lr_unet=1.00e-03" in printed and "lr_te=" in printed  # the progress bar shows loss and lr
@@ -132,7 +133,8 @@ def test_lora_loads_in_diffusers_and_changes_output(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "out"
     # a large lr so that a few steps move the LoRA far enough to see
-    assert main(base_args(model, data, out, 3) + ["--learning_rate", "0.05", "--network_alpha", "2"]) == 0
+    assert main(base_args(model, data, out, 3) + ["--learning_rate", "0.05", "--network_alpha", "2",
+                                                  "--cache_latents"]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
 
@@ -148,8 +150,8 @@ def test_lora_loads_in_diffusers_and_changes_output(tiny, tmp_path):
     assert (render() - plain).abs().max() > 1e-3
 
 
-def test_full_finetune_saves_diffusers_folder(tiny, tmp_path):
-    from diffusers import UNet2DConditionModel
+def test_full_finetune_saves_diffusers_folder_and_single_file(tiny, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     model, data = tiny
     out = tmp_path / "out"
@@ -159,6 +161,31 @@ def test_full_finetune_saves_diffusers_folder(tiny, tmp_path):
     changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     assert len(changed) > 0.9 * len(list(base.parameters()))  # all U-Net weights are trained
     assert (out / "tiny" / "model_index.json").is_file()
+    # the same run saved as one file in the original SD layout reads back with diffusers' single-file loader
+    assert main(base_args(model, data, out, 2) + ["--save_model_as", "safetensors"], script="fine_tune") == 0
+    single = StableDiffusionPipeline.from_single_file(str(out / "tiny.safetensors"), config=str(model),
+                                                      local_files_only=True, safety_checker=None,
+                                                      requires_safety_checker=False)
+    expected = trained.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in single.unet.state_dict().items())
+
+
+def test_single_file_keys_match_diffusers_converter_for_sd15_shapes():
+    # diffusers converts original -> diffusers; ours must be its inverse on the real SD 1.5 U-Net layout
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from library.builtin.sd_checkpoint import _unet_upsampler_key, unet_key
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768)  # the defaults are SD 1.x's shapes
+    with_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
+    original = {}
+    for key, value in unet.state_dict().items():
+        name = _unet_upsampler_key(key, 2, with_attention) or unet_key(key, 2)
+        original["model.diffusion_model." + name] = key
+    back = convert_ldm_unet_checkpoint(original, dict(unet.config))
+    assert back == {v: v for v in original.values()}
 
 
 def test_two_processes_match_one_process_and_only_main_writes(tiny, tmp_path):
@@ -179,3 +206,20 @@ def test_two_processes_match_one_process_and_only_main_writes(tiny, tmp_path):
     a, b = load_file(str(tmp_path / "one" / "tiny.safetensors")), load_file(str(tmp_path / "two" / "tiny.safetensors"))
     for k in a:  # same examples, same noise, gradients averaged by DDP: equal up to float rounding
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_quick_start_uses_embedded_model_and_dataset(tmp_path):
+    """The README's quick start, shortened: the launcher with only --preset, everything else embedded."""
+    out = tmp_path / "run"
+    out.mkdir()
+    result = run_cli(["--preset", "lora", "--max_train_steps", "2"], script="train_network_patch.py", cwd=out,
+                     env_extra={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Automagic_Sinkgd" in result.stdout and "eff_lr_unet=" in result.stdout
+    files = _files(out / "output")
+    assert {"last.safetensors", "last_loss.png", "sample/last_grid.png"} <= set(files)
+    with safe_open(str(out / "output" / "last.safetensors"), "pt") as f:
+        assert f.metadata()["ss_optimizer"].endswith(
+            "(min_lr=1e-06,max_lr=0.001,eta=2.0,warmup_steps=500,full_finetune=False,orthograd=True,stats_update_freq=3)")
+    grid = Image.open(out / "output" / "sample" / "last_grid.png")
+    assert grid.size == (200 + 2 * 192, 20 + 3 * 192)  # 3 prompts x (before, after)

@@ -264,5 +264,8 @@ def validate(args: argparse.Namespace, full_finetune: bool) -> None:
     if args.save_model_as is not None and args.save_model_as not in formats:
         mode = "full fine-tune" if full_finetune else "LoRA"
         raise UserError(f"--save_model_as {args.save_model_as!r}: for {mode} use one of {', '.join(formats)}")
+    if full_finetune and (args.save_model_as or "diffusers").startswith("diffusers") and args.save_precision in ("fp16", "bf16"):
+        raise UserError(f"--save_precision {args.save_precision} applies to single-file models here; a diffusers folder "
+                        "is saved in float32 (use --save_model_as safetensors for a half-precision file)")
     if args.resume and not Path(args.resume).is_dir():
         raise UserError(f"--resume {args.resume!r}: no such state folder")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir, atomic_write, atomic_write_text
+from .atomic import atomic_dir, atomic_write
 from .errors import UserError
 
 STATE_WEIGHTS = "model.safetensors"
@@ -62,7 +62,3 @@ def read_state(folder: str) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
     scheduler = torch.load(root / STATE_SCHEDULER, map_location="cpu", weights_only=True)
     train_state = json.loads((root / STATE_JSON).read_text(encoding="utf-8"))
     return weights, optimizer, scheduler, train_state
-
-
-def write_json(path: Path, data: dict) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=1))

@@ -105,9 +105,10 @@ def load_image(path: Path, size: tuple[int, int], flip: bool) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """Indexed by the (example index, flip, slot) triples that BatchOrder hands out."""
 
-    def __init__(self, examples: list[Example], size: tuple[int, int]):
+    def __init__(self, examples: list[Example], size: tuple[int, int], with_pixels: bool = True):
         self.examples = examples
         self.size = size
+        self.with_pixels = with_pixels  # False when latents are cached: no image decoding per step
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -115,8 +116,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, bool, int]) -> dict:
         index, flip, slot = key
         example = self.examples[index]
-        return {"index": index, "flip": flip, "slot": slot, "pixels": load_image(example.image, self.size, flip),
-                "caption": example.caption}
+        pixels = load_image(example.image, self.size, flip) if self.with_pixels else None
+        return {"index": index, "flip": flip, "slot": slot, "pixels": pixels, "caption": example.caption}
 
 
 def collate(items: list[dict]) -> dict:
@@ -124,7 +125,7 @@ def collate(items: list[dict]) -> dict:
         "index": [it["index"] for it in items],
         "flip": [it["flip"] for it in items],
         "slot": [it["slot"] for it in items],
-        "pixels": torch.stack([it["pixels"] for it in items]),
+        "pixels": torch.stack([it["pixels"] for it in items]) if items[0]["pixels"] is not None else None,
         "caption": [it["caption"] for it in items],
     }
 

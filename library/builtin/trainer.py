@@ -6,10 +6,11 @@ torch + diffusers + accelerate, for machines without sd-scripts.
 Modes: LoRA (kohya's train_network.py, networks.lora) by default; full fine-tune of the U-Net (kohya's
 fine_tune.py) when script == "fine_tune" or the optimizer args say full_finetune=True (the "full" preset).
 
-Reproducibility: all randomness of a training step (batch order, flips, VAE sampling, noise, timesteps)
-is drawn from generators seeded with (seed, micro-batch number, process rank), never from global RNG
-state. A run resumed from --save_state therefore replays exactly the steps an uninterrupted run would
-take, and ends with bit-identical weights on CPU.
+Reproducibility: all randomness of training (batch order and flips: data.BatchOrder; each example's VAE
+sample, noise and timestep: example_generator) is drawn from generators seeded with (seed, epoch) or
+(seed, position of the example in the run), never from global RNG state. A run resumed from --save_state
+therefore replays exactly the steps an uninterrupted run would take and ends with bit-identical weights on
+CPU, and N processes with batch B see the same examples and noise as one process with batch N*B.
 
 Multi-process (accelerate launch): the trained modules are wrapped in DistributedDataParallel by
 accelerate, each process trains on its own slice of every batch, only the main process writes files,
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from . import args as cli
-from . import checkpoint, lora, sampling
-from .atomic import check_writable
+from . import checkpoint, lora, sampling, sd_checkpoint
+from .atomic import atomic_dir, atomic_write, check_writable
 from .data import BatchOrder, ImageDataset, collate, scan_dataset
 from .errors import UserError
 
@@ -316,7 +317,8 @@ class Model:
                 out = self.text_encoder(ids, output_hidden_states=True)
                 hidden = out.hidden_states[-clip_skip]
                 te = self._unwrap(self.text_encoder)
-                return getattr(te, "text_model", te).final_layer_norm(hidden)  # transformers 5 has no text_model
+                norm = getattr(te, "text_model", te).final_layer_norm  # transformers 5 has no text_model level
+                return norm(hidden.to(norm.weight.dtype))  # hidden states may come out of autocast as float32
             return self.text_encoder(ids)[0]
 
     @torch.no_grad()
@@ -377,20 +379,22 @@ class Model:
         from diffusers import StableDiffusionPipeline
 
         unet, te = self._unwrap(self.unet), self._unwrap(self.text_encoder)
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=te, tokenizer=self.tokenizer, unet=unet,
-                                       scheduler=self.pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
         fmt = self.args.save_model_as or "diffusers"
         if fmt in ("diffusers", "diffusers_safetensors"):
-            from .atomic import atomic_dir
-
+            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=te, tokenizer=self.tokenizer, unet=unet,
+                                           scheduler=self.pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
             with atomic_dir(path_stem) as tmp:
                 pipe.save_pretrained(str(tmp), safe_serialization=True)
-                if dtype is not None:
-                    pipe.to(torch.float32)
             return path_stem
-        raise UserError(f"--save_model_as {fmt}: single-file export of a full fine-tune is not implemented in "
-                        "the built-in backend; use --save_model_as diffusers")
+        # kohya's single-file choice: the original SD layout that from_single_file and other SD tools read
+        tensors = sd_checkpoint.to_original_checkpoint(unet, self.vae, te)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        path = path_stem.with_name(f"{path_stem.name}.{fmt}")
+        if fmt == "ckpt":  # the original .ckpt wraps the weights in {"state_dict": ...}
+            return atomic_write(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
+        return checkpoint.save_weights(path, tensors, None if self.args.no_metadata else metadata)
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -482,165 +486,251 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
 
 
-def train(setup: Setup) -> int:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+class Run:
+    """One training run, its parts built in __init__, then `train()`: restore, loop, final outputs.
 
-    from ..optimizer_factory import OptimizerArgsError, build_optimizer
+    Only the main process writes files and draws samples; the others wait at the same points.
+    """
 
-    args = setup.args
-    logging_dir = args.logging_dir
-    # cpu=True on a machine without an accelerator makes a torchrun / `accelerate launch --multi_gpu` start
-    # use torch.distributed over gloo (accelerate's MULTI_CPU) instead of N unrelated single processes
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_accelerator(),
-                              log_with="tensorboard" if logging_dir else None, project_dir=logging_dir)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if main:
-        check_writable(setup.output_dir)
-    size = cli.parse_resolution(args.resolution or 512)
-    with warnings.catch_warnings():
-        if not main:
-            warnings.simplefilter("ignore")  # one copy of dataset warnings is enough
-        examples = scan_dataset(setup.train_data_dir, setup.caption_extension)
-    order = BatchOrder(len(examples), args.train_batch_size, world, setup.seed, args.flip_aug)
-    max_steps = compute_max_steps(args, order.batches_per_epoch)
-    accum = args.gradient_accumulation_steps
+    def __init__(self, setup: Setup):
+        from accelerate import Accelerator
 
-    torch.manual_seed(setup.seed)  # the LoRA down-projections' random init (kohya: set_seed at start)
-    model = Model(setup, accelerator)
-    groups, group_names = model.param_groups()
-    try:
-        optimizer_name, optimizer_args, optimizer = build_optimizer(
-            args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [])
-    except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
-        raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
-    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps)
-    raw_optimizer = optimizer
+        from ..optimizer_factory import OptimizerArgsError, build_optimizer
 
-    start_step, losses, lr_history = 0, [], {}
-    if args.resume:
-        weights, opt_state, sched_state, train_state = checkpoint.read_state(args.resume)
-        model.load_state_weights(weights, args.resume)
+        self.setup, self.args = setup, setup.args
+        args = self.args
+        # cpu=True on a machine without an accelerator makes a torchrun / `accelerate launch --multi_gpu` start
+        # use torch.distributed over gloo (accelerate's MULTI_CPU) instead of N unrelated single processes
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_accelerator(),
+                                       log_with="tensorboard" if args.logging_dir else None,
+                                       project_dir=args.logging_dir)
+        acc = self.accelerator
+        self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        if acc.device.type == "cpu" and setup.embedded_model and "OMP_NUM_THREADS" not in os.environ:
+            # the embedded model's layers are tiny: extra threads only add synchronisation, and on a busy
+            # machine spinning OpenMP threads made steps ~7x slower (measured: 2.0 s vs 0.27 s per step)
+            torch.set_num_threads(1)
+        if self.main:
+            check_writable(setup.output_dir)
+        self.size = cli.parse_resolution(args.resolution or 512)
+        with warnings.catch_warnings():
+            if not self.main:
+                warnings.simplefilter("ignore")  # one copy of dataset warnings is enough
+            self.examples = scan_dataset(setup.train_data_dir, setup.caption_extension)
+        self.accum = args.gradient_accumulation_steps
+        self.order = self._batch_order()
+        self.max_steps = compute_max_steps(args, self.order.batches_per_epoch)
+
+        torch.manual_seed(setup.seed)  # the LoRA down-projections' random init (kohya: set_seed at start)
+        self.model = Model(setup, acc)
+        groups, self.group_names = self.model.param_groups()
         try:
-            optimizer.load_state_dict(opt_state)
+            self.optimizer_name, self.optimizer_args, self.optimizer = build_optimizer(
+                args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [])
+        except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
+            raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
+        self.lr_scheduler = make_lr_scheduler(args, self.optimizer, self.max_steps)
+        self.start_step, self.losses, self.lr_history = 0, [], {}
+        self.columns: dict[str, list] = {}  # sample images per stage, for the grid
+        self.started = time.time()
+
+    def _batch_order(self) -> BatchOrder:
+        return BatchOrder(len(self.examples), self.args.train_batch_size, self.world, self.setup.seed,
+                          self.args.flip_aug)
+
+    # --- before the loop
+
+    def restore(self, folder: str) -> None:
+        """Continue a --save_state folder: weights, optimizer, scheduler, step and loss history."""
+        weights, opt_state, sched_state, train_state = checkpoint.read_state(folder)
+        self.model.load_state_weights(weights, folder)
+        try:
+            self.optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as e:
-            raise UserError(f"--resume {args.resume}: optimizer state does not fit this run "
+            raise UserError(f"--resume {folder}: optimizer state does not fit this run "
                             f"(same --optimizer_type and trained modules needed): {e}") from None
-        lr_scheduler.load_state_dict(sched_state)
-        start_step = int(train_state["current_step"])
-        losses, lr_history = list(train_state.get("losses", [])), dict(train_state.get("lrs", {}))
-        if args.seed is None:  # the order of the remaining batches depends on the seed
-            setup.seed = int(train_state["seed"])
-            order = BatchOrder(len(examples), args.train_batch_size, world, setup.seed, args.flip_aug)
-        if start_step >= max_steps:
-            raise UserError(f"--resume {args.resume} is at step {start_step}, not below --max_train_steps {max_steps}")
+        self.lr_scheduler.load_state_dict(sched_state)
+        self.start_step = int(train_state["current_step"])
+        self.losses, self.lr_history = list(train_state.get("losses", [])), dict(train_state.get("lrs", {}))
+        if self.args.seed is None:  # the order of the remaining batches depends on the seed
+            self.setup.seed = int(train_state["seed"])
+            self.order = self._batch_order()
+        if self.start_step >= self.max_steps:
+            raise UserError(f"--resume {folder} is at step {self.start_step}, not below --max_train_steps {self.max_steps}")
 
-    # accelerate wraps what is trained (DDP when several processes); the frozen rest stays as it is
-    if model.train_unet:
-        model.unet = accelerator.prepare(model.unet)
-    if model.train_text_encoder:
-        model.text_encoder = accelerator.prepare(model.text_encoder)
-    optimizer = accelerator.prepare(optimizer)
-    model.set_train(True)
-    trainable = model.trainable_tensors()
+    def _prepare(self) -> None:
+        """accelerate wraps what is trained (DDP with several processes); the frozen rest stays as it is."""
+        model, acc, args = self.model, self.accelerator, self.args
+        if model.train_unet:
+            model.unet = acc.prepare(model.unet)
+        if model.train_text_encoder:
+            model.text_encoder = acc.prepare(model.text_encoder)
+        self.raw_optimizer = self.optimizer  # effective_lrs() lives on the optimizer itself
+        self.optimizer = acc.prepare(self.optimizer)
+        model.set_train(True)
+        self.trainable = model.trainable_tensors()
+        dataset = ImageDataset(self.examples, self.size)
+        self.latent_cache = _cache_latents(model, dataset, self.setup.seed) if args.cache_latents else None
+        dataset.with_pixels = self.latent_cache is None
+        workers = 0 if self.latent_cache else args.max_data_loader_n_workers
+        sampler = _Batches(self.order, self.start_step * self.accum, self.max_steps * self.accum, self.rank)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                                  num_workers=workers,
+                                                  persistent_workers=bool(workers and args.persistent_data_loader_workers))
 
-    dataset = ImageDataset(examples, size)
-    latent_cache = _cache_latents(model, dataset, setup.seed) if args.cache_latents else None
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_Batches(order, start_step * accum, max_steps * accum, rank), collate_fn=collate,
-        num_workers=0 if latent_cache else args.max_data_loader_n_workers,
-        persistent_workers=bool(args.persistent_data_loader_workers and args.max_data_loader_n_workers and not latent_cache))
+    # --- the loop
 
-    if logging_dir:
-        accelerator.init_trackers(args.log_prefix or "network_train", config={"seed": setup.seed})
-    started = time.time()
-    columns: dict[str, list] = {}
-    if main:
-        print(f"built-in backend: {'full fine-tune' if setup.full_finetune else 'LoRA'} | {len(examples)} examples "
-              f"({order.batches_per_epoch} batches/epoch x {world} process(es)) | {max_steps} steps | "
-              f"optimizer {optimizer_name}({optimizer_args}) | seed {setup.seed} | output {setup.output_dir}", flush=True)
-    want_first_samples = setup.prompts and (args.sample_at_first or setup.embedded_model) and start_step == 0
-    if main and want_first_samples:
-        columns["before"] = model.sample(setup, size)
-        _save_samples(setup, columns["before"], 0)
-
-    state = {"step": start_step, "micro": start_step * accum}
-    progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main, dynamic_ncols=True,
-                    file=sys.stdout)
-    display_every = 1 if accelerator.device.type == "cpu" else 10  # .item() syncs an accelerator
-    pending: list[torch.Tensor] = []
-    batches = iter(loader)
-    for step in range(start_step, max_steps):
-        for a in range(accum):
-            g = step * accum + a
-            batch = next(batches)
-            generators = [example_generator(setup.seed, slot) for slot in batch["slot"]]
-            if latent_cache is not None:
-                latents = torch.stack([latent_cache[(i, f)] for i, f in zip(batch["index"], batch["flip"])])
-                latents = latents.to(accelerator.device)
-            else:
-                latents = model.encode_images(batch["pixels"], generators)
-            sync = a == accum - 1
-            ctx = contextlib.ExitStack()
-            if not sync and world > 1:
+    def _micro_batch(self, batch: dict, sync: bool) -> torch.Tensor:
+        model, acc = self.model, self.accelerator
+        generators = [example_generator(self.setup.seed, slot) for slot in batch["slot"]]
+        if self.latent_cache is not None:
+            latents = torch.stack([self.latent_cache[(i, f)] for i, f in zip(batch["index"], batch["flip"])])
+            latents = latents.to(acc.device)
+        else:
+            latents = model.encode_images(batch["pixels"], generators)
+        with contextlib.ExitStack() as ctx:
+            if not sync and self.world > 1:  # gradients are all-reduced once, on the last micro-batch
                 for m in model.trained_modules():
-                    ctx.enter_context(accelerator.no_sync(m))
-            with ctx:
-                loss = model.loss(latents, batch["caption"], generators)
-                accelerator.backward(loss / accum)
-            pending.append(loss.detach() / accum)
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % display_every == 0 or done == max_steps:
-            values = torch.stack(pending).view(-1, accum).sum(dim=1).tolist()
-            pending.clear()
-            losses.extend(values)
-            lrs = _effective_lr_text(raw_optimizer, group_names)
-            for k, v in lrs.items():
-                lr_history.setdefault(k, []).append((done, v))
-            window = losses[-100:]
-            shown = {"loss": f"{sum(window) / len(window):.4f}"}
-            shown.update({_short(k): f"{v:.2e}" for k, v in lrs.items()})
-            progress.set_postfix(shown, refresh=False)
-            if logging_dir:
-                accelerator.log({"loss/current": values[-1], "loss/average": sum(window) / len(window), **lrs}, step=done)
-        progress.update(1)
-        epoch_end = done % math.ceil(order.batches_per_epoch / accum) == 0
-        epoch = math.ceil(done * accum / order.batches_per_epoch)
-        if done < max_steps:
-            _periodic(setup, model, accelerator, done, epoch, epoch_end, optimizer, lr_scheduler, losses, lr_history,
-                      columns, size, lambda s, e: lora_metadata(setup, model, optimizer_name, optimizer_args, s, e,
-                                                                len(examples), order.batches_per_epoch, max_steps, started))
-    progress.close()
+                    ctx.enter_context(acc.no_sync(m))
+            loss = model.loss(latents, batch["caption"], generators)
+            acc.backward(loss / self.accum)
+        return loss.detach() / self.accum
 
-    _check_ranks_in_sync(accelerator, trainable)
-    final_epoch = math.ceil(max_steps * accum / order.batches_per_epoch)
-    if main:
-        meta = lora_metadata(setup, model, optimizer_name, optimizer_args, max_steps, final_epoch, len(examples),
-                             order.batches_per_epoch, max_steps, started)
-        saved = model.save_model(setup, setup.output_dir / setup.output_name, meta)
-        print(f"saved {saved}", flush=True)
-        if args.save_state or args.save_state_on_train_end:
-            path = setup.output_dir / f"{setup.output_name}-state"
-            _save_state(setup, model, optimizer, lr_scheduler, max_steps, final_epoch, losses, lr_history, path)
-        if losses:
-            curve = sampling.save_loss_curve(setup.output_dir / f"{setup.output_name}_loss.png", losses, lr_history,
-                                             f"{'full fine-tune' if setup.full_finetune else 'LoRA'} | {optimizer_name}")
-            print(f"saved {curve}", flush=True)
+    def _record(self, done: int, pending: list[torch.Tensor], progress) -> None:
+        """Losses and lrs into the history, the progress bar and TensorBoard (host syncs happen here only)."""
+        values = torch.stack(pending).view(-1, self.accum).sum(dim=1).tolist()
+        pending.clear()
+        self.losses.extend(values)
+        lrs = _effective_lr_text(self.raw_optimizer, self.group_names)
+        for k, v in lrs.items():
+            self.lr_history.setdefault(k, []).append((done, v))
+        window = self.losses[-100:]
+        average = sum(window) / len(window)
+        progress.set_postfix({"loss": f"{average:.4f}", **{_short(k): f"{v:.2e}" for k, v in lrs.items()}},
+                             refresh=False)
+        if self.args.logging_dir:
+            self.accelerator.log({"loss/current": values[-1], "loss/average": average, **lrs}, step=done)
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        args, setup = self.args, self.setup
+        if args.resume:
+            self.restore(args.resume)
+        self._prepare()
+        if args.logging_dir:
+            self.accelerator.init_trackers(args.log_prefix or "network_train", config={"seed": setup.seed})
+        if self.main:
+            print(f"built-in backend: {'full fine-tune' if setup.full_finetune else 'LoRA'} | {len(self.examples)} "
+                  f"examples ({self.order.batches_per_epoch} batches/epoch x {self.world} process(es)) | "
+                  f"{self.max_steps} steps | optimizer {self.optimizer_name}({self.optimizer_args}) | seed {setup.seed} "
+                  f"| output {setup.output_dir}", flush=True)
+        if setup.prompts and (args.sample_at_first or setup.embedded_model) and self.start_step == 0:
+            self._sample("before", 0)
+        progress = tqdm(total=self.max_steps, initial=self.start_step, desc="steps", disable=not self.main,
+                        dynamic_ncols=True, file=sys.stdout)
+        display_every = 1 if self.accelerator.device.type == "cpu" else 10  # .item() syncs an accelerator
+        pending: list[torch.Tensor] = []
+        batches = iter(self.loader)
+        for step in range(self.start_step, self.max_steps):
+            for a in range(self.accum):
+                pending.append(self._micro_batch(next(batches), sync=a == self.accum - 1))
+            if args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % display_every == 0 or done == self.max_steps:
+                self._record(done, pending, progress)
+            progress.update(1)
+            if done < self.max_steps:
+                self._periodic(done)
+        progress.close()
+        self._check_ranks_in_sync()
+        self._finish()
+
+    # --- outputs
+
+    def _epoch(self, done: int) -> tuple[int, bool]:
+        """(epoch number the step ends in, whether it is the epoch's last step)."""
+        steps_per_epoch = math.ceil(self.order.batches_per_epoch / self.accum)
+        return math.ceil(done / steps_per_epoch), done % steps_per_epoch == 0
+
+    def metadata(self, steps: int, epoch: int) -> dict[str, str]:
+        return lora_metadata(self.setup, self.model, self.optimizer_name, self.optimizer_args, steps, epoch,
+                             len(self.examples), self.order.batches_per_epoch, self.max_steps, self.started)
+
+    def _save(self, stem: Path, steps: int, epoch: int, with_state: bool) -> None:
+        print(f"\nsaved {self.model.save_model(self.setup, stem, self.metadata(steps, epoch))}", flush=True)
+        if with_state:
+            train_state = {"current_step": steps, "current_epoch": epoch, "seed": self.setup.seed,
+                           "losses": self.losses, "lrs": self.lr_history, "full_finetune": self.setup.full_finetune}
+            path = stem.with_name(stem.name + "-state")
+            checkpoint.save_state(path, self.model.state_weights(), self.optimizer, self.lr_scheduler, train_state)
+            print(f"saved state {path}", flush=True)
+
+    def _sample(self, column: str, step: int) -> None:
+        if self.main:
+            images = self.columns[column] = self.model.sample(self.setup, self.size)
+            for i, image in enumerate(images):
+                name = f"{self.setup.output_name}_{step:06d}_{i:02d}.png"
+                sampling.save_png(image, self.setup.output_dir / "sample" / name)
+        self.accelerator.wait_for_everyone()
+
+    def _periodic(self, done: int) -> None:
+        """kohya's intermediate saves (-stepNNNNNNNN / -NNNNNN names) and samples."""
+        args, setup = self.args, self.setup
+        epoch, epoch_end = self._epoch(done)
+        by_steps = bool(args.save_every_n_steps and done % args.save_every_n_steps == 0)
+        by_epochs = bool(args.save_every_n_epochs and epoch_end and epoch % args.save_every_n_epochs == 0)
+        if by_steps or by_epochs:
+            if self.main:
+                for on, suffix in ((by_steps, f"-step{done:08d}"), (by_epochs, f"-{epoch:06d}")):
+                    if on:
+                        self._save(setup.output_dir / f"{setup.output_name}{suffix}", done, epoch, args.save_state)
+            self.accelerator.wait_for_everyone()
+        if setup.prompts and ((args.sample_every_n_steps and done % args.sample_every_n_steps == 0)
+                              or (args.sample_every_n_epochs and epoch_end and epoch % args.sample_every_n_epochs == 0)):
+            self._sample(f"step {done}", done)
+
+    def _check_ranks_in_sync(self) -> None:
+        """Every process must end with the same weights (DDP averages gradients; a bug here would be silent)."""
+        if self.world == 1:
+            return
+        digest = weights_digest(self.trainable)
+        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=self.accelerator.device)
+        gathered = self.accelerator.gather(value).tolist()
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"trained weights differ between processes: {gathered}")
+        if self.main:
+            print(f"weights identical on all {self.world} processes (sha256 {digest[:16]})", flush=True)
+
+    def _finish(self) -> None:
+        """The model (+ state), the loss curve, the last samples and the grid."""
+        setup, args = self.setup, self.args
+        if self.main:
+            epoch, _ = self._epoch(self.max_steps)
+            self._save(setup.output_dir / setup.output_name, self.max_steps, epoch,
+                       args.save_state or args.save_state_on_train_end)
+            if self.losses:
+                title = f"{'full fine-tune' if setup.full_finetune else 'LoRA'} | {self.optimizer_name}"
+                curve = sampling.save_loss_curve(setup.output_dir / f"{setup.output_name}_loss.png", self.losses,
+                                                 self.lr_history, title)
+                print(f"saved {curve}", flush=True)
         if setup.prompts:
-            columns["after" if columns else f"step {max_steps}"] = model.sample(setup, size)
-            _save_samples(setup, columns[list(columns)[-1]], max_steps)
-            grid = sampling.make_grid(columns, [p.prompt for p in setup.prompts])
-            path = sampling.save_png(grid, setup.output_dir / "sample" / f"{setup.output_name}_grid.png")
-            print(f"saved {path}", flush=True)
-    accelerator.wait_for_everyone()
-    if logging_dir:
-        accelerator.end_training()
+            self._sample("after" if self.columns else f"step {self.max_steps}", self.max_steps)
+            if self.main:
+                grid = sampling.make_grid(self.columns, [p.prompt for p in setup.prompts])
+                path = sampling.save_png(grid, setup.output_dir / "sample" / f"{setup.output_name}_grid.png")
+                print(f"saved {path}", flush=True)
+        self.accelerator.wait_for_everyone()
+        if args.logging_dir:
+            self.accelerator.end_training()
+
+
+def train(setup: Setup) -> int:
+    Run(setup).train()
     return 0
 
 
@@ -656,57 +746,6 @@ def _cache_latents(model: Model, dataset: ImageDataset, seed: int) -> dict:
                 seen[key] = model.encode_images(pixels, [example_generator(seed, -1 - len(seen))])[0].cpu()
             cache[(index, flip)] = seen[key]
     return cache
-
-
-def _save_samples(setup: Setup, images: list, step: int) -> None:
-    for i, image in enumerate(images):
-        sampling.save_png(image, setup.output_dir / "sample" / f"{setup.output_name}_{step:06d}_{i:02d}.png")
-
-
-def _save_state(setup, model, optimizer, lr_scheduler, step, epoch, losses, lr_history, path: Path) -> None:
-    train_state = {"current_step": step, "current_epoch": epoch, "seed": setup.seed, "losses": losses,
-                   "lrs": lr_history, "full_finetune": setup.full_finetune}
-    checkpoint.save_state(path, model.state_weights(), optimizer, lr_scheduler, train_state)
-    print(f"saved state {path}", flush=True)
-
-
-def _periodic(setup, model, accelerator, done, epoch, epoch_end, optimizer, lr_scheduler, losses, lr_history,
-              columns, size, metadata) -> None:
-    """kohya's intermediate saves and samples (main process only; the others wait)."""
-    args = setup.args
-    by_steps = args.save_every_n_steps and done % args.save_every_n_steps == 0
-    by_epochs = args.save_every_n_epochs and epoch_end and epoch % args.save_every_n_epochs == 0
-    sample_now = setup.prompts and (
-        (args.sample_every_n_steps and done % args.sample_every_n_steps == 0)
-        or (args.sample_every_n_epochs and epoch_end and epoch % args.sample_every_n_epochs == 0))
-    if not (by_steps or by_epochs or sample_now):
-        return
-    if accelerator.is_main_process:
-        for on, suffix in ((by_steps, f"-step{done:08d}"), (by_epochs, f"-{epoch:06d}")):
-            if not on:
-                continue
-            stem = setup.output_dir / f"{setup.output_name}{suffix}"
-            print(f"\nsaved {model.save_model(setup, stem, metadata(done, epoch))}", flush=True)
-            if args.save_state:
-                _save_state(setup, model, optimizer, lr_scheduler, done, epoch, losses, lr_history,
-                            stem.with_name(stem.name + "-state"))
-        if sample_now:
-            columns[f"step {done}"] = model.sample(setup, size)
-            _save_samples(setup, columns[f"step {done}"], done)
-    accelerator.wait_for_everyone()
-
-
-def _check_ranks_in_sync(accelerator, tensors: list[torch.Tensor]) -> None:
-    """Every process must end with the same weights (DDP averages gradients; a bug here would be silent)."""
-    if accelerator.num_processes == 1:
-        return
-    digest = weights_digest(tensors)
-    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=accelerator.device)
-    gathered = accelerator.gather(value).tolist()
-    if len(set(gathered)) != 1:
-        raise RuntimeError(f"trained weights differ between processes: {gathered}")
-    if accelerator.is_main_process:
-        print(f"weights identical on all {accelerator.num_processes} processes (sha256 {digest[:16]})", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
