@@ -442,19 +442,19 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         vradam=vradam, allora=allora)
         self._validate(defaults, "")
         self.foreach = foreach
-        super().__init__(params, defaults)
-        for index, group in enumerate(self.param_groups):
-            self._validate(group, f" (param group {index})")
-            # The largest lr this group has seen: an outside scheduler can only lower the decay.
-            group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
-            group.setdefault("group_step", 0)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._fused_gather: dict[int, list] = {}
         self._positions: dict[int, tuple[int, int]] = {}
         self._chunk_numel: Optional[int] = None
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate(group, f" (param group {len(self.param_groups) - 1})")
+        # The largest lr this group has seen: an outside scheduler can only lower the decay.
+        group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
+        group.setdefault("group_step", 0)
         self._chunk_numel = None  # recomputed from the new largest tensor at the next step
 
     def _param_position(self, p: Tensor) -> tuple[int, int]:

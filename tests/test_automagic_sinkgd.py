@@ -331,6 +331,12 @@ def test_group_lr_out_of_range_names_the_group():
         Automagic_Sinkgd([{"params": [torch.nn.Parameter(torch.zeros(2))]}, {"params": [p], "lr": 0.5}], lr=1e-5)
 
 
+def test_a_group_added_later_is_validated_too():
+    optimizer = Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1e-5)
+    with pytest.raises(ValueError, match="param group 1"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0})
+
+
 def test_sparse_and_complex_gradients_are_refused():
     p = torch.nn.Parameter(torch.zeros(4, 2))
     p.grad = torch.zeros(4, 2).to_sparse()

@@ -9,8 +9,8 @@ from library.builtin.trainer import main
 
 def test_defaults_follow_kohya():
     a = cli.parse_args([])
-    assert a.caption_extension == ".caption" and a.train_batch_size == 1 and a.max_grad_norm == 1.0
-    assert a.network_alpha == 1.0 and a.lr_scheduler == "constant" and a.mixed_precision == "no"
+    assert a.caption_extension == ".caption" and a.max_grad_norm == 1.0
+    assert a.lr_scheduler == "constant" and a.mixed_precision == "no"
 
 
 def test_supported_flags_are_not_listed_as_kohya_only():

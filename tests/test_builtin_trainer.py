@@ -24,7 +24,7 @@ def _offline_single_thread(monkeypatch):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return build_tiny_pipeline(root / "model"), build_dataset(root / "data")
@@ -41,7 +41,8 @@ def test_lora_run_writes_kohya_lora_loss_curve_and_samples(tiny, tmp_path, capsy
     out = tmp_path / "out"
     # 8 examples / batch 2 = 4 steps per epoch; kohya: --max_train_epochs wins over --max_train_steps
     argv = base_args(model, data, out, 99) + ["--max_train_epochs", "1", "--sample_prompts", str(prompts),
-                                              "--sample_at_first", "--training_comment", "hi"]
+                                              "--sample_at_first", "--sample_every_n_steps", "2",
+                                              "--training_comment", "hi"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "loss=" in printed and "lr_unet=1.00e-03" in printed and "lr_te=" in printed  # the progress bar shows loss and lr
@@ -73,9 +74,10 @@ def test_lora_run_writes_kohya_lora_loss_curve_and_samples(tiny, tmp_path, capsy
     assert meta["ss_training_comment"] == "hi" and meta["ss_seed"] == "7"
 
     grid = Image.open(out / "sample" / "tiny_grid.png")
-    assert grid.size == (200 + 2 * 192, 20 + 2 * 192)  # 2 prompts x (before, after)
+    assert grid.size == (200 + 3 * 192, 20 + 2 * 192)  # 2 prompts x (before, step 2, after)
     assert Image.open(out / "tiny_loss.png").size[0] > 100
-    assert len([f for f in files if re.fullmatch(r"sample/tiny_\d{6}_\d{2}\.png", f)]) == 4
+    samples = [f for f in files if re.fullmatch(r"sample/tiny_\d{6}_\d{2}\.png", f)]
+    assert sorted(samples) == [f"sample/tiny_{s:06d}_{i:02d}.png" for s in (0, 2, 4) for i in (0, 1)]
 
 
 AUTOMAGIC = ["--optimizer_type", "automagic_sinkgd", "--optimizer_args", "warmup_steps=4", "lr_bump=1e-4"]
@@ -103,6 +105,17 @@ def test_resume_is_bit_identical(tiny, tmp_path, optimizer, capsys):
         assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_network_weights_start_from_a_saved_lora(tiny, tmp_path):
+    model, data = tiny
+    assert main(base_args(model, data, tmp_path / "a", 2)) == 0
+    # lr 0: the run must end exactly where the given LoRA started
+    again = base_args(model, data, tmp_path / "b", 1) + ["--network_weights", str(tmp_path / "a" / "tiny.safetensors"),
+                                                         "--learning_rate", "0", "--seed", "99"]
+    assert main(again) == 0
+    a, b = load_file(str(tmp_path / "a" / "tiny.safetensors")), load_file(str(tmp_path / "b" / "tiny.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_incomplete_state(tiny, tmp_path, capsys):
     model, data = tiny
     (tmp_path / "broken").mkdir()
@@ -125,6 +138,11 @@ def test_failed_run_keeps_earlier_outputs(tiny, tmp_path, capsys):
     blocker.write_text("")
     assert main(base_args(model, data, blocker / "out", 1)) == 2
     assert "cannot be written" in capsys.readouterr().err
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a valid but empty safetensors file
+    assert main(base_args(junk, data, out, 1)) == 2
+    assert "cannot load single-file checkpoint" in capsys.readouterr().err
+    assert (out / "tiny.safetensors").read_bytes() == before
 
 
 def test_lora_loads_in_diffusers_and_changes_output(tiny, tmp_path):
@@ -221,5 +239,38 @@ def test_quick_start_uses_embedded_model_and_dataset(tmp_path):
     with safe_open(str(out / "output" / "last.safetensors"), "pt") as f:
         assert f.metadata()["ss_optimizer"].endswith(
             "(min_lr=1e-06,max_lr=0.001,eta=2.0,warmup_steps=500,full_finetune=False,orthograd=True,stats_update_freq=3)")
+        assert f.metadata()["ss_network_alpha"] == "4.0" and f.metadata()["ss_batch_size_per_device"] == "4"
+        assert f.metadata()["ss_seed"] == "42"  # fixed for the quick start, so its grid is reproducible
     grid = Image.open(out / "output" / "sample" / "last_grid.png")
     assert grid.size == (200 + 2 * 192, 20 + 3 * 192)  # 3 prompts x (before, after)
+
+
+def test_user_model_and_data_get_kohya_defaults(tiny):
+    from library.builtin.args import parse_args
+    from library.builtin.trainer import compute_max_steps, resolve
+
+    model, data = tiny
+    setup = resolve(parse_args(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data)]),
+                    "train_network")
+    args = setup.args
+    assert (args.train_batch_size, args.network_dim, args.network_alpha) == (1, 4, 1.0)
+    assert compute_max_steps(args, batches_per_epoch=8) == 1600 and args.resolution is None
+    assert setup.caption_extension == ".caption" and setup.prompts == [] and not setup.full_finetune
+
+
+def test_optional_kohya_flags_run(tiny, tmp_path):
+    """bf16 autocast, half-precision export, checkpointing, TensorBoard, clip skip, noise offset, min-SNR.
+    In a fresh process: accelerate keeps one mixed-precision setting per process."""
+    model, data = tiny
+    out = tmp_path / "out"
+    argv = base_args(model, data, out, 2) + [
+        "--mixed_precision", "bf16", "--save_precision", "fp16", "--gradient_checkpointing", "--clip_skip", "2",
+        "--noise_offset", "0.05", "--min_snr_gamma", "5", "--logging_dir", str(out / "logs"), "--lr_scheduler",
+        "cosine", "--lr_warmup_steps", "0.5", "--save_every_n_epochs", "1", "--max_train_epochs", "1"]
+    result = run_cli(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = load_file(str(out / "tiny.safetensors"))
+    assert {v.dtype for k, v in tensors.items() if k.endswith(".weight")} == {torch.float16}
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    with safe_open(str(out / "tiny.safetensors"), "pt") as f:
+        assert f.metadata()["ss_mixed_precision"] == "bf16" and f.metadata()["ss_steps"] == "4"

@@ -169,7 +169,8 @@ def encode_ids(tok, captions: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def train_unet(vae, tok, steps: int, batch: int, seed: int, n_images: int):
+def train_unet(vae, tok, steps: int, batch: int, seed: int, n_images: int, init_from: Path | None = None,
+               max_lr: float = 1e-3):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -182,18 +183,26 @@ def train_unet(vae, tok, steps: int, batch: int, seed: int, n_images: int):
         moments = torch.cat([vae.encode(imgs[i:i + 256]).latent_dist.parameters for i in range(0, n_images, 256)])
     mean, logvar = moments.chunk(2, dim=1)
     std_lat = torch.exp(0.5 * logvar.clamp(-30, 20))
-    scale = 1.0 / float(mean.std())
+    # Round 2 keeps the latent scale the U-Net was trained with.
+    scale = float(vae.config.scaling_factor) if init_from else 1.0 / float(mean.std())
     log(f"latent std {mean.std():.4f} -> scaling_factor {scale:.4f}; posterior std mean {std_lat.mean():.4f}")
     vae.register_to_config(scaling_factor=scale)
 
     ids_all = encode_ids(tok, captions)
     empty_ids = encode_ids(tok, [""])
-    te = CLIPTextModel(CLIPTextConfig(**dm.text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id)))
-    unet = UNet2DConditionModel(**dm.unet_config(te.config.hidden_size))
+    if init_from:  # continue a previous build (a second, lower-lr round on fresh images)
+        te = CLIPTextModel.from_pretrained(str(init_from / "text_encoder"), dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(init_from / "unet"), torch_dtype=torch.float32)
+        log(f"U-Net and text encoder continued from {init_from}")
+    else:
+        te = CLIPTextModel(CLIPTextConfig(**dm.text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id)))
+        unet = UNet2DConditionModel(**dm.unet_config(te.config.hidden_size))
+    te.train()
+    unet.train()
     noise_sched = DDPMScheduler.from_config(dm.scheduler_config())
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(params, lr=max_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=0.05)
     alphas = noise_sched.alphas_cumprod
     g = torch.Generator().manual_seed(seed + 2)
     t0 = time.time()
@@ -343,6 +352,15 @@ def verify(model_dir: str, out: Path, steps: int, seed: int) -> None:
     sample_grid(pipe, dm.SAMPLE_PROMPTS, seeds, out / "after.png", f"after LoRA ({steps} AdamW steps)")
 
 
+def train_unet_round2(vae, tok, unet, te, args):
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        unet.save_pretrained(str(Path(d) / "unet"))
+        te.save_pretrained(str(Path(d) / "text_encoder"))
+        return train_unet(vae, tok, args.unet_round2_steps, args.batch, args.seed + 100, args.unet_images,
+                          init_from=Path(d), max_lr=5e-4)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -360,6 +378,9 @@ def main(argv=None) -> int:
     ap.add_argument("--verify-only", action="store_true", help="skip the build; check the current assets")
     ap.add_argument("--work-dir", type=Path, default=REPO / "build" / "default_model_work",
                     help="intermediate files (tokenizer, stage-1 VAE); not shipped")
+    ap.add_argument("--unet-round2-steps", type=int, default=1200, help="second U-Net round on new images, lr 5e-4")
+    ap.add_argument("--unet-init", type=Path, default=None,
+                    help="assets folder whose U-Net/text encoder start round 2 (skips stages 1-3 training)")
     ap.add_argument("--vae-from", type=Path, default=None, help="reuse a stage-1 VAE folder (skips stage 1)")
     ap.add_argument("--lora-steps", type=int, default=200)
     args = ap.parse_args(argv)
@@ -372,7 +393,20 @@ def main(argv=None) -> int:
             str(args.work_dir / "vae_stage1b"))
         log(f"decoder refinement wall time {time.time() - t_start:.0f}s")
         return 0
-    if not args.verify_only:
+    if args.unet_init and not args.verify_only:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTokenizer
+        init = args.unet_init
+        vae = AutoencoderKL.from_pretrained(str(init / "vae"), torch_dtype=torch.float32).eval()
+        tok = CLIPTokenizer.from_pretrained(str(init / "tokenizer"), local_files_only=True)
+        unet, te = train_unet(vae, tok, args.unet_round2_steps, args.batch, args.seed + 100, args.unet_images,
+                              init_from=init, max_lr=5e-4)
+        tok_copy = args.work_dir / "tokenizer_round2"
+        shutil.rmtree(tok_copy, ignore_errors=True)
+        shutil.copytree(init / "tokenizer", tok_copy)
+        save_assets(args.out, unet, vae, te, tok_copy)
+        log(f"round-2 wall time {time.time() - t_start:.0f}s on {args.threads} thread(s)")
+    elif not args.verify_only:
         tok = write_tokenizer(args.work_dir / "tokenizer")
         if args.vae_from:
             from diffusers import AutoencoderKL
@@ -384,6 +418,8 @@ def main(argv=None) -> int:
             vae = refine_decoder(vae, args.decoder_steps, args.vae_batch, args.seed)
             vae.save_pretrained(str(args.work_dir / "vae_stage1b"))
         unet, te = train_unet(vae, tok, args.unet_steps, args.batch, args.seed, args.unet_images)
+        if args.unet_round2_steps > 0:  # second round: fresh images (another seed), lower peak lr
+            unet, te = train_unet_round2(vae, tok, unet, te, args)
         save_assets(args.out, unet, vae, te, args.work_dir / "tokenizer")
         shutil.rmtree(args.work_dir / "tokenizer", ignore_errors=True)
         log(f"build wall time {time.time() - t_start:.0f}s on {args.threads} thread(s)")

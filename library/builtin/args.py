@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_data_loader_n_workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
     a("--persistent_data_loader_workers", action="store_true")
     # steps and batch
-    a("--train_batch_size", type=int, default=1)
+    a("--train_batch_size", type=int, default=None, help="default 1 (kohya's); the quick start uses more")
     a("--max_train_steps", type=int, default=None, help=f"default {DEFAULT_MAX_TRAIN_STEPS}")
     a("--max_train_epochs", type=int, default=None, help="overrides max_train_steps")
     a("--gradient_accumulation_steps", type=int, default=1)
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     # network
     a("--network_module", type=str, default=None, help="only networks.lora")
     a("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
-    a("--network_alpha", type=float, default=1.0, help="LoRA alpha; scale = alpha / dim")
+    a("--network_alpha", type=float, default=None, help="LoRA alpha, scale = alpha / dim (default 1, kohya's)")
     a("--network_weights", type=str, default=None, help="start from this LoRA file")
     a("--network_train_unet_only", action="store_true")
     a("--network_train_text_encoder_only", action="store_true")

@@ -132,7 +132,8 @@ def save_loss_curve(path: str | Path, losses: list[float], lrs: dict[str, list[t
         ax_lr.plot([s for s, _ in points], [v for _, v in points], label=name)
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_yscale("log")
+    if all(v > 0 for points in lrs.values() for _, v in points):
+        ax_lr.set_yscale("log")  # lrs span decades; a zero lr (schedule end, lr 0) cannot be log-scaled
     if lrs:
         ax_lr.legend(fontsize=8)
     fig.tight_layout()

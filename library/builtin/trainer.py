@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -40,7 +41,10 @@ from .atomic import atomic_dir, atomic_write, check_writable
 from .data import BatchOrder, ImageDataset, collate, scan_dataset
 from .errors import UserError
 
-QUICK_START_STEPS = 300  # embedded dataset: enough for the concept to show in the samples (see the note)
+# The quick start (embedded model and dataset, none of these flags given): enough for the concept to show in
+# the samples within the time budget of a 2-core CPU, with the lora preset as it is.
+QUICK_START = {"max_train_steps": 300, "train_batch_size": 4, "network_dim": 4, "network_alpha": 4.0, "seed": 42}
+KOHYA_DEFAULTS = {"train_batch_size": 1, "network_dim": 4, "network_alpha": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -63,48 +67,57 @@ class Setup:
 
 
 def _wants_full_finetune(script: str, optimizer_args: list[str] | None) -> bool:
-    from ..optimizer_factory import parse_optimizer_args
+    """kohya's fine_tune.py, or the optimizer told to run in full fine-tune mode (the "full" preset)."""
+    from ..optimizer_factory import OptimizerArgsError, parse_optimizer_args
 
     if script == "fine_tune":
         return True
-    return bool(parse_optimizer_args(optimizer_args or []).get("full_finetune", False))
+    try:
+        return bool(parse_optimizer_args(optimizer_args or []).get("full_finetune", False))
+    except OptimizerArgsError as e:
+        raise UserError(f"--optimizer_args: {e}") from None
 
 
-def _embedded_defaults():
-    from . import default_model
-
-    return default_model
+def _apply_defaults(args, quick_start: bool) -> None:
+    """kohya's defaults, or the quick start's where the user left a value out."""
+    if quick_start and args.max_train_epochs is None:
+        args.max_train_steps = args.max_train_steps or QUICK_START["max_train_steps"]
+    for name, kohya_default in KOHYA_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK_START[name] if quick_start else kohya_default)
+    if quick_start and args.seed is None:
+        args.seed = QUICK_START["seed"]  # the README's grid is reproducible; kohya draws a random seed
 
 
 def resolve(args, script: str) -> Setup:
+    """Arguments -> Setup: mode, model and dataset paths (the embedded ones when not given), defaults, seed."""
     full = _wants_full_finetune(script, args.optimizer_args)
     cli.validate(args, full)
-    embedded = _embedded_defaults() if (args.pretrained_model_name_or_path is None or args.train_data_dir is None) else None
-    model_path = args.pretrained_model_name_or_path or embedded.ensure_default_model()
-    output_dir = Path(args.output_dir or cli.DEFAULT_OUTPUT_DIR)
-    caption_extension = args.caption_extension
-    if args.train_data_dir is None:
-        cache = embedded.default_cache_dir() / "default_dataset"
-        train_data_dir = embedded.ensure_default_dataset(str(cache))
-        caption_extension = ".txt"  # what the embedded dataset ships; --train_data_dir is yours to caption
-    else:
-        train_data_dir = args.train_data_dir
+    own_model, own_data = args.pretrained_model_name_or_path is not None, args.train_data_dir is not None
+    if not (own_model and own_data):
+        from . import default_model as embedded
+    model_path = args.pretrained_model_name_or_path if own_model else embedded.ensure_default_model()
+    if own_data:
+        train_data_dir, caption_extension = args.train_data_dir, args.caption_extension
+    else:  # the embedded dataset ships .txt captions
+        train_data_dir = embedded.ensure_default_dataset(str(embedded.default_cache_dir() / "default_dataset"))
+        caption_extension = ".txt"
     prompts = []
     if args.sample_prompts:
         prompts = sampling.read_prompt_file(args.sample_prompts)
-    elif args.pretrained_model_name_or_path is None:
+    elif not own_model:
         prompts = [sampling.SamplePrompt(p, steps=embedded.SAMPLE_STEPS, scale=embedded.SAMPLE_GUIDANCE)
                    for p in embedded.SAMPLE_PROMPTS]
-    if args.pretrained_model_name_or_path is None:
+    if not own_model:
         args.resolution = args.resolution or str(embedded.DEFAULT_RESOLUTION)
-        if args.max_train_steps is None and args.max_train_epochs is None and args.train_data_dir is None:
-            args.max_train_steps = QUICK_START_STEPS
+    _apply_defaults(args, quick_start=not (own_model or own_data))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    return Setup(args, full, model_path, args.pretrained_model_name_or_path is None, train_data_dir,
-                 caption_extension, output_dir, args.output_name or cli.DEFAULT_OUTPUT_NAME, seed, prompts)
+    return Setup(args, full, model_path, not own_model, train_data_dir, caption_extension,
+                 Path(args.output_dir or cli.DEFAULT_OUTPUT_DIR), args.output_name or cli.DEFAULT_OUTPUT_NAME,
+                 seed, prompts)
 
 
-def load_pipeline(path: str, v2: bool):
+def load_pipeline(path: str):
     """A local diffusers folder, or a single-file SD 1.x/2.x checkpoint diffusers can read offline."""
     import diffusers
 
@@ -116,7 +129,7 @@ def load_pipeline(path: str, v2: bool):
             raise UserError(f"--pretrained_model_name_or_path {path!r} is a folder without model_index.json "
                             "(expected a diffusers StableDiffusionPipeline folder)")
         cls_name = json.loads(index.read_text()).get("_class_name", "")
-        if "XL" in cls_name or cls_name not in ("StableDiffusionPipeline", ""):
+        if cls_name not in ("StableDiffusionPipeline", ""):
             raise UserError(f"--pretrained_model_name_or_path {path!r} is a {cls_name}; the built-in backend trains "
                             "SD 1.x/2.x (StableDiffusionPipeline) models; use sd-scripts for others")
         return diffusers.StableDiffusionPipeline.from_pretrained(str(p), local_files_only=True, **common)
@@ -127,7 +140,6 @@ def load_pipeline(path: str, v2: bool):
             raise UserError(
                 f"cannot load single-file checkpoint {path!r} offline ({type(e).__name__}: {e}). Convert it to a "
                 "diffusers folder once, or make its config available in the Hugging Face cache"
-                + (" (SD 2.x: --v2)" if v2 else "")
             ) from None
     raise UserError(f"--pretrained_model_name_or_path {path!r} does not exist")
 
@@ -187,7 +199,7 @@ class Model:
         args = setup.args
         self.args, self.full = args, setup.full_finetune
         self.accelerator = accelerator
-        self.pipe = load_pipeline(setup.model_path, args.v2)
+        self.pipe = load_pipeline(setup.model_path)
         pipe = self.pipe
         self.unet, self.text_encoder, self.vae, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
         from diffusers import DDPMScheduler
@@ -217,8 +229,8 @@ class Model:
 
     def _setup_lora(self, device) -> None:
         args = self.args
-        dim = args.network_dim or 4  # kohya's default rank
-        alpha = args.network_alpha if args.network_alpha else dim  # kohya: alpha 0/None means no scaling
+        dim = args.network_dim
+        alpha = args.network_alpha if args.network_alpha else dim  # kohya: alpha 0 means no scaling
         _place(self.unet, device, self.weight_dtype)
         _place(self.text_encoder, device, self.weight_dtype)
         self.train_unet = not args.network_train_text_encoder_only
@@ -443,7 +455,6 @@ def lora_metadata(setup: Setup, model: Model, optimizer_name: str, optimizer_arg
         "ss_training_comment": str(args.training_comment),
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(time.time()),
-        "ss_session_id": str(setup.seed),
         "ss_caption_extension": setup.caption_extension,
         "ss_dataset_dirs": json.dumps({os.path.basename(setup.train_data_dir.rstrip("/")): {"img_count": n_images}}),
     })
@@ -499,6 +510,9 @@ class Run:
 
         self.setup, self.args = setup, setup.args
         args = self.args
+        if args.logging_dir and importlib.util.find_spec("tensorboard") is None:
+            raise UserError("--logging_dir writes TensorBoard logs: pip install tensorboard "
+                            "(or the plugin's [logging] extra)")
         # cpu=True on a machine without an accelerator makes a torchrun / `accelerate launch --multi_gpu` start
         # use torch.distributed over gloo (accelerate's MULTI_CPU) instead of N unrelated single processes
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_accelerator(),
