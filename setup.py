@@ -37,8 +37,10 @@ setup(
     ],
     extras_require={
         "logging": ["tensorboard>=2.14"],
+        "diffusers-lora": ["peft>=0.10"],
         "bench": ["prodigyopt>=1.0", "scikit-learn>=1.3"],
-        "test": ["pytest>=7", "tensorboard>=2.14", "prodigyopt>=1.0", "scikit-learn>=1.3"],
+        # peft: diffusers needs it to load a LoRA (load_lora_weights), which the tests check
+        "test": ["pytest>=7", "tensorboard>=2.14", "prodigyopt>=1.0", "scikit-learn>=1.3", "peft>=0.10"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

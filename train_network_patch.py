@@ -229,7 +229,7 @@ def run_builtin(script: str, argv: list[str]) -> int:
             f"SD_SCRIPTS_DIR (without sd-scripts only {', '.join(BUILTIN_SCRIPTS)} can run, on the built-in trainer)"
         )
     stop_shadowing_kohya_library()
-    return plugin_module("builtin.trainer").main(argv)
+    return plugin_module("builtin.trainer").main(argv, script=name)
 
 
 def print_presets() -> None:

@@ -35,6 +35,10 @@ def test_main_prints_error_and_returns_2(capsys):
     assert main(["--xformers"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--xformers" in err
+    assert main(["--train_batch_size", "many"]) == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "--network_train_unet_only" in capsys.readouterr().out
 
 
 def test_config_file_flattened_and_command_line_wins(tmp_path):

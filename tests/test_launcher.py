@@ -215,3 +215,26 @@ def test_list_and_show_presets(capsys):
     assert launcher.main(["--show_preset", "high_performance"]) == 0
     out = capsys.readouterr().out
     assert "beta1=0.85" in out and 'optimizer_type = "automagic_sinkgd"' in out
+
+
+def test_builtin_backend_is_told_which_script_to_run(monkeypatch):
+    """Without sd-scripts, --script fine_tune must reach the built-in trainer as a full fine-tune."""
+    import train_network_patch as launcher
+
+    calls = []
+
+    class RecordingTrainer:
+        @staticmethod
+        def main(argv, script="train_network"):
+            calls.append((list(argv), script))
+            return 0
+
+    real_plugin_module = launcher.plugin_module
+    monkeypatch.setattr(launcher, "plugin_module",
+                        lambda name: RecordingTrainer if name == "builtin.trainer" else real_plugin_module(name))
+    monkeypatch.setattr(launcher, "stop_shadowing_kohya_library", lambda: None)  # keep this process's imports
+    monkeypatch.delenv("SD_SCRIPTS_DIR", raising=False)
+    for script in ("fine_tune", "train_network"):
+        assert launcher.run(["--backend", "builtin", "--script", script, "--max_train_steps", "1"]) == 0
+    assert [script for _, script in calls] == ["fine_tune", "train_network"]
+    assert all("--max_train_steps" in argv for argv, _ in calls)

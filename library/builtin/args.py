@@ -221,12 +221,14 @@ def _config_namespace(parser: argparse.ArgumentParser, path: str) -> argparse.Na
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """kohya's order: read --config_file into a namespace, then let the command line override it."""
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    namespace = _config_namespace(parser, first.config_file) if first.config_file else None
     try:
+        first, _ = parser.parse_known_args(argv)
+        namespace = _config_namespace(parser, first.config_file) if first.config_file else None
         args, unknown = parser.parse_known_args(argv, namespace=namespace)
-    except SystemExit as e:  # argparse already printed its message (bad value, bad choice)
-        raise UserError("invalid command line (see the message above)") from e
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        raise UserError("invalid command line (argparse's message above says which value)") from None
     _reject_unknown(unknown, "on the command line")
     return args
 

@@ -412,9 +412,9 @@ class Model:
 # ----------------------------------------------------------------------------------------------- metadata
 
 
-def lora_metadata(setup: Setup, model: Model, optimizer_name: str, optimizer_args: str, steps: int, epoch: int,
+def training_metadata(setup: Setup, model: Model, optimizer_name: str, optimizer_args: str, steps: int, epoch: int,
                   n_images: int, batches_per_epoch: int, max_steps: int, started: float) -> dict[str, str]:
-    """kohya-style `ss_*` metadata (all values strings, as safetensors requires)."""
+    """kohya-style `ss_*` metadata (all values strings, as safetensors requires); network keys for LoRA only."""
     args = setup.args
     v2 = bool(args.v2 or getattr(model.pipe.unet.config, "cross_attention_dim", 768) == 1024)
     meta = {} if model.full else {
@@ -672,7 +672,7 @@ class Run:
         return math.ceil(done / steps_per_epoch), done % steps_per_epoch == 0
 
     def metadata(self, steps: int, epoch: int) -> dict[str, str]:
-        return lora_metadata(self.setup, self.model, self.optimizer_name, self.optimizer_args, steps, epoch,
+        return training_metadata(self.setup, self.model, self.optimizer_name, self.optimizer_args, steps, epoch,
                              len(self.examples), self.order.batches_per_epoch, self.max_steps, self.started)
 
     def _save(self, stem: Path, steps: int, epoch: int, with_state: bool) -> None:
@@ -775,6 +775,10 @@ def main(argv: list[str] | None = None, script: str = "train_network") -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except SystemExit as e:  # --help printed the usage
+        if e.code in (0, None):
+            return 0
+        raise
 
 
 if __name__ == "__main__":
