@@ -29,10 +29,18 @@ and ablations of the task's own preset (each technique switched off in turn).
 
 Usage::
 
-    python benchmarks/convergence.py                 # both tasks, full benchmark
-    python benchmarks/convergence.py --task lora --seeds 0 1
-    python benchmarks/convergence.py --quick         # seconds-long smoke run
-    python benchmarks/convergence.py --report-only   # rebuild table + plot from JSON
+    python benchmarks/convergence.py                 # both tasks, every run group, seed 0
+    # what produced benchmarks/results (2 seeds for the comparisons, 1 for the ablations):
+    python benchmarks/convergence.py --runs main tuning --seeds 0 1
+    python benchmarks/convergence.py --runs ablations --seeds 0 --resume
+    python benchmarks/convergence.py --task lora --steps 600 --out DIR   # a longer run
+    python benchmarks/convergence.py --quick         # tiny model, few steps: smoke run
+    python benchmarks/convergence.py --report-only   # rebuild table + plot from the JSON
+
+Run groups (--runs): ``main`` (presets, presets + doc warm-up, AdamW grid, Prodigy),
+``tuning`` (labelled candidate preset changes), ``ablations`` (one technique off at a time,
+plus OrthoGrad off on the doc warm-up variant, where it is active), ``ablations_docwu``
+(every ablation on the doc warm-up variant). Runs are deterministic for a given seed.
 
 Outputs (written atomically) in ``--out`` (default ``benchmarks/results``):
 ``convergence_<task>.json``, ``convergence.md`` (tables), ``convergence.png`` (curves).
@@ -47,6 +55,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -104,6 +113,8 @@ LORA_TARGET_SUFFIXES = (
 # benchmark; the table reports every point).
 # (The LoRA grid was first 3e-4 / 1e-3 / 3e-3; its best point was the edge, so it was moved up.)
 ADAMW_GRID = {"lora": (1e-3, 3e-3, 1e-2), "full": (1e-4, 3e-4, 1e-3)}
+# Points outside the grid, run to show the grid brackets AdamW's optimum (or that it does not).
+ADAMW_EXTRA = {"lora": (3e-4, 3e-2), "full": ()}
 ADAMW_WEIGHT_DECAY = 1e-2  # torch default
 
 # prodigyopt README, section "Diffusion models": safeguard_warmup=True,
@@ -111,9 +122,9 @@ ADAMW_WEIGHT_DECAY = 1e-2  # torch default
 PRODIGY_KWARGS = dict(lr=1.0, betas=(0.9, 0.99), weight_decay=0.01, decouple=True,
                       use_bias_correction=True, safeguard_warmup=True, d_coef=1.0)
 
-# The user document's preset table (SPEC section 3). Used when the shipped presets cannot
+# The user document's preset table. Used when the shipped presets cannot
 # be read (configs/ or library/presets.py missing).
-SPEC_PRESETS = {
+DOCUMENT_PRESETS = {
     "lora": dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, eta=2.0, warmup_steps=500,
                  full_finetune=False, orthograd=True, stats_update_freq=3),
     "full": dict(lr=1e-5, min_lr=5e-7, max_lr=5e-4, d_coef=2, weight_decay=1e-4,
@@ -147,6 +158,8 @@ TUNING = {
         ("lr=1e-4, lr_bump=2e-5", dict(lr=1e-4, lr_bump=2e-5)),
         ("doc 'too slow' recipe: lr_bump=2e-5, d_coef=3, warmup_steps=200",
          dict(lr_bump=2e-5, d_coef=3, warmup_steps=200)),
+        ("max_lr=1e-2", dict(max_lr=1e-2)),
+        ("max_lr=1e-2, lr_bump=5e-5", dict(max_lr=1e-2, lr_bump=5e-5)),
     ),
     "full": (
         ("lr_bump=2e-5", dict(lr_bump=2e-5)),
@@ -379,7 +392,7 @@ def load_presets() -> tuple[dict, str]:
             out[name] = kw
         return out, "configs/*.toml via library.presets"
     except Exception as e:  # presets module not there (yet): use the spec's table
-        return copy.deepcopy(SPEC_PRESETS), f"SPEC preset table (presets module unavailable: {type(e).__name__}: {e})"
+        return copy.deepcopy(DOCUMENT_PRESETS), f"the design document's preset table (presets module unavailable: {type(e).__name__}: {e})"
 
 
 def build_optimizer(spec: dict, params: list[nn.Parameter]):
@@ -484,7 +497,7 @@ def run_specs(task: str, steps: int, presets: dict, what: str) -> list[dict]:
             kw = presets[name]
             specs.append(dict(name=f"Automagic preset {name} + doc warm-up ({wu})", kind="automagic",
                               group="automagic_docwu", preset=name, kwargs=dict(kw, warmup_steps=wu)))
-        for lr in ADAMW_GRID[task]:
+        for lr in sorted(ADAMW_GRID[task] + ADAMW_EXTRA[task]):
             specs.append(dict(name=f"AdamW lr={lr:g}", kind="adamw", group="adamw", lr=lr))
         specs.append(dict(name="Prodigy (diffusion settings)", kind="prodigy", group="prodigy"))
     if what in ("all", "ablations"):
@@ -568,7 +581,7 @@ def run_task(task: str, args, data: Data, base_state: dict) -> dict:
                   preset_source=src, presets=presets, doc_warmup=doc_warmup(args.steps),
                   automagic_impl=AUTOMAGIC_IMPL, automagic_sha256=_impl_hash(),
                   machine=machine_desc(),
-                  command=portable_command(" ".join(["python", Path(sys.argv[0]).as_posix()] + sys.argv[1:])),
+                  command=portable_command(shlex.join(["python", Path(sys.argv[0]).as_posix()] + sys.argv[1:])),
                   started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   lora=dict(rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGET_SUFFIXES),
                   batch_size=BATCH_SIZE, train_images=len(data.ft_y), val_samples=len(data.val_y),
@@ -692,7 +705,7 @@ def render_plot(results: dict, path: Path) -> None:
         res = results[task]
         x = res["eval_steps"]
         for i, groups in enumerate((("automagic", "automagic_docwu", "adamw", "prodigy"),
-                                    ("ablation", "ablation_docwu", "automagic"))):
+                                    ("ablation", "ablation_docwu", "tuning", "automagic"))):
             ax = axes[i][j]
             for r in res["runs"]:
                 if r["group"] not in groups:
@@ -700,10 +713,10 @@ def render_plot(results: dict, path: Path) -> None:
                 if i == 1 and r["group"] == "automagic" and r.get("preset") != PRESET_FOR_TASK[task]:
                     continue
                 style = {"automagic": "-", "automagic_docwu": "--", "adamw": ":", "prodigy": "-.",
-                         "ablation": "-", "ablation_docwu": "--"}[r["group"]]
+                         "ablation": "-", "ablation_docwu": "--", "tuning": "-."}[r["group"]]
                 lw = 2.5 if (r["group"] == "automagic" and r.get("preset") == PRESET_FOR_TASK[task]) else 1.2
                 ax.plot(x[1:], r["mean_losses"][1:], style, lw=lw, label=r["name"], marker="o", ms=3)
-            ax.set_title(f"{task}: {'optimizers' if i == 0 else 'ablations'}")
+            ax.set_title(f"{task}: {'optimizers' if i == 0 else 'ablations and candidate preset changes'}")
             ax.set_xlabel("step")
             ax.set_ylabel("held-out denoising MSE")
             ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""Presets: the shipped values (SPEC §3), validation of preset files, kohya config reading, merging."""
+"""Presets: the shipped values (the design document's preset table), validation of preset files, kohya config reading, merging."""
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from library.presets import (
 
 torch.set_num_threads(1)
 
-# SPEC §3, written out independently of configs/*.toml
+# The design document's preset table, written out independently of configs/*.toml
 SPEC = {
     "lora": (5e-5, dict(min_lr=1e-6, max_lr=1e-3, eta=2.0, warmup_steps=500, full_finetune=False, orthograd=True,
                         stats_update_freq=3)),
