@@ -7,12 +7,14 @@ kohya sd-scripts: into its ``library/`` folder, then
 Layout, in the spirit of ``torch/optim/adamw.py``:
   * one small pure function per technique (each cites its paper), all working on a stack of
     same-shape tensors with a leading batch dimension B, so the per-tensor path is just B == 1;
-  * ``_step_bucket`` composes them for one bucket of same-shape tensors;
+  * ``_bucket_math`` composes them for one bucket of same-shape tensors (steps 2-9), and
+    ``_step_bucket`` gathers the bucket's stacks around it (state lives in one buffer per
+    bucket, so the stacks cost nothing after the first step);
   * the ``Automagic_Sinkgd`` class: validation, state, buckets, resume, logging helpers.
 
 No host synchronisation happens in ``step()``: phases are decided from per-tensor step counters
-kept as Python ints in the state (saved with it), every data-dependent decision is a
-``torch.where`` on the device.
+kept as Python ints in the state (saved with it), and every data-dependent choice is tensor
+arithmetic on the device.
 """
 
 from __future__ import annotations
