@@ -274,6 +274,20 @@ class _Phase:
         return (self.first, self.warmup, self.early, self.orthograd, self.post)
 
 
+def _zero_non_finite(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero the whole gradient of every stacked tensor that holds a NaN/Inf, decided on the device.
+
+    Returns (gradient, finite (B,) bool, per-tensor sum of |g|). Multiplying each per-tensor rate
+    by ``finite`` afterwards makes every state and weight update of a skipped tensor an exact no-op.
+    ``in_place`` only when ``grad`` is a stacked copy, never a view of the caller's .grad.
+    """
+    abs_grad_sum = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), ord=1, dim=1)
+    finite = torch.isfinite(abs_grad_sum)
+    skipped = _per_tensor(~finite, grad)
+    grad = grad.masked_fill_(skipped, 0.0) if in_place else grad.masked_fill(skipped, 0.0)
+    return grad, finite, abs_grad_sum
+
+
 def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optional[Tensor],
                  weight: Tensor, initial_weight: Optional[Tensor], avg_lr: Tensor, avg_lr_max: Tensor,
                  row_scaling: Optional[Tensor], lr_decay: Optional[Tensor], decay_rate: Optional[Tensor],
@@ -287,14 +301,9 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
     ``grad`` may be overwritten when ``grad_is_copy``, never when it views the caller's .grad."""
     batch = grad.shape[0]
-    abs_grad_sum = torch.linalg.vector_norm(grad.reshape(batch, -1), ord=1, dim=1)
-    # A tensor whose gradient holds NaN/Inf is skipped: its gradient is zeroed and every
-    # per-tensor rate below multiplied by 0, so each state and weight update is an exact no-op,
-    # decided on the device without a host sync.
-    finite = torch.isfinite(abs_grad_sum)
+    grad, finite, abs_grad_sum = _zero_non_finite(grad, in_place=grad_is_copy)
     finite_f = finite.to(exp_avg.dtype)
     skipped = _per_tensor(~finite, grad)
-    grad = grad.masked_fill_(skipped, 0.0) if grad_is_copy else grad.masked_fill(skipped, 0.0)
 
     # 2. direction, from the momentum before this step (ADOPT's ordering).
     update = grams_direction(grad, exp_avg, is_matrix) if grams else exp_avg.clone()
@@ -370,10 +379,10 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         return _stacked_state(states, key, shape if own_shape == tuple(params[0].shape) else own_shape)
 
     grad = _gather(grads, shape, state_dtype)
+    grad_is_copy = grad.data_ptr() != grads[0].data_ptr()
     if phase.first:
         # ADOPT (Taniguchi et al. 2024, arXiv 2411.02853): the first step only initialises state.
-        finite = torch.isfinite(torch.linalg.vector_norm(grad.reshape(len(grads), -1), ord=1, dim=1))
-        grad = torch.where(_per_tensor(finite, grad), grad, 0.0)
+        grad, _, _ = _zero_non_finite(grad, in_place=grad_is_copy)
         state("exp_avg").copy_(grad).mul_(1 - group["beta1"])
         if phase.warmup:
             state("polarity").copy_(grad > 0)
@@ -387,7 +396,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["min_lr"], max_lr=group["max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        grad_is_copy=grad.data_ptr() != grads[0].data_ptr())
+        grad_is_copy=grad_is_copy)
     if params[0].dtype == state_dtype:
         _scatter(new_weight, params)  # nothing to do when it was a view of the parameter
     else:
