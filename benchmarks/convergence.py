@@ -58,7 +58,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +68,8 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+
+from library.builtin.atomic import atomic_write  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # configuration
@@ -178,17 +179,7 @@ def doc_warmup(total_steps: int) -> int:
 # --------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -320,13 +311,8 @@ def get_base_state(data: Data, cache_dir: Path, quick: bool) -> dict:
             log(f"  pretrain step {s + 1}: train loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     # fp16 storage keeps the cached file small (< 2 MB); the benchmark loads it as fp32.
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    save_file(sd, tmp, metadata={"what": "convergence benchmark base U-Net (classes 0-6)",
-                                 "pretrain": json.dumps(pc)})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={
+        "what": "convergence benchmark base U-Net (classes 0-6)", "pretrain": json.dumps(pc)}))
     return {k: v.float() for k, v in sd.items()}
 
 
@@ -723,12 +709,8 @@ def render_plot(results: dict, path: Path) -> None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6.5, loc="upper right")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=str(path.parent))
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def merge_results(out: Path, sources: list[Path], quick: bool) -> None:

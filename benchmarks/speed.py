@@ -22,11 +22,13 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from library.automagic_sinkgd import Automagic_Sinkgd  # noqa: E402
+from library.builtin.atomic import atomic_write  # noqa: E402
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -165,10 +167,8 @@ def main(argv=None) -> int:
             print(f"| {r['optimizer']} | {r['ms']:.1f} | {r['vs_foreach']:.2f} | {r['vs_fused']:.2f} | "
                   f"{r['state_bytes_per_param']:.1f} | {r['transient_mb']:.1f} |")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(machine=machine, sets=infos, rows=all_rows), f, indent=1)
-        os.replace(tmp, args.json)
+        report = json.dumps(dict(machine=machine, sets=infos, rows=all_rows), indent=1)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(report))
     return 0
 
 
