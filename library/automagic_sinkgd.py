@@ -20,6 +20,7 @@ arithmetic on the device.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "sinkgd_normalize",
     "prodigy_signal",
     "prodigy_bumps",
+    "sign_flips_",
     "automagic_mask_update_",
     "vradam_brake",
     "allora_row_scaling",
@@ -41,10 +43,13 @@ __all__ = [
     "stochastic_round_",
 ]
 
-# Smallest chunk for stacking same-shape tensors (elements): enough to amortise kernel launches
-# over many small LoRA matrices. Chunks are otherwise capped at the largest tensor's size, so a
-# step's temporaries stay a few times the largest tensor however many tensors there are.
+# Elements per chunk when stacking same-shape tensors: the largest tensor's size, so a step's
+# temporaries stay a few times the largest tensor however many tensors there are, but at least
+# enough to amortise kernel launches over many small LoRA matrices, and at most 4 MB of float32:
+# beyond that a launch costs nothing next to the work, while bigger temporaries are not reused
+# by the C allocator (glibc maps allocations above 32 MB fresh, paying a page fault per 4 KB).
 _MIN_CHUNK_NUMEL = 1 << 16
+_MAX_CHUNK_NUMEL = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +59,10 @@ _MIN_CHUNK_NUMEL = 1 << 16
 
 def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
     """<a_i, b_i> for each of the B stacked tensors, as a (B,) tensor."""
-    # A (B,1,N) @ (B,N,1) bmm would avoid the temporary but is ~10x slower on CPU.
-    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+    if a.shape[0] == 1:  # BLAS dot: one read of each, no temporary (a lone tensor can be large)
+        return torch.dot(a.reshape(-1), b.reshape(-1)).view(1)
+    # A (B,1,N) @ (B,N,1) bmm is ~20x slower on CPU than vecdot's multiply-and-sum.
+    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
 def _batched_sq_norm(a: Tensor) -> Tensor:
@@ -82,42 +89,50 @@ def grams_direction(grad: Tensor, exp_avg: Tensor, is_matrix: bool) -> Tensor:
     return exp_avg.abs() * grad.sign()
 
 
-def orthograd(update: Tensor, weight: Tensor) -> Tensor:
+def orthograd(update: Tensor, weight: Tensor, keep_norm: bool = True) -> Tensor:
     """OrthoGrad (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697).
 
-    Removes from each update its component along the weights, then restores the update's norm.
+    Removes from each update its component along the weights (in place), then restores the
+    update's norm unless ``keep_norm`` is False (a caller that rescales each tensor anyway).
     """
     weight = weight.to(update.dtype)
     tiny = torch.finfo(update.dtype).tiny
+    norm_before = _batched_sq_norm(update).sqrt() if keep_norm else None
     projection = _batched_dot(update, weight) / _batched_sq_norm(weight).clamp_min(tiny)
-    orthogonal = update - _per_tensor(projection, update) * weight
-    norm_before = _batched_sq_norm(update).sqrt()
+    orthogonal = update.addcmul_(weight, _per_tensor(projection, update), value=-1.0)
+    if not keep_norm:
+        return orthogonal
     norm_after = _batched_sq_norm(orthogonal).sqrt()
     rescale = torch.where(norm_after > 0, norm_before / norm_after.clamp_min(tiny), 0.0)
     return orthogonal.mul_(_per_tensor(rescale, orthogonal))
 
 
-def sinkgd_scalings(update: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+def sinkgd_scalings(update: Tensor, iters: int, scratch: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """SinkGD (Scetbon et al. 2025, "Gradient Multi-Normalization", arXiv 2502.06742).
 
     Alternately rescaling rows to L2 norm sqrt(cols) and columns to sqrt(rows) ``iters`` times
     equals diag(r) @ U @ diag(c) for two vectors found by Sinkhorn's iteration on U**2. Working on
     the squares turns 4 * iters passes that rewrite U into 2 * iters batched mat-vecs that only
     read U**2, and lets the caller fold r and c into the final update. Returns r (B, rows, 1) and
-    c (B, 1, cols); a row or column that is all zero keeps scale 0 instead of 0/0.
+    c (B, 1, cols). An all-zero row or column gets a huge but finite scale (its norm is floored
+    at the dtype's tiny), so it stays exactly zero in the product instead of turning into 0/0.
+    ``scratch``, a tensor shaped like ``update`` whose values are no longer needed, holds U**2.
     """
     batch, rows, cols = update.shape
     if iters <= 0:
         ones = update.new_ones(())
         return ones.expand(batch, rows, 1), ones.expand(batch, 1, cols)
-    squares = update.square()
-    col_sq = update.new_ones(batch, cols, 1)  # c**2, as a column for bmm
-    for _ in range(iters):
-        row_norm_sq = torch.bmm(squares, col_sq)  # (B, rows, 1): ||row_i of U diag(c)||^2
-        row_sq = torch.where(row_norm_sq > 0, cols / row_norm_sq, 0.0)
-        col_norm_sq = torch.bmm(row_sq.transpose(1, 2), squares)  # (B, 1, cols)
-        col_sq = torch.where(col_norm_sq > 0, rows / col_norm_sq, 0.0).transpose(1, 2)
-    return row_sq.sqrt(), col_sq.transpose(1, 2).sqrt()
+    tiny = torch.finfo(update.dtype).tiny
+    squares = torch.square(update, out=scratch.view_as(update)) if scratch is not None else update.square()
+    # Iterate with unit target norms (1 / norm**2, two in-place kernels per half-step); every
+    # half-step then differs from the exact one by a scalar, and the last column pass pins it:
+    # columns come out with norm 1 where SinkGD wants sqrt(rows).
+    row_sq = squares.sum(dim=2, keepdim=True).clamp_min_(tiny).reciprocal_()  # c = 1 on the first pass
+    for iteration in range(iters):
+        if iteration:
+            row_sq = torch.bmm(squares, col_sq.transpose(1, 2)).clamp_min_(tiny).reciprocal_()
+        col_sq = torch.bmm(row_sq.transpose(1, 2), squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
+    return row_sq.sqrt_().mul_(math.sqrt(rows)), col_sq.sqrt_()
 
 
 def sinkgd_normalize(update: Tensor, iters: int) -> Tensor:
@@ -132,8 +147,7 @@ def prodigy_signal(grad: Tensor, weight: Tensor, initial_weight: Tensor) -> Tens
     Positive when the gradient still points back past the starting weights, i.e. the distance
     travelled is an underestimate and the learning rate may grow faster.
     """
-    product = torch.sub(initial_weight.to(grad.dtype), weight.to(grad.dtype)).mul_(grad)
-    return product.reshape(grad.shape[0], -1).sum(dim=1)
+    return _batched_dot(grad, torch.sub(initial_weight.to(grad.dtype), weight.to(grad.dtype)))
 
 
 def prodigy_bumps(lr_bump: float, d_coef: float, signal: Optional[Tensor], batch: int,
@@ -150,15 +164,31 @@ def prodigy_bumps(lr_bump: float, d_coef: float, signal: Optional[Tensor], batch
     return up, down
 
 
-def automagic_mask_update_(lr_mask: Tensor, grad_positive: Tensor, polarity: Tensor, up: Tensor,
-                           down: Tensor, min_lr: float, max_lr: float) -> Tensor:
+def sign_flips_(grad: Tensor, polarity: Tensor, keep: Tensor) -> Tensor:
+    """Which elements' gradient changed sign since last step, as 1.0 / 0.0, and the new signs
+    written into ``polarity`` (bool, "g > 0") for the stacked tensors where ``keep`` (B,) is true.
+
+    Float-to-bool kernels (``grad > 0``) and bool-to-float promotion are several times slower on
+    CPU than plain float, int8 and byte arithmetic, so the comparison is done in those: sign(g)
+    as int8, clamped at 0, is exactly 1 where g > 0 and 0 elsewhere, bytes that are valid bools.
+    """
+    signs = torch.sign(grad)
+    positive = signs.to(torch.int8).clamp_(min=0).view(torch.uint8)
+    old = polarity.view(torch.uint8)
+    flips = positive.bitwise_xor_(old).bitwise_and_(_per_tensor(keep, positive).view(torch.uint8))
+    old.bitwise_xor_(flips)  # a skipped tensor (keep false) has no flips, so keeps its signs
+    return signs.copy_(flips)  # as 1.0 / 0.0, reusing the float buffer
+
+
+def automagic_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Tensor,
+                           min_lr: float, max_lr: float) -> Tensor:
     """Automagic per-element learning rate (in place): raise an element's lr by ``up`` while its
-    gradient keeps the sign it had last step, lower it by ``down`` when the sign flips, clamp
-    to [min_lr, max_lr]. ``up``/``down`` are (B,) so each tensor moves by its own amount."""
-    agree = grad_positive == polarity
-    # mask - down + agree * (up + down): a broadcast torch.where here is ~4x slower on CPU.
-    lr_mask.sub_(_per_tensor(down, lr_mask)).addcmul_(agree, _per_tensor(up + down, lr_mask))
-    return lr_mask.clamp_(min_lr, max_lr)
+    gradient keeps the sign it had last step (flips 0), lower it by ``down`` when the sign flips
+    (flips 1), clamp to [min_lr, max_lr]. ``up``/``down`` are (B,) so each tensor moves by its own
+    amount."""
+    up, down = _per_tensor(up, lr_mask), _per_tensor(down, lr_mask)
+    # mask + up - flips * (up + down): in place, three passes and no temporary.
+    return lr_mask.add_(up).addcmul_(flips, up + down, value=-1.0).clamp_(min_lr, max_lr)
 
 
 def vradam_brake(exp_avg: Tensor) -> Tensor:
@@ -215,9 +245,22 @@ def stochastic_round_(target: Tensor, value: Tensor, generator: torch.Generator)
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_matrix_view(tensor: Tensor) -> Tensor:
+def _matrix_shape(shape: torch.Size) -> tuple[int, ...]:
     """Matrices and conv kernels are treated as (out_channels, -1); vectors and scalars as (n,)."""
-    return tensor.reshape(tensor.shape[0], -1) if tensor.ndim >= 2 else tensor.reshape(-1)
+    numel = math.prod(shape)
+    return (shape[0], numel // shape[0] if shape[0] else 0) if len(shape) >= 2 else (numel,)
+
+
+def _as_matrix_view(tensor: Tensor) -> Tensor:
+    return tensor.reshape(_matrix_shape(tensor.shape))
+
+
+def _same_shape(tensors: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
+    """The tensors as they are when they share a shape (a linear layer's weights), else each
+    viewed as ``shape`` (a bucket may mix a (out, in) linear with an (out, in, 1, 1) conv)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return tensors
+    return [t.reshape(shape) for t in tensors]
 
 
 def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -225,29 +268,36 @@ def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch
     if len(tensors) == 1:
         stacked = tensors[0].reshape((1,) + shape)  # a view unless the tensor is not contiguous
     else:
-        stacked = torch.stack([t.reshape(shape) for t in tensors])
+        stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
     return stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
 
 
-def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...]) -> Tensor:
+def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: dict) -> Tensor:
     """The (B, *shape) stack of one state entry, updated in place by the step.
 
     The first time a bucket is seen its state tensors are copied into one buffer and the state
-    is pointed at views of it; from then on the stack is free (no copy in, no copy out). After a
-    resume, or when a bucket changes members, the views no longer line up and it is redone once.
+    is pointed at views of it; from then on the stack is free (no copy in, no copy out). ``cache``
+    remembers the views it handed out, so later steps only check that the state still holds
+    those very tensors. After a resume, or when a bucket changes members, the views no longer
+    line up and the stack is rebuilt once.
     """
     tensors = [s[key] for s in states]
     if len(tensors) == 1:
         return tensors[0].reshape((1,) + shape)
+    known = cache.get(key)
+    if known is not None and all(map(operator.is_, tensors, known[0])):
+        return known[1]
     base = tensors[0]._base
     numel = tensors[0].numel()
     if (base is not None and base.is_contiguous() and base.numel() == numel * len(tensors)
             and all(t._base is base and t.storage_offset() - base.storage_offset() == i * numel
                     for i, t in enumerate(tensors))):
-        return base.view((len(tensors),) + shape)
-    stacked = torch.stack([t.reshape(shape) for t in tensors])
-    for state, view, old in zip(states, stacked.unbind(0), tensors):
-        state[key] = view.view(old.shape)
+        stacked = base.view((len(tensors),) + shape)
+    else:
+        stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
+        for state, view, old in zip(states, stacked.unbind(0), tensors):
+            state[key] = view.view(old.shape)
+    cache[key] = ([s[key] for s in states], stacked)
     return stacked
 
 
@@ -255,7 +305,10 @@ def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
     """Write a stack back into its tensors, unless it is a view of them already."""
     if len(tensors) == 1 and stacked.data_ptr() == tensors[0].data_ptr() and stacked.dtype == tensors[0].dtype:
         return
-    torch._foreach_copy_(tensors, [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)])
+    if all(t.shape == tensors[0].shape for t in tensors):
+        torch._foreach_copy_(tensors, list(stacked.reshape((len(tensors),) + tensors[0].shape).unbind(0)))
+    else:
+        torch._foreach_copy_(tensors, [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)])
 
 
 class _Phase:
@@ -274,18 +327,19 @@ class _Phase:
         return (self.first, self.warmup, self.early, self.orthograd, self.post)
 
 
-def _zero_non_finite(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Zero the whole gradient of every stacked tensor that holds a NaN/Inf, decided on the device.
+def _finite_or_zeroed(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
+    """The gradient with NaN/Inf elements set to 0, and which stacked tensors were all finite (B,).
 
-    Returns (gradient, finite (B,) bool, per-tensor sum of |g|). Multiplying each per-tensor rate
-    by ``finite`` afterwards makes every state and weight update of a skipped tensor an exact no-op.
-    ``in_place`` only when ``grad`` is a stacked copy, never a view of the caller's .grad.
+    A tensor that held a NaN/Inf is skipped by multiplying each of its per-tensor rates by
+    ``finite`` (so its weights and state updates are exact no-ops); its other elements stay, and
+    only need to be finite. The test sums each tensor (NaN and Inf survive a sum; a finite sum
+    would have to overflow float32, |g| ~ 1e34, to be flagged) instead of a float-to-bool isfinite
+    over every element, which is an order of magnitude slower on CPU. ``in_place`` only when
+    ``grad`` is a stacked copy, never a view of the caller's .grad.
     """
-    abs_grad_sum = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), ord=1, dim=1)
-    finite = torch.isfinite(abs_grad_sum)
-    skipped = _per_tensor(~finite, grad)
-    grad = grad.masked_fill_(skipped, 0.0) if in_place else grad.masked_fill(skipped, 0.0)
-    return grad, finite, abs_grad_sum
+    finite = torch.isfinite(grad.reshape(grad.shape[0], -1).sum(dim=1))
+    clean = torch.nan_to_num_ if in_place else torch.nan_to_num
+    return clean(grad, nan=0.0, posinf=0.0, neginf=0.0), finite
 
 
 def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optional[Tensor],
@@ -301,14 +355,17 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
     ``grad`` may be overwritten when ``grad_is_copy``, never when it views the caller's .grad."""
     batch = grad.shape[0]
-    grad, finite, abs_grad_sum = _zero_non_finite(grad, in_place=grad_is_copy)
+    # From here on ``grad`` is this step's own buffer (a stacked copy, or the cleaned copy of a
+    # lone tensor's .grad), so it can be overwritten once its values are no longer needed.
+    grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy)
     finite_f = finite.to(exp_avg.dtype)
-    skipped = _per_tensor(~finite, grad)
 
     # 2. direction, from the momentum before this step (ADOPT's ordering).
     update = grams_direction(grad, exp_avg, is_matrix) if grams else exp_avg.clone()
     if use_orthograd:
-        update = orthograd(update, weight)
+        # SinkGD rescales every row and column afterwards, so OrthoGrad's norm restore (a
+        # per-tensor scalar) would be undone; it is only computed when SinkGD is off.
+        update = orthograd(update, weight, keep_norm=sinkgd_iters <= 0)
 
     # 3. momentum; a skipped tensor gets weight 0 and keeps its exp_avg bit for bit.
     exp_avg.lerp_(grad, _per_tensor((1 - beta1) * finite_f, grad))
@@ -320,15 +377,19 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         if early and d_coef != 1 and initial_weight is not None:
             signal = prodigy_signal(grad, weight, initial_weight)
         up, down = prodigy_bumps(lr_bump, d_coef, signal, batch, lr_mask)
-        grad_positive = grad > 0
-        automagic_mask_update_(lr_mask, grad_positive, polarity, up * finite_f, down * finite_f,
-                               min_lr, max_lr)
-        # A skipped tensor keeps its polarity: its zeroed gradient left grad_positive all False,
-        # so OR the old bits back in (on uint8 views: a broadcast bool op is ~3x slower).
-        grad_positive.view(torch.uint8).bitwise_or_(polarity.view(torch.uint8) & skipped.view(torch.uint8))
-        polarity.copy_(grad_positive)
+        flips = sign_flips_(grad, polarity, keep=finite)
+        automagic_mask_update_(lr_mask, flips, up * finite_f, down * finite_f, min_lr, max_lr)
+        del flips
         avg_lr.copy_(lr_mask.reshape(batch, -1).mean(dim=1))
         avg_lr_max.copy_(torch.maximum(avg_lr_max, avg_lr))
+
+    # 8 (its statistics). The gradient's signs are used up: take |g| in place.
+    decay_theta = None
+    if early and weight_decay > 0:
+        decay_theta = 1.0  # neutral, until the fused path has gathered a first set of statistics
+        if group_mean is not None:
+            abs_grad_mean = grad.abs_().reshape(batch, -1).mean(dim=1)
+            decay_theta = gradient_scaled_decay(abs_grad_mean, group_mean, group_std)
 
     # 6. after warm-up: frozen mask, linear decay capped by an outside scheduler.
     rate = finite_f
@@ -341,7 +402,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         rate = rate * brake
     row_scaling = row_scaling.unsqueeze(-1) if row_scaling is not None else None  # (B, rows, 1)
     if is_matrix:
-        row_scale, col_scale = sinkgd_scalings(update, sinkgd_iters)
+        row_scale, col_scale = sinkgd_scalings(update, sinkgd_iters, scratch=grad)
         row_factor = row_scale * _per_tensor(rate, row_scale)
         if row_scaling is not None:
             row_factor = row_factor * row_scaling
@@ -350,14 +411,10 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         update.mul_(_per_tensor(rate, update))
 
     # 8. gradient-aware decoupled weight decay, first half of warm-up only.
-    if early and weight_decay > 0:
-        theta = 1.0  # neutral, until the fused path has gathered a first set of statistics
-        if group_mean is not None:
-            theta = gradient_scaled_decay(abs_grad_sum / grad[0].numel(), group_mean, group_std)
+    if decay_theta is not None:
         mean_row_scaling = row_scaling.mean(dim=(1, 2)) if row_scaling is not None else 1.0
-        decay = avg_lr * mean_row_scaling * (brake if brake is not None else 1.0) * theta * weight_decay
-        decay = torch.where(finite, decay, 0.0)  # theta of a NaN gradient is NaN; 0 * NaN is too
-        weight.mul_(_per_tensor(1.0 - decay, weight))
+        decay = avg_lr * mean_row_scaling * (brake if brake is not None else 1.0) * decay_theta * weight_decay
+        weight.mul_(_per_tensor(1.0 - decay * finite_f, weight))
 
     # 9. w = w - mask * update.
     return weight.addcmul_(update, lr_mask, value=-1.0)
@@ -365,24 +422,28 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
-                 generator_for: Callable[[Tensor, int], torch.Generator], seed: int) -> None:
+                 generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
+                 stack_cache: dict) -> None:
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
-    bf16/fp16 weights, whose update is computed in float32)."""
-    shape = tuple(_as_matrix_view(params[0]).shape)
+    bf16/fp16 weights, whose update is computed in float32). ``stack_cache`` belongs to this
+    bucket (see ``_stacked_state``)."""
+    shape = _matrix_shape(params[0].shape)
     state_dtype = states[0]["exp_avg"].dtype
 
     def state(key: str) -> Optional[Tensor]:
         """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA."""
         if key not in states[0]:
             return None
-        own_shape = tuple(states[0][key].shape)
-        return _stacked_state(states, key, shape if own_shape == tuple(params[0].shape) else own_shape)
+        own_shape = states[0][key].shape
+        return _stacked_state(states, key, shape if own_shape == params[0].shape else tuple(own_shape),
+                              stack_cache)
 
     grad = _gather(grads, shape, state_dtype)
     grad_is_copy = grad.data_ptr() != grads[0].data_ptr()
     if phase.first:
         # ADOPT (Taniguchi et al. 2024, arXiv 2411.02853): the first step only initialises state.
-        grad, _, _ = _zero_non_finite(grad, in_place=grad_is_copy)
+        grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy)
+        grad = grad * _per_tensor(finite, grad)  # a skipped tensor starts from zero state
         state("exp_avg").copy_(grad).mul_(1 - group["beta1"])
         if phase.warmup:
             state("polarity").copy_(grad > 0)
@@ -457,6 +518,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._fused_gather: dict[int, list] = {}
         self._positions: dict[int, tuple[int, int]] = {}
         self._chunk_numel: Optional[int] = None
+        self._stack_caches: dict[tuple, dict] = {}  # per bucket chunk, see _stacked_state
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -532,16 +594,19 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                                                       group["eta"]).squeeze(0).to(state_dtype)
         return state
 
-    @staticmethod
-    def _advance_phase(state: dict, group: dict) -> int:
+    def _advance_phase(self, state: dict, group: dict) -> int:
         """Advance the tensor's own step counter; free state its next phases no longer need."""
         state["step"] += 1
         t = state["step"]
         warmup = group["warmup_steps"]
+        freed = False
         if t >= warmup / 2:
-            state.pop("initial_weight", None)
+            freed = state.pop("initial_weight", None) is not None
         if t >= warmup:
-            state.pop("polarity", None)
+            freed |= state.pop("polarity", None) is not None
+        if freed:
+            self._stack_caches.clear()  # they would keep the freed buffers alive
+        if t >= warmup:
             if "lr_decay" not in state:
                 # Linear decay over another warmup_steps, slower if the mask ended below its peak.
                 state["decay_rate"] = state["avg_lr"] / state["avg_lr_max"] / warmup
@@ -639,7 +704,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 is_matrix = p.ndim >= 2
                 phase = _Phase(t, group["warmup_steps"], group["orthograd"], is_matrix)
                 needs_stats |= phase.early and group["weight_decay"] > 0
-                key = (tuple(_as_matrix_view(p).shape), p.dtype, p.device, phase.key(),
+                key = (_matrix_shape(p.shape), p.dtype, p.device, phase.key(),
                        "row_scaling" in state, "initial_weight" in state, "polarity" in state)
                 buckets.setdefault(key, []).append((index, p, grad, state, phase, is_matrix))
             if needs_stats and (self._stats_due(group) or "grad_abs_mean" not in group):
@@ -658,7 +723,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 yield [member]
             return
         if self._chunk_numel is None:
-            self._chunk_numel = max([_MIN_CHUNK_NUMEL] + [p.numel() for g in self.param_groups for p in g["params"]])
+            largest = max([0] + [p.numel() for g in self.param_groups for p in g["params"]])
+            self._chunk_numel = min(max(largest, _MIN_CHUNK_NUMEL), _MAX_CHUNK_NUMEL)
         numel = members[0][1].numel()
         per_chunk = max(1, self._chunk_numel // max(numel, 1))
         for start in range(0, len(members), per_chunk):
@@ -669,7 +735,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         _step_bucket(params=[m[1] for m in chunk], grads=[m[2] for m in chunk], states=[m[3] for m in chunk],
                      group=settings, phase=phase, is_matrix=is_matrix,
                      group_stats=stats, generator_for=self._generator_for,
-                     seed=self._rounding_seed(group_index, index, state["step"]))
+                     seed=self._rounding_seed(group_index, index, state["step"]),
+                     stack_cache=self._stack_caches.setdefault((id(chunk[0][1]), len(chunk)), {}))
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
@@ -761,3 +828,4 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 if key in group and device is not None:
                     group[key] = group[key].to(device)
         self._fused_gather.clear()
+        self._stack_caches.clear()

@@ -18,6 +18,7 @@ from library.automagic_sinkgd import (
     post_warmup_decay,
     prodigy_bumps,
     prodigy_signal,
+    sign_flips_,
     sinkgd_normalize,
     stochastic_round_,
     vradam_brake,
@@ -74,11 +75,25 @@ def test_grams_sign_rules():
 
 def test_mask_bumps_up_on_agreement_down_on_flip_and_clamps():
     mask = torch.tensor([[1e-4, 1e-4, 9.95e-4, 2e-6]])
-    grad_positive = torch.tensor([[True, False, True, False]])
-    polarity = torch.tensor([[True, True, True, True]])
+    flips = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
     up, down = torch.tensor([1e-5]), torch.tensor([3e-5])
-    automagic_mask_update_(mask, grad_positive, polarity, up, down, 1e-6, 1e-3)
+    automagic_mask_update_(mask, flips, up, down, 1e-6, 1e-3)
     torch.testing.assert_close(mask, torch.tensor([[1.1e-4, 0.7e-4, 1e-3, 1e-6]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sign_flips_compare_g_greater_than_zero_with_last_polarity(dtype):
+    # zeros count as "not positive" (a zero-initialised lora_up gives lora_down exact zero grads)
+    grad = torch.tensor([[[1.0, -2.0, 0.0, -0.0, 3e-45, -1.0]], [[1.0, -2.0, 0.0, -0.0, 5.0, -1.0]]], dtype=dtype)
+    polarity = torch.tensor([[[True, True, True, False, False, False]]] * 2)
+    keep = torch.tensor([True, False])
+    flips = sign_flips_(grad, polarity, keep)
+    expected_positive = grad[0] > 0
+    assert flips.dtype == dtype
+    assert torch.equal(flips[0], (expected_positive != torch.tensor([[True, True, True, False, False, False]])).to(dtype))
+    assert torch.equal(polarity[0], expected_positive)
+    assert torch.equal(flips[1], torch.zeros_like(flips[1]))  # a skipped tensor: no flips,
+    assert torch.equal(polarity[1], torch.tensor([[True, True, True, False, False, False]]))  # signs kept
 
 
 def test_prodigy_bumps_follow_the_signal():
@@ -189,7 +204,8 @@ def test_step_matches_the_specification(config, foreach):
 
 
 def test_batched_and_per_tensor_paths_agree():
-    shapes = [(16, 32)] * 5 + [(32, 16)] * 4 + [(8, 3, 3, 3)] * 3 + [(32,)] * 3
+    # (16, 32, 1, 1) convs share a bucket with the (16, 32) linears: LoRA's proj_in/out do that
+    shapes = [(16, 32)] * 3 + [(16, 32, 1, 1)] * 2 + [(16, 32)] * 2 + [(32, 16)] * 4 + [(8, 3, 3, 3)] * 3 + [(32,)] * 3
     def run(foreach):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
@@ -414,6 +430,35 @@ def test_step_has_no_host_syncs(fused):
                     optimizer.step_param(p, optimizer.param_groups[0])
             else:
                 optimizer.step()
+
+
+def test_a_lone_tensor_is_updated_in_place_and_a_stack_keeps_its_state_buffers():
+    """Copies cost a full pass over memory each: a tensor alone in its bucket (most tensors of a
+    full fine-tune) is stepped through views, and a stack's state is gathered only once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # each takes a list of tensors first; stacks of per-tensor scalars (statistics) are free
+            if (func.overloadpacket in (torch.ops.aten.stack, torch.ops.aten.cat, torch.ops.aten._foreach_copy_)
+                    and args[0][0].ndim > 0):
+                self.copies.append(tuple(args[0][0].shape))
+            return func(*args, **(kwargs or {}))
+
+    lone = torch.nn.Parameter(torch.randn(64, 48))
+    stacked = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(3)]
+    optimizer = Automagic_Sinkgd([lone] + stacked, lr=1e-4, warmup_steps=6, orthograd=True)
+    for step in range(10):  # every phase
+        _synthetic_grads([lone] + stacked, step)
+        with CountCopies() as counter:
+            optimizer.step()
+        if step >= 2:  # past the first step and the one that builds the stacks' state buffers
+            # only the stack of three: its gradients and weights in, its weights out
+            assert sorted(counter.copies) == [(8, 16)] * 3, counter.copies
 
 
 def test_non_finite_gradient_leaves_that_tensor_and_its_state_unchanged():
