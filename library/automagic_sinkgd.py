@@ -127,12 +127,14 @@ def sinkgd_scalings(update: Tensor, iters: int, scratch: Optional[Tensor] = None
     # Iterate with unit target norms (1 / norm**2, two in-place kernels per half-step); every
     # half-step then differs from the exact one by a scalar, and the last column pass pins it:
     # columns come out with norm 1 where SinkGD wants sqrt(rows).
-    row_sq = squares.sum(dim=2, keepdim=True).clamp_min_(tiny).reciprocal_()  # c = 1 on the first pass
+    # Both scalings are kept as row vectors (B, 1, n): the row pass as c @ U**2^T runs ~4x faster
+    # on CPU than U**2 @ c for LoRA's wide (16, n) matrices, and never slower.
+    row_sq = squares.sum(dim=2).unsqueeze(1).clamp_min_(tiny).reciprocal_()  # c = 1 on the first pass
     for iteration in range(iters):
         if iteration:
-            row_sq = torch.bmm(squares, col_sq.transpose(1, 2)).clamp_min_(tiny).reciprocal_()
-        col_sq = torch.bmm(row_sq.transpose(1, 2), squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
-    return row_sq.sqrt_().mul_(math.sqrt(rows)), col_sq.sqrt_()
+            row_sq = torch.bmm(col_sq, squares.transpose(1, 2)).clamp_min_(tiny).reciprocal_()  # (B, 1, rows)
+        col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
+    return row_sq.sqrt_().mul_(math.sqrt(rows)).transpose(1, 2), col_sq.sqrt_()
 
 
 def sinkgd_normalize(update: Tensor, iters: int) -> Tensor:
@@ -519,6 +521,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._positions: dict[int, tuple[int, int]] = {}
         self._chunk_numel: Optional[int] = None
         self._stack_caches: dict[tuple, dict] = {}  # per bucket chunk, see _stacked_state
+        self._counts_cache: dict[int, tuple] = {}  # per group, see _element_counts
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -631,13 +634,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         return (group["group_step"] - 1) % group["stats_update_freq"] == 0
 
     @staticmethod
-    def _finite_sums(abs_sums: Tensor, norms: Tensor, numels: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-tensor |g| sums and L2 norms -> group sums over the finite tensors only, so one
-        NaN gradient cannot poison the statistics (and through them every tensor's decay)."""
+    def _finite_sums(abs_sums: Tensor, norms: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-tensor |g| sums, L2 norms and element counts -> group sums over the finite tensors
+        only, so one NaN gradient cannot poison the statistics (and through them every decay)."""
         finite = torch.isfinite(abs_sums) & torch.isfinite(norms)
         zero = abs_sums.new_zeros((), dtype=torch.float64)
-        # Element counts are built on the device from the host's ints (a fill, no host copy).
-        counts = torch.stack([torch.full((), n, dtype=torch.float64, device=abs_sums.device) for n in numels])
         return (torch.where(finite, abs_sums.double(), zero).sum(),
                 torch.where(finite, norms.double().square(), zero).sum(),
                 torch.where(finite, counts, zero).sum())
@@ -652,9 +653,24 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         group["grad_abs_mean"] = mean.float()
         group["grad_abs_std"] = var.sqrt().float()
 
-    def _refresh_group_stats(self, group: dict, grads: list[Tensor]) -> None:
+    def _element_counts(self, group_index: int, grads: list[Tensor]) -> Tensor:
+        """Each gradient's element count, as float64 on the device, kept until the set changes.
+
+        Built with one fill per tensor (from the host's ints, a fill needs no host-to-device copy,
+        which would wait for the device), so it is worth building once rather than every refresh.
+        """
+        numels = tuple(g.numel() for g in grads)
+        device = grads[0].device
+        cached = self._counts_cache.get(group_index)
+        if cached is None or cached[0] != numels or cached[1].device != device:
+            counts = torch.stack([torch.full((), n, dtype=torch.float64, device=device) for n in numels])
+            cached = self._counts_cache[group_index] = (numels, counts)
+        return cached[1]
+
+    def _refresh_group_stats(self, group_index: int, group: dict, grads: list[Tensor]) -> None:
         sums = self._finite_sums(torch.stack(torch._foreach_norm(grads, 1)),
-                                 torch.stack(torch._foreach_norm(grads, 2)), [g.numel() for g in grads])
+                                 torch.stack(torch._foreach_norm(grads, 2)),
+                                 self._element_counts(group_index, grads))
         self._store_stats(group, *sums)
 
     @staticmethod
@@ -708,7 +724,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                        "row_scaling" in state, "initial_weight" in state, "polarity" in state)
                 buckets.setdefault(key, []).append((index, p, grad, state, phase, is_matrix))
             if needs_stats and (self._stats_due(group) or "grad_abs_mean" not in group):
-                self._refresh_group_stats(group, grads)
+                self._refresh_group_stats(group_index, group, grads)
             stats = self._group_stats(group)
             for members in buckets.values():
                 for chunk in self._chunks(members):
@@ -766,7 +782,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         if phase.early and group["weight_decay"] > 0 and self._stats_due(group):
             flat = grad.reshape(-1)
             sums = self._finite_sums(torch.linalg.vector_norm(flat, 1).view(1),
-                                     torch.linalg.vector_norm(flat, 2).view(1), [flat.numel()])
+                                     torch.linalg.vector_norm(flat, 2).view(1),
+                                     torch.full((1,), flat.numel(), dtype=torch.float64, device=flat.device))
             gather[1:] = sums if gather[1] is None else [a + b for a, b in zip(gather[1:], sums)]
         self._run_bucket([(index, p, grad, state, phase, p.ndim >= 2)], self._resolved(group),
                          self._group_stats(group), group_index)
