@@ -595,6 +595,8 @@ def run_task(task: str, args, data: Data, base_state: dict) -> dict:
             continue
         summarize(rec)
         rec["wall_s"] = time.perf_counter() - t0
+        if rec["kind"] == "automagic":  # which version of the optimizer produced this row
+            rec["automagic_sha256"] = result["automagic_sha256"]
         log(f"  {spec['name']:<55s} final {rec['final_mean']:.5f} (±{rec['final_spread']:.5f}) "
             f"best {rec['best_mean']:.5f}  {rec['ms_step']:.1f} ms/step, opt {rec['ms_opt']:.2f} ms "
             f"[{rec['wall_s']:.0f} s] {','.join(sorted({r['status'] for r in rec['seeds']}))}")
@@ -713,8 +715,9 @@ def render_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def merge_results(out: Path, sources: list[Path], quick: bool) -> None:
-    """Append the configs of other result files (same task and steps) that --out lacks."""
+def merge_results(out: Path, sources: list[Path], quick: bool, replace: bool = False) -> None:
+    """Append the configs of other result files (same task and steps) that --out lacks; with
+    ``replace``, their configs also replace --out's rows of the same name (a re-run)."""
     suffix = "_quick" if quick else ""
     for task in ("lora", "full"):
         dst = out / f"convergence_{task}{suffix}.json"
@@ -729,9 +732,14 @@ def merge_results(out: Path, sources: list[Path], quick: bool) -> None:
             res = json.loads(dst.read_text())
             if other["steps"] != res["steps"]:
                 raise SystemExit(f"--merge-from: {src} has {other['steps']} steps, {dst} {res['steps']}")
+            incoming = {r["name"] for r in other["runs"]}
+            if replace:
+                res["runs"] = [r for r in res["runs"] if r["name"] not in incoming]
             have = {r["name"] for r in res["runs"]}
             new = [r for r in other["runs"] if r["name"] not in have]
             res["runs"] += new
+            if replace and other.get("automagic_sha256"):
+                res["automagic_sha256"] = other["automagic_sha256"]
             res["command"] = portable_command(res["command"] + " ; " + other["command"])
             atomic_write_text(dst, json.dumps(res, indent=1))
             log(f"merged {len(new)} configs from {src} into {dst}")
@@ -772,6 +780,8 @@ def parse_args(argv=None):
     p.add_argument("--merge-from", nargs="+", default=None, metavar="DIR",
                    help="add the configs of DIR/convergence_<task>.json (runs made in parallel with another "
                         "--out) to --out's JSON, then rebuild the report")
+    p.add_argument("--replace", action="store_true",
+                   help="with --merge-from: the merged configs replace rows of the same name (a re-run)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--automagic-impl", default=None, metavar="MODULE:CLASS",
                    help="benchmark another implementation with the same API "
@@ -800,7 +810,7 @@ def main(argv=None) -> int:
             run_task(task, args, data, base_state)
         log(f"total wall time {time.perf_counter() - t0:.0f} s")
     if args.merge_from:
-        merge_results(out, [Path(d) for d in args.merge_from], args.quick)
+        merge_results(out, [Path(d) for d in args.merge_from], args.quick, replace=args.replace)
     write_report(out, args.quick)
     return 0
 

@@ -15,6 +15,10 @@ Layout, in the spirit of ``torch/optim/adamw.py``:
 No host synchronisation happens in ``step()``: phases are decided from per-tensor step counters
 kept as Python ints in the state (saved with it), and every data-dependent choice is tensor
 arithmetic on the device.
+
+The step is bound by memory traffic, so kernels are chosen for bytes and speed: no float-to-bool
+compares or broadcast ``where`` on full tensors (several times slower on CPU than float, int8 or
+byte arithmetic), in-place updates, and buffers whose values are spent reused for later ones.
 """
 
 from __future__ import annotations
