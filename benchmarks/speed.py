@@ -148,10 +148,22 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--compile", choices=["static", "dynamic"], default=None,
+                        help="time Automagic_Sinkgd with its bucket math under torch.compile "
+                             "(compile time, minutes on CPU, is left out of the step times)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        import torch._dynamo
+        import library.automagic_sinkgd as core
+        # every bucket shape and phase is its own graph with static shapes
+        torch._dynamo.config.cache_size_limit = 256
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+        core._bucket_math = torch.compile(core._bucket_math, dynamic=args.compile == "dynamic")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if args.compile:
+        machine += f", Automagic bucket math under torch.compile(dynamic={args.compile == 'dynamic'})"
     print(f"machine: {machine}")
     all_rows, infos = [], []
     for name in args.sets:
