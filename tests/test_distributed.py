@@ -50,6 +50,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(f"{initial} {_digest(list(model.parameters()))} {_digest(state)}")
+    # Both ranks leave together: a rank that tears gloo down while its peer is still talking to
+    # it can abort the peer ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
