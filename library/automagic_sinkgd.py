@@ -134,10 +134,10 @@ def sinkgd_scalings(update: Tensor, iters: int, scratch: Optional[Tensor] = None
     # Both scalings are kept as row vectors (B, 1, n): the row pass as c @ U**2^T runs ~4x faster
     # on CPU than U**2 @ c for LoRA's wide (16, n) matrices, and never slower.
     row_sq = squares.sum(dim=2).unsqueeze(1).clamp_min_(tiny).reciprocal_()  # c = 1 on the first pass
-    for iteration in range(iters):
-        if iteration:
-            row_sq = torch.bmm(col_sq, squares.transpose(1, 2)).clamp_min_(tiny).reciprocal_()  # (B, 1, rows)
-        col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
+    col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
+    for _ in range(iters - 1):
+        row_sq = torch.bmm(col_sq, squares.transpose(1, 2)).clamp_min_(tiny).reciprocal_()  # (B, 1, rows)
+        col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()
     return row_sq.sqrt_().mul_(math.sqrt(rows)).transpose(1, 2), col_sq.sqrt_()
 
 
@@ -261,12 +261,15 @@ def _as_matrix_view(tensor: Tensor) -> Tensor:
     return tensor.reshape(_matrix_shape(tensor.shape))
 
 
+def _share_shape(tensors: list[Tensor]) -> bool:
+    """Whether a bucket's tensors have one shape; a bucket may mix a (out, in) linear with an
+    (out, in, 1, 1) conv, which share the matrix shape only."""
+    return all(t.shape == tensors[0].shape for t in tensors)
+
+
 def _same_shape(tensors: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
-    """The tensors as they are when they share a shape (a linear layer's weights), else each
-    viewed as ``shape`` (a bucket may mix a (out, in) linear with an (out, in, 1, 1) conv)."""
-    if all(t.shape == tensors[0].shape for t in tensors):
-        return tensors
-    return [t.reshape(shape) for t in tensors]
+    """The tensors as they are when they share a shape, else each viewed as ``shape``."""
+    return tensors if _share_shape(tensors) else [t.reshape(shape) for t in tensors]
 
 
 def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -311,10 +314,11 @@ def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
     """Write a stack back into its tensors, unless it is a view of them already."""
     if len(tensors) == 1 and stacked.data_ptr() == tensors[0].data_ptr() and stacked.dtype == tensors[0].dtype:
         return
-    if all(t.shape == tensors[0].shape for t in tensors):
-        torch._foreach_copy_(tensors, list(stacked.reshape((len(tensors),) + tensors[0].shape).unbind(0)))
+    if _share_shape(tensors):  # one reshape instead of a view per tensor
+        sources = list(stacked.reshape((len(tensors),) + tensors[0].shape).unbind(0))
     else:
-        torch._foreach_copy_(tensors, [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)])
+        sources = [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)]
+    torch._foreach_copy_(tensors, sources)
 
 
 class _Phase:
