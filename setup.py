@@ -39,8 +39,12 @@ setup(
         "logging": ["tensorboard>=2.14"],
         "diffusers-lora": ["peft>=0.10"],
         "bench": ["prodigyopt>=1.0", "scikit-learn>=1.3"],
-        # peft: diffusers needs it to load a LoRA (load_lora_weights), which the tests check
-        "test": ["pytest>=7", "tensorboard>=2.14", "prodigyopt>=1.0", "scikit-learn>=1.3", "peft>=0.10"],
+        # the opt-in fused step (fused=True); CUDA builds of torch on Linux already bring it
+        "fused": ["triton>=3.0; platform_system == 'Linux'"],
+        # peft: diffusers needs it to load a LoRA (load_lora_weights), which the tests check;
+        # triton + numpy: the fused kernels' tests run in Triton's CPU interpreter (which needs numpy)
+        "test": ["pytest>=7", "tensorboard>=2.14", "prodigyopt>=1.0", "scikit-learn>=1.3", "peft>=0.10",
+                 "triton>=3.0; platform_system == 'Linux'", "numpy"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -430,6 +430,26 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     return weight.addcmul_(update, lr_mask, value=-1.0)
 
 
+_KERNELS: list = []  # [module or None] once the fused kernels have been asked for
+
+
+def _fused_kernels():
+    """The Triton kernels of the opt-in fused step, imported on first use; None (the eager step
+    runs) where Triton cannot be imported. They live in a sibling module so this file stays
+    torch-only."""
+    if not _KERNELS:
+        import importlib
+        import warnings
+        name = (__package__ + "." if __package__ else "") + "automagic_sinkgd_kernels"
+        try:
+            _KERNELS.append(importlib.import_module(name))
+        except ImportError as error:
+            warnings.warn(f"Automagic_Sinkgd: fused=True but the fused kernels cannot be imported ({error}); "
+                          "using the eager step.", RuntimeWarning, stacklevel=3)
+            _KERNELS.append(None)
+    return _KERNELS[0]
+
+
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
                  generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
@@ -437,6 +457,11 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
     bf16/fp16 weights, whose update is computed in float32). ``stack_cache`` belongs to this
     bucket (see ``_stacked_state``)."""
+    if group.get("fused") and not phase.first:
+        kernels = _fused_kernels()
+        if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
+                                                       group_stats, seed, stack_cache):
+            return
     shape = _matrix_shape(params[0].shape)
     state_dtype = states[0]["exp_avg"].dtype
 
@@ -509,6 +534,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         allora: False disables ALLoRA row scaling (ablation).
         foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
             at a time (same math).
+        fused: True steps each bucket with one Triton kernel (same math) where it applies: CUDA
+            tensors with Triton installed, fp32/bf16 weights, fp32 state (CPU tensors only under
+            Triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use); every other bucket,
+            and every bucket with None (default) or False, takes the eager step.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-5, min_lr: float = 1e-6, max_lr: float = 1e-2,
@@ -516,12 +545,12 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  weight_decay: float = 5e-4, warmup_steps: int = 500, full_finetune: bool = False,
                  orthograd: bool = False, stats_update_freq: int = 5, sinkgd_iters: Optional[int] = None,
                  grams: bool = True, vradam: bool = True, allora: bool = True,
-                 foreach: Optional[bool] = None):
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
                         stats_update_freq=stats_update_freq, sinkgd_iters=sinkgd_iters, grams=grams,
-                        vradam=vradam, allora=allora)
+                        vradam=vradam, allora=allora, fused=fused)
         self._validate(defaults, "")
         self.foreach = foreach
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -581,6 +610,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      "None (4 for LoRA, 5 for full fine-tune) or an integer >= 0")
         for flag in ("full_finetune", "orthograd", "grams", "vradam", "allora"):
             _check_range(flag + where, get(flag), isinstance(get(flag), bool), "True or False")
+        fused = get("fused")
+        _check_range("fused" + where, fused, fused is None or isinstance(fused, bool), "None, True or False")
 
     # -- state --------------------------------------------------------------------------------
 

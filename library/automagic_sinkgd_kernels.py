@@ -1,0 +1,393 @@
+"""Fused Triton kernels for the Automagic_Sinkgd step (opt-in: ``Automagic_Sinkgd(..., fused=True)``).
+
+One launch steps a whole bucket of same-shape tensors (the stacked buffers the eager path already
+keeps): one program per tensor walks its matrix in tiles, so a small LoRA matrix (16 x 320 ..
+16 x 10240) stays in the L2 cache across the passes SinkGD needs, and the per-tensor scalars
+(finite flag, Prodigy signal, VRAdam brake, mask mean, decay) never leave the program.
+
+The math is the eager path's (``library.automagic_sinkgd._bucket_math``, the reference), in the
+same order; ``tests/test_fused_kernels.py`` compares the two in every phase. Passes per program:
+  0. reductions over the raw gradient (finite flag, mean |g|), <g, x0 - x> and OrthoGrad's dots;
+  1. elementwise: Grams direction (+ OrthoGrad projection) written to a scratch buffer, momentum,
+     sign history and mask; reductions: ||m||^2, mask mean, the first SinkGD row sums of U**2;
+  2. SinkGD: 2 * iters - 1 more mat-vec passes over U**2 (per-row / per-column scalings kept in
+     two small per-tensor buffers);
+  3. epilogue: weight decay and w -= mask * diag(r) U diag(c), with stochastic rounding for bf16.
+
+This module is imported only when a bucket asks for the fused step; it raises ImportError when
+Triton is missing, which the optimizer turns into the eager step. On CPU tensors the kernels run
+only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which
+the tests use; otherwise CPU buckets take the eager step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from library import automagic_sinkgd as core
+
+_FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the eager path's floor
+_TILE_ELEMENTS = 4096  # one tile of every pass; 32 elements per thread with 4 warps
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (set before the first import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers, one per technique; scalars are 0-d values of one program.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _finite_or_zero(g):
+    """NaN and +-Inf to 0 (x - x is 0 only for finite x; libdevice.isnan is not in the interpreter)."""
+    return tl.where(g - g == 0.0, g, 0.0)
+
+
+@triton.jit
+def _grams_direction(g, m, IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr):
+    """Grams (arXiv 2412.17107): |m| * sign(g + m) for matrices, |m| * sign(g) for vectors."""
+    if GRAMS:
+        if IS_MATRIX:
+            u = tl.where(g + m < 0.0, -tl.abs(m), tl.abs(m))
+        else:
+            u = tl.abs(m) * tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
+    else:
+        u = m
+    return u
+
+
+@triton.jit
+def _tile(b, numel, r0, c0, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets (into the stacked buffer) and in-bounds mask of one tile of tensor b."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    cols = c0 + tl.arange(0, BLOCK_C)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    offsets = b * numel + rows[:, None] * C + cols[None, :]
+    return offsets, inside, rows, cols
+
+
+@triton.jit
+def _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """SinkGD (arXiv 2502.06742) column half-step on U**2: col_sq = 1 / max(row_sq @ U**2, tiny)."""
+    for c0 in range(0, C, BLOCK_C):
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            u = tl.load(scratch_ptr + offsets, mask=inside, other=0.0)
+            r_sq = tl.load(row_sq_ptr + b * R + rows, mask=rows < R, other=0.0)
+            acc += tl.sum(u * u * r_sq[:, None], axis=0)
+        cols = c0 + tl.arange(0, BLOCK_C)
+        tl.store(col_sq_ptr + b * C + cols, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=cols < C)
+
+
+@triton.jit
+def _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """SinkGD row half-step on U**2: row_sq = 1 / max(U**2 @ col_sq, tiny)."""
+    for r0 in range(0, R, BLOCK_R):
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            u = tl.load(scratch_ptr + offsets, mask=inside, other=0.0)
+            c_sq = tl.load(col_sq_ptr + b * C + cols, mask=cols < C, other=0.0)
+            acc += tl.sum(u * u * c_sq[None, :], axis=1)
+        rows = r0 + tl.arange(0, BLOCK_R)
+        tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=rows < R)
+
+
+# ----------------------------------------------------------------------------------------------
+# The bucket kernel: one program per stacked tensor.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["lr_ratio", "seed"])
+def _bucket_step_kernel(
+        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, x0_ptr, weight_out_ptr,
+        avg_lr_ptr, avg_lr_max_ptr, row_scaling_ptr, lr_decay_ptr, decay_rate_ptr,
+        group_mean_ptr, group_std_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr,
+        R, C, lr_ratio, seed,
+        momentum_weight, lr_bump, d_coef, min_lr, max_lr, weight_decay, sqrt_rows,
+        IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr, WARMUP: tl.constexpr,
+        SIGNAL: tl.constexpr, DECAY: tl.constexpr, HAS_STATS: tl.constexpr, ORTHO: tl.constexpr,
+        KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
+        SINKGD_ITERS: tl.constexpr, ROUND_BF16: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    numel = R * C
+    tiny = 1.1754943508222875e-38
+    zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+
+    # -- pass 0: per-tensor reductions the elementwise pass depends on -------------------------
+    acc_sum = zeros
+    acc_abs = zeros
+    acc_signal = zeros
+    acc_uw = zeros
+    acc_ww = zeros
+    acc_uu = zeros
+    for r0 in range(0, R, BLOCK_R):
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            g_raw = tl.load(grad_ptr + offsets, mask=inside, other=0.0)
+            acc_sum += g_raw  # a NaN/Inf survives the sum (the eager test, in the same spirit)
+            g = _finite_or_zero(g_raw)
+            if DECAY and HAS_STATS:
+                acc_abs += tl.abs(g)
+            if SIGNAL or ORTHO:
+                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                if SIGNAL:  # Prodigy (arXiv 2306.06101): c = -<g, x - x0>
+                    x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                    acc_signal += g * (x0 - w)
+                if ORTHO:
+                    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
+                    u = _grams_direction(g, m, IS_MATRIX, GRAMS)
+                    acc_uw += u * w
+                    acc_ww += w * w
+                    if KEEP_NORM:
+                        acc_uu += u * u
+    total = tl.sum(tl.sum(acc_sum, axis=1), axis=0)
+    finite = total - total == 0.0
+    finite_f = tl.where(finite, 1.0, 0.0)
+    up = lr_bump * finite_f
+    down = lr_bump * finite_f
+    if SIGNAL:
+        signal = tl.sum(tl.sum(acc_signal, axis=1), axis=0)
+        up = tl.where(signal > 0.0, lr_bump * d_coef, lr_bump) * finite_f
+        down = tl.where(signal < 0.0, lr_bump * d_coef, lr_bump) * finite_f
+    projection = 0.0
+    if ORTHO:  # OrthoGrad (arXiv 2501.04697): remove the component along the weights
+        projection = tl.sum(tl.sum(acc_uw, axis=1), axis=0) / tl.maximum(tl.sum(tl.sum(acc_ww, axis=1), axis=0), tiny)
+    lerp_weight = momentum_weight * finite_f
+
+    # -- pass 1: direction, momentum, sign history, mask; first SinkGD row sums ----------------
+    acc_mm = zeros
+    acc_mask = zeros
+    acc_uu_after = zeros
+    for r0 in range(0, R, BLOCK_R):
+        row_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            g = _finite_or_zero(tl.load(grad_ptr + offsets, mask=inside, other=0.0))
+            m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
+            u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
+            if ORTHO:
+                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                u = u - w * projection
+            # ADOPT (arXiv 2411.02853) momentum, torch.lerp's two-branch formula
+            m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
+            tl.store(exp_avg_ptr + offsets, m, mask=inside)
+            if VRADAM:
+                acc_mm += m * m
+            if WARMUP:  # Automagic mask: up where the sign of g held, down where it flipped
+                old = tl.load(polarity_ptr + offsets, mask=inside, other=0) != 0
+                positive = g > 0.0
+                flip = tl.where(finite, positive != old, False)
+                tl.store(polarity_ptr + offsets, (old != flip).to(tl.uint8), mask=inside)
+                mask = tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0) + up
+                mask = tl.where(flip, mask - (up + down), mask)
+                mask = tl.minimum(tl.maximum(mask, min_lr), max_lr)
+                tl.store(lr_mask_ptr + offsets, mask, mask=inside)
+                acc_mask += tl.where(inside, mask, 0.0)
+            if KEEP_NORM:
+                acc_uu_after += u * u
+            if IS_MATRIX and SINKGD_ITERS > 0:
+                row_acc += tl.sum(u * u, axis=1)
+            tl.store(scratch_ptr + offsets, u, mask=inside)
+        if IS_MATRIX and SINKGD_ITERS > 0:
+            rows = r0 + tl.arange(0, BLOCK_R)
+            tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(row_acc, tiny), mask=rows < R)
+
+    # -- per-tensor scalars ------------------------------------------------------------------
+    if WARMUP:
+        avg_lr = tl.sum(tl.sum(acc_mask, axis=1), axis=0) / numel
+        tl.store(avg_lr_ptr + b, avg_lr)
+        tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
+    else:
+        avg_lr = tl.load(avg_lr_ptr + b)
+    brake = 1.0
+    if VRADAM:  # VRAdam (arXiv 2505.13196)
+        brake = 1.0 / (1.0 + tl.minimum(3.0 * tl.sum(tl.sum(acc_mm, axis=1), axis=0), 10.0))
+    rate = finite_f
+    if POST:  # linear decay, capped by an outside scheduler's ratio, floored at 0.1
+        lr_decay = tl.load(lr_decay_ptr + b) - tl.load(decay_rate_ptr + b) * finite_f
+        tl.store(lr_decay_ptr + b, lr_decay)
+        rate = rate * tl.maximum(tl.minimum(lr_decay, lr_ratio), 0.1)
+    rate = rate * brake
+    if KEEP_NORM:  # OrthoGrad's norm restore, only when SinkGD does not rescale anyway
+        norm_before = tl.sqrt(tl.sum(tl.sum(acc_uu, axis=1), axis=0))
+        norm_after = tl.sqrt(tl.sum(tl.sum(acc_uu_after, axis=1), axis=0))
+        rate = rate * tl.where(norm_after > 0.0, norm_before / tl.maximum(norm_after, tiny), 0.0)
+    weight_factor = 1.0
+    if DECAY:  # gradient-aware decoupled weight decay, theta = 2 * sigmoid(4 z)
+        theta = 1.0
+        if HAS_STATS:
+            abs_mean = tl.sum(tl.sum(acc_abs, axis=1), axis=0) / numel
+            z = (abs_mean - tl.load(group_mean_ptr)) / tl.maximum(tl.load(group_std_ptr), tiny)
+            theta = 2.0 / (1.0 + tl.exp(-4.0 * z))
+        mean_row_scaling = 1.0
+        if HAS_ROW_SCALING:
+            rs_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                rs_acc += tl.load(row_scaling_ptr + b * R + rows, mask=rows < R, other=0.0)
+            mean_row_scaling = tl.sum(rs_acc, axis=0) / R
+        weight_factor = 1.0 - avg_lr * mean_row_scaling * brake * theta * weight_decay * finite_f
+
+    # -- pass 2: SinkGD's remaining half-steps ---------------------------------------------------
+    if IS_MATRIX and SINKGD_ITERS > 0:
+        tl.debug_barrier()  # row sums written by other threads of this program
+        _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, BLOCK_R, BLOCK_C)
+        for _ in range(SINKGD_ITERS - 1):
+            tl.debug_barrier()
+            _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, BLOCK_R, BLOCK_C)
+            tl.debug_barrier()
+            _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, BLOCK_R, BLOCK_C)
+        tl.debug_barrier()
+
+    # -- pass 3: w = w * (1 - decay) - mask * rate * diag(r) U diag(c) -----------------------------
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_factor = tl.zeros([BLOCK_R], dtype=tl.float32) + rate
+        if IS_MATRIX and SINKGD_ITERS > 0:
+            row_sq = tl.load(row_sq_ptr + b * R + rows, mask=rows < R, other=0.0)
+            row_factor = tl.sqrt(row_sq) * sqrt_rows * rate
+        if HAS_ROW_SCALING:  # ALLoRA (arXiv 2410.09692) per-row factor
+            row_factor = row_factor * tl.load(row_scaling_ptr + b * R + rows, mask=rows < R, other=0.0)
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows2, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            update = tl.load(scratch_ptr + offsets, mask=inside, other=0.0) * row_factor[:, None]
+            if IS_MATRIX and SINKGD_ITERS > 0:
+                col_sq = tl.load(col_sq_ptr + b * C + cols, mask=cols < C, other=0.0)
+                update = update * tl.sqrt(col_sq)[None, :]
+            w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            if DECAY:
+                w = w * weight_factor
+            w = w - update * tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0)
+            if ROUND_BF16:  # stochastic rounding (arXiv 1502.02551): noise below bf16's bits, truncate
+                noise = (tl.randint(seed, offsets.to(tl.int32)) & 0xFFFF).to(tl.int32)
+                bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
+                tl.store(weight_out_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=inside)
+            else:
+                tl.store(weight_out_ptr + offsets, w, mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: which buckets the kernel takes, and the launch.
+# ----------------------------------------------------------------------------------------------
+
+
+def _blocks(rows: int, cols: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(max(cols, 1)), 1024)
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), _TILE_ELEMENTS // block_c))
+    return block_r, block_c
+
+
+def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Optional[str]:
+    """Why a bucket cannot take the fused step (None when it can); the eager step runs instead."""
+    p = params[0]
+    if not (p.is_cuda or (p.device.type == "cpu" and interpreting())):
+        return f"tensors on {p.device} (Triton runs on CUDA, or on CPU only in its interpreter)"
+    if p.dtype not in (torch.float32, torch.bfloat16):
+        return f"{p.dtype} weights (float32 and bfloat16 only; float16's rounding stays eager)"
+    state = states[0]
+    if state["exp_avg"].dtype != torch.float32 or state["lr_mask"].dtype != torch.float32:
+        return "a low-precision optimizer state (not handled by the kernels yet)"
+    if "polarity" in state and (state["polarity"].dtype != torch.bool or state["polarity"].shape != p.shape):
+        return "a packed sign history (not handled by the kernels yet)"
+    if p.numel() >= 2**31 // max(len(params), 1):
+        return "a bucket of 2**31 elements or more (32-bit rounding offsets)"
+    return None
+
+
+def _counted(name: str) -> None:
+    """Launch counter, for the benchmark's and the tests' launches-per-step figures."""
+    launches[name] = launches.get(name, 0) + 1
+
+
+launches: dict[str, int] = {}
+
+
+def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor, polarity: Optional[torch.Tensor],
+                weight: torch.Tensor, initial_weight: Optional[torch.Tensor], avg_lr: torch.Tensor,
+                avg_lr_max: torch.Tensor, row_scaling: Optional[torch.Tensor], lr_decay: Optional[torch.Tensor],
+                decay_rate: Optional[torch.Tensor], group_mean: Optional[torch.Tensor],
+                group_std: Optional[torch.Tensor], lr_ratio: float, *, warmup: bool, early: bool,
+                use_orthograd: bool, post: bool, is_matrix: bool, beta1: float, lr_bump: float, d_coef: float,
+                min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
+                vradam: bool, grad_is_copy: bool, weight_out: Optional[torch.Tensor] = None,
+                seed: int = 0) -> torch.Tensor:
+    """``core._bucket_math`` in one launch: same arguments and in-place updates, plus ``weight_out``
+    (a bf16 stack that receives the stochastically rounded weights; default: ``weight`` itself,
+    float32) and the rounding ``seed``. Returns the stack holding the new weights."""
+    batch = grad.shape[0]
+    rows, cols = (grad.shape[1], grad.shape[2]) if is_matrix else (1, grad[0].numel())
+    weight_out = weight if weight_out is None else weight_out
+    # U's buffer: the gradient stack when it is this step's copy, else one bucket-sized temporary.
+    scratch = grad if grad_is_copy else torch.empty_like(grad)
+    sinkgd = is_matrix and sinkgd_iters > 0
+    row_sq = torch.empty((batch, rows) if sinkgd else (1,), dtype=torch.float32, device=grad.device)
+    col_sq = torch.empty((batch, cols) if sinkgd else (1,), dtype=torch.float32, device=grad.device)
+    signal = warmup and early and d_coef != 1 and initial_weight is not None
+    decay = early and weight_decay > 0
+    any_ = grad  # stands in for the pointers a phase does not read
+    block_r, block_c = _blocks(rows, cols)
+    _bucket_step_kernel[(batch,)](
+        grad, exp_avg, lr_mask, polarity.view(torch.uint8) if warmup else any_, weight,
+        initial_weight if signal else any_, weight_out, avg_lr, avg_lr_max,
+        row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
+        decay_rate if post else any_, group_mean if decay and group_mean is not None else any_,
+        group_std if decay and group_mean is not None else any_, scratch, row_sq, col_sq,
+        rows, cols, float(lr_ratio), int(seed) & 0x7FFF_FFFF,
+        1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5,
+        IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
+        HAS_STATS=decay and group_mean is not None, ORTHO=use_orthograd,
+        KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
+        SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=weight_out.dtype == torch.bfloat16,
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    _counted("bucket_step")
+    return weight_out
+
+
+def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
+                phase, is_matrix: bool, group_stats: Optional[tuple], seed: int, stack_cache: dict) -> bool:
+    """``core._step_bucket`` for t >= 2 with the fused kernel; False (nothing done) where the bucket
+    is not one the kernel takes, so the caller runs the eager step."""
+    if phase.first or unsupported_reason(params, states) is not None:
+        return False
+    shape = core._matrix_shape(params[0].shape)
+
+    def state(key: str) -> Optional[torch.Tensor]:
+        if key not in states[0]:
+            return None
+        own_shape = states[0][key].shape
+        return core._stacked_state(states, key, shape if own_shape == params[0].shape else tuple(own_shape),
+                                   stack_cache)
+
+    stacks = dict(exp_avg=state("exp_avg"), lr_mask=state("lr_mask"), polarity=state("polarity"),
+                  initial_weight=state("initial_weight"), avg_lr=state("avg_lr"), avg_lr_max=state("avg_lr_max"),
+                  row_scaling=state("row_scaling"), lr_decay=state("lr_decay"), decay_rate=state("decay_rate"))
+    grad = core._gather(grads, shape, torch.float32)
+    weight = core._gather(params, shape)  # in the weights' own dtype: the kernel converts
+    if not all(t.is_contiguous() for t in (grad, weight, *(v for v in stacks.values() if v is not None))):
+        return False
+    grad_is_copy = grad.data_ptr() != grads[0].data_ptr()
+    bf16 = weight.dtype == torch.bfloat16
+    new_weight = bucket_math(
+        grad, stacks["exp_avg"], stacks["lr_mask"], stacks["polarity"], weight, stacks["initial_weight"],
+        stacks["avg_lr"], stacks["avg_lr_max"], stacks["row_scaling"], stacks["lr_decay"], stacks["decay_rate"],
+        *(group_stats or (None, None)), group["lr"] / group["lr_max"],
+        warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
+        is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
+        min_lr=group["min_lr"], max_lr=group["max_lr"], weight_decay=group["weight_decay"],
+        sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
+        grad_is_copy=grad_is_copy, weight_out=weight if bf16 else None, seed=seed)
+    core._scatter(new_weight, params)  # nothing to do when it is a view of the parameter
+    return True

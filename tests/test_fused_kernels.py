@@ -1,0 +1,257 @@
+"""The fused Triton step (``fused=True``) against the eager step, its reference.
+
+On a machine with CUDA the kernels run on the GPU; elsewhere tests/conftest.py sets
+TRITON_INTERPRET=1 and Triton's interpreter runs them on CPU tensors. Shapes are small (the
+interpreter runs each program in Python) but span several tiles in both directions, so the tile
+loops, their masks and the multi-tensor stacks are all exercised. Every phase is covered by
+warmup_steps=8: t=2, 3 early warm-up (Prodigy signal, weight decay), t=4..7 late warm-up, t=8 the
+first post-warm-up step, t>=9 post-warm-up with OrthoGrad.
+"""
+
+import math
+import sys
+import warnings
+
+import pytest
+import torch
+
+from library import automagic_sinkgd as core
+from library.automagic_sinkgd import Automagic_Sinkgd
+
+try:
+    from library import automagic_sinkgd_kernels as kernels
+except ImportError as error:  # no Triton on this machine
+    pytest.skip(f"Triton cannot be imported ({error}): the fused kernels are not tested here",
+                allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not kernels.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (tests/conftest.py sets it when it "
+                "runs first): the kernels cannot run here", allow_module_level=True)
+
+torch.set_num_threads(1)
+
+# Two of each matrix shape (a stacked bucket) plus lone ones; (4, 1100) spans two column tiles,
+# (70, 3) three row tiles; a 1x1 conv; vectors.
+LORA_SHAPES = [(4, 24), (4, 24), (24, 4), (24, 4), (4, 1100), (70, 3), (4, 6, 1, 1), (10,), (10,)]
+FULL_SHAPES = [(12, 10), (12, 10), (6, 3, 3, 3), (70, 3), (33,), (1,)]
+PHASES = dict(lr=1e-3, min_lr=1e-4, max_lr=1e-2, lr_bump=2e-4, warmup_steps=8, orthograd=True,
+              weight_decay=0.1, stats_update_freq=2)
+
+
+def _params(shapes, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=generator) * 0.1).to(DEVICE, dtype)) for s in shapes]
+
+
+def _grads(params_sets, generator, nan_at=None):
+    """The same fresh gradient for the matching parameter of every set."""
+    for i, group in enumerate(zip(*params_sets)):
+        grad = torch.randn(group[0].shape, generator=generator).to(DEVICE, group[0].dtype)
+        if nan_at is not None and i == nan_at:
+            grad.view(-1)[1] = float("nan")
+        for p in group:
+            p.grad = grad.clone()
+
+
+def _assert_states_close(eager, fused, eager_params, fused_params, rtol=2e-5):
+    for p, q in zip(eager_params, fused_params):
+        for key, value in eager.state[p].items():
+            other = fused.state[q][key]
+            if torch.is_tensor(value):
+                if value.dtype == torch.bool:
+                    assert torch.equal(value, other), key
+                else:
+                    torch.testing.assert_close(other, value, rtol=rtol, atol=rtol * value.abs().max().item(),
+                                               msg=lambda m: f"state {key} of {tuple(p.shape)}: {m}")
+            else:
+                assert value == other, key
+
+
+def _lockstep(shapes, steps, dtype=torch.float32, nan_at=None, **settings):
+    """Eager and fused optimizers on identical parameters and gradients, compared after every step
+    (weights as this step's update, which is ~1e-3 of the weights, state element by element)."""
+    eager_params, fused_params = _params(shapes, dtype), _params(shapes, dtype)
+    eager = Automagic_Sinkgd(eager_params, fused=False, **settings)
+    fused = Automagic_Sinkgd(fused_params, fused=True, **settings)
+    generator = torch.Generator().manual_seed(2)
+    launches_before = kernels.launches.get("bucket_step", 0)
+    for step in range(1, steps + 1):
+        _grads([eager_params, fused_params], generator, nan_at=nan_at if step == 3 else None)
+        for optimizer in (eager, fused):  # an outside scheduler: the decay's cap, then its 0.1 floor
+            optimizer.param_groups[0]["lr"] = settings["lr"] * {9: 0.5, 10: 0.05}.get(step, 1.0)
+        before = [p.detach().clone() for p in eager_params]
+        eager.step()
+        fused.step()
+        for p, q, w in zip(eager_params, fused_params, before):
+            delta, fused_delta = (p - w).float(), (q - w).float()
+            scale = delta.abs().max().item()
+            assert scale > 0 or step == 1 or nan_at is not None, "the eager step did not move this tensor"
+            weight_ulp = torch.finfo(torch.float32).eps * w.float().abs().max().item()  # deltas are multiples
+            torch.testing.assert_close(fused_delta, delta, rtol=0, atol=1e-4 * scale + 2 * weight_ulp,
+                                       msg=lambda m: f"step {step}, {tuple(p.shape)}: {m}")
+        _assert_states_close(eager, fused, eager_params, fused_params)
+    assert kernels.launches.get("bucket_step", 0) > launches_before, "the fused kernel never ran"
+    return eager, fused, eager_params, fused_params
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fused_step_matches_eager_in_every_phase(mode):
+    full = mode == "full"
+    _lockstep(FULL_SHAPES if full else LORA_SHAPES, steps=10, full_finetune=full, **PHASES)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sinkgd_iters=0),                       # OrthoGrad with its norm restore
+    dict(grams=False, vradam=False, allora=False),
+    dict(d_coef=1.0, beta1=0.3),                # no Prodigy signal; torch.lerp's second branch
+    dict(weight_decay=0.0, sinkgd_iters=1),
+], ids=["orthograd-keep-norm", "ablations", "no-signal-lerp", "no-decay-1-iter"])
+def test_fused_step_matches_eager_with_other_settings(settings):
+    _lockstep([(4, 24), (4, 24), (24, 4), (10,)], steps=10, **{**PHASES, **settings})
+
+
+def test_a_non_finite_gradient_skips_that_tensor_in_both_paths():
+    eager, fused, eager_params, fused_params = _lockstep([(4, 24), (4, 24), (10,)], steps=4, nan_at=1, **PHASES)
+    assert eager.state[eager_params[1]]["step"] == 4
+
+
+def test_bf16_weights_round_stochastically_like_eager():
+    """Rounding noise differs between the paths (each draws its own), so each step starts both from
+    the same state and weights, and the fused bf16 weights must land within one bf16 step of the
+    eager ones (both are one of the two bf16 neighbours of nearly the same float32 value)."""
+    eager_params, fused_params = _params(LORA_SHAPES, torch.bfloat16), _params(LORA_SHAPES, torch.bfloat16)
+    eager = Automagic_Sinkgd(eager_params, fused=False, **PHASES)
+    fused = Automagic_Sinkgd(fused_params, fused=True, **PHASES)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(1, 11):
+        _grads([eager_params, fused_params], generator)
+        before = [p.detach().clone() for p in eager_params]
+        eager.step()
+        fused.step()
+        for p, q, w in zip(eager_params, fused_params, before):
+            ulp = torch.maximum(p.float().abs(), w.float().abs()) * 2.0**-7  # bf16 keeps 8 bits
+            assert ((q.float() - p.float()).abs() <= ulp * 1.01).all(), f"step {step}, {tuple(p.shape)}"
+        _assert_states_close(eager, fused, eager_params, fused_params, rtol=1e-2)
+        fused.load_state_dict(eager.state_dict())  # the next step starts from the same place
+        with torch.no_grad():
+            for p, q in zip(eager_params, fused_params):
+                q.copy_(p)
+
+
+def test_bf16_rounding_is_unbiased_and_seeded_by_tensor_and_step():
+    """Updates of a fraction of a bf16 step still move the weights on average, as much as the eager
+    path moves them; two replicas round bit for bit alike."""
+    shape = (16, 256)
+    settings = dict(lr=2e-4, min_lr=1e-4, max_lr=1e-3, lr_bump=0.0, warmup_steps=100, weight_decay=0.0,
+                    d_coef=1.0, vradam=False, allora=False)
+    runs = {}
+    for name, fused in (("eager", False), ("fused", True), ("replica", True)):
+        p = torch.nn.Parameter(torch.ones(shape, dtype=torch.bfloat16, device=DEVICE))
+        optimizer = Automagic_Sinkgd([p], fused=fused, **settings)
+        for _ in range(6):
+            p.grad = torch.ones(shape, dtype=torch.bfloat16, device=DEVICE)  # a steady push down
+            optimizer.step()
+        runs[name] = p.detach().float()
+    # 5 moving steps of 2e-4 each (SinkGD makes |U| = 1): 1e-3, an eighth of bf16's step at 1.0.
+    for name in ("eager", "fused"):
+        moved = 1.0 - runs[name].mean().item()
+        assert 0.7e-3 < moved < 1.3e-3, f"{name} moved {moved:.2e}"
+    assert torch.equal(runs["fused"], runs["replica"])
+
+
+def test_step_param_uses_the_kernel_and_leaves_grad_alone():
+    """kohya's --fused_backward_pass steps one tensor at a time: the kernel then works on views of
+    the parameter and its .grad, and must not use the caller's gradient as scratch."""
+    shapes = [(4, 24), (24, 4), (10,)]
+    eager_params, fused_params = _params(shapes), _params(shapes)
+    settings = dict(PHASES, weight_decay=0.0)
+    eager = Automagic_Sinkgd(eager_params, fused=False, **settings)
+    fused = Automagic_Sinkgd(fused_params, fused=True, **settings)
+    generator = torch.Generator().manual_seed(4)
+    launches_before = kernels.launches.get("bucket_step", 0)
+    for _ in range(10):
+        _grads([eager_params, fused_params], generator)
+        grads_before = [q.grad.clone() for q in fused_params]
+        for p, q in zip(eager_params, fused_params):
+            eager.step_param(p, eager.param_groups[0])
+            fused.step_param(q, fused.param_groups[0])
+        for q, g in zip(fused_params, grads_before):
+            assert torch.equal(q.grad, g)
+    assert kernels.launches["bucket_step"] - launches_before == 9 * len(shapes)  # t=1 is eager
+    for p, q in zip(eager_params, fused_params):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_one_launch_per_bucket_per_step():
+    """Launches follow the distinct (shape, phase) buckets, not the tensors."""
+    shapes = [(4, 24)] * 6 + [(24, 4)] * 5 + [(10,)] * 7
+    params = _params(shapes)
+    optimizer = Automagic_Sinkgd(params, fused=True, **PHASES)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        _grads([params], generator)
+        optimizer.step()
+    before = kernels.launches["bucket_step"]
+    _grads([params], generator)
+    optimizer.step()
+    assert kernels.launches["bucket_step"] - before == 3
+
+
+# ------------------------------------------------------------------ where the eager step runs instead
+
+
+def test_fp16_weights_take_the_eager_step():
+    shapes = [(4, 24), (10,)]
+    runs = []
+    for fused in (False, True):
+        params = _params(shapes, torch.float16)
+        optimizer = Automagic_Sinkgd(params, fused=fused, **PHASES)
+        generator = torch.Generator().manual_seed(6)
+        before = kernels.launches.get("bucket_step", 0)
+        for _ in range(4):
+            _grads([params], generator)
+            optimizer.step()
+        assert kernels.launches.get("bucket_step", 0) == before
+        runs.append(params)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_low_precision_or_packed_state_is_refused_by_the_kernel():
+    p = torch.zeros(4, 24, device=DEVICE)
+    state = dict(exp_avg=torch.zeros(4, 24, device=DEVICE), lr_mask=torch.zeros(4, 24, device=DEVICE),
+                 polarity=torch.zeros(4, 24, dtype=torch.bool, device=DEVICE))
+    assert kernels.unsupported_reason([p], [state]) is None
+    assert "low-precision" in kernels.unsupported_reason([p], [dict(state, exp_avg=state["exp_avg"].bfloat16())])
+    assert "low-precision" in kernels.unsupported_reason([p], [dict(state, lr_mask=state["lr_mask"].bfloat16())])
+    packed = torch.zeros(math.ceil(96 / 8), dtype=torch.uint8, device=DEVICE)
+    assert "packed" in kernels.unsupported_reason([p], [dict(state, polarity=packed)])
+    phase = core._Phase(3, 8, False, True)
+    assert kernels.step_bucket([p], [p], [dict(state, polarity=packed)], {}, phase, True, None, 0, {}) is False
+
+
+def test_missing_triton_warns_once_and_steps_eagerly(monkeypatch):
+    monkeypatch.setattr(core, "_KERNELS", [])
+    monkeypatch.setitem(sys.modules, "library.automagic_sinkgd_kernels", None)  # import raises ImportError
+    runs = []
+    for fused in (False, True):
+        params = _params([(4, 24), (10,)])
+        optimizer = Automagic_Sinkgd(params, fused=fused, **PHASES)
+        generator = torch.Generator().manual_seed(7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                _grads([params], generator)
+                optimizer.step()
+        messages = [str(w.message) for w in caught if "fused kernels cannot be imported" in str(w.message)]
+        assert len(messages) == (1 if fused else 0)
+        runs.append(params)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_bad_fused_setting_names_it(value):
+    with pytest.raises(ValueError, match=r"fused=.*None, True or False"):
+        Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1e-4, fused=value)
