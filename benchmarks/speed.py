@@ -11,6 +11,7 @@ process so load on the machine hits them alike; the median over repeats is repor
 
     python benchmarks/speed.py                    # both sets, prints a markdown table
     python benchmarks/speed.py --sets lora --repeats 10 --json out.json
+    python benchmarks/speed.py --state-precision fp32 bf16   # adds Automagic rows per state precision
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def make_params(shapes, seed: int, dtype=torch.float32) -> list[torch.nn.Paramet
     return params
 
 
-def optimizers_for(shapes, full: bool):
+def optimizers_for(shapes, full: bool, state_precisions=("fp32",)):
     """name -> factory(params) -> optimizer; each optimizer gets its own parameter copy."""
     common = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, full_finetune=full)
     factories = {
@@ -84,6 +85,12 @@ def optimizers_for(shapes, full: bool):
         "Automagic post-warm-up": lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True, **common),
         "Automagic warm-up (per-tensor)": lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6, foreach=False, **common),
     }
+    for precision in state_precisions:
+        if precision != "fp32":
+            factories[f"Automagic warm-up ({precision} state)"] = lambda ps, sp=precision: Automagic_Sinkgd(
+                ps, warmup_steps=10**6, state_precision=sp, **common)
+            factories[f"Automagic post-warm-up ({precision} state)"] = lambda ps, sp=precision: Automagic_Sinkgd(
+                ps, warmup_steps=2, orthograd=True, state_precision=sp, **common)
     try:
         from prodigyopt import Prodigy
         factories["Prodigy"] = lambda ps: Prodigy(ps, lr=1.0, weight_decay=0.01, decouple=True,
@@ -117,8 +124,9 @@ def transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
     return max(totals) - totals[0] if totals else 0
 
 
-def run_set(name: str, shapes, full: bool, repeats: int, warmup_steps_to_skip: int = 4):
-    factories = optimizers_for(shapes, full)
+def run_set(name: str, shapes, full: bool, repeats: int, warmup_steps_to_skip: int = 4,
+            state_precisions=("fp32",)):
+    factories = optimizers_for(shapes, full, state_precisions)
     numel = sum(torch.Size(s).numel() for s in shapes)
     optimizers = {label: make(make_params(shapes, seed=0)) for label, make in factories.items()}
     for optimizer in optimizers.values():  # past Automagic's init step and into its phase
@@ -148,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--state-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="Automagic_Sinkgd state precisions to time (fp32 rows are always there)")
     parser.add_argument("--compile", choices=["static", "dynamic"], default=None,
                         help="time Automagic_Sinkgd with its bucket math under torch.compile "
                              "(compile time, minutes on CPU, is left out of the step times)")
@@ -168,7 +178,8 @@ def main(argv=None) -> int:
     all_rows, infos = [], []
     for name in args.sets:
         shapes = lora_shapes() if name == "lora" else full_slice_shapes()
-        rows, info = run_set(name, shapes, full=name == "full", repeats=args.repeats)
+        rows, info = run_set(name, shapes, full=name == "full", repeats=args.repeats,
+                             state_precisions=args.state_precision)
         all_rows += rows
         infos.append(info)
         print(f"\n{name}: {info['tensors']} tensors, {info['params'] / 1e6:.1f}M params, "

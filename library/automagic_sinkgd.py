@@ -45,7 +45,15 @@ __all__ = [
     "post_warmup_decay",
     "gradient_scaled_decay",
     "stochastic_round_",
+    "stochastic_round_state_",
+    "pack_bits_",
+    "unpack_bits",
+    "lr_mask_codec",
+    "encode_lr_mask_",
+    "decode_lr_mask",
 ]
+
+STATE_PRECISIONS = ("fp32", "bf16")
 
 # Elements per chunk when stacking same-shape tensors: the largest tensor's size, so a step's
 # temporaries stay a few times the largest tensor however many tensors there are, but at least
@@ -244,6 +252,94 @@ def stochastic_round_(target: Tensor, value: Tensor, generator: torch.Generator)
     take_neighbour = torch.rand(value.shape, dtype=value.dtype, device=value.device,
                                 generator=generator) * gap < error.abs()
     return target.copy_(torch.where(take_neighbour, neighbour, nearest))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compact state (state_precision="bf16"): storage only. The step loads these to float32, runs the
+# same math, and stores them back; nothing here changes what the step computes.
+# ----------------------------------------------------------------------------------------------
+
+# Bit tricks on 8 bytes at a time (one int64 word): a byte's bits spread to 8 bytes, and 8 bytes
+# of 0/1 gathered into one, each one multiply and one mask instead of eight shifts.
+_SPREAD_BYTE = 0x0101010101010101               # copies a byte into all 8 bytes of a word
+_SELECT_BITS = 0x8040201008040201 - (1 << 64)   # keeps bit j in byte j (as a signed int64)
+_GATHER_BITS = 0x0102040810204080               # moves byte j's low bit to bit 56 + j
+_CODE_STEPS = 65535  # a 16-bit mask code: uint16 0 .. 65535 lattice steps above min_lr
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """(B, ceil(numel / 8)) uint8, bit j of byte k = element 8k + j, -> (B, numel) uint8 of 0/1."""
+    words = packed.to(torch.int64).mul_(_SPREAD_BYTE).bitwise_and_(_SELECT_BITS)
+    bits = words.view(torch.uint8).clamp_(max=1)  # byte j held 0 or 1 << j: now 0 or 1
+    return bits if bits.shape[1] == numel else bits[:, :numel]
+
+
+def pack_bits_(packed: Tensor, bits: Tensor) -> Tensor:
+    """The inverse of ``unpack_bits``: (B, numel) bytes of 0/1 written into ``packed`` (in place)."""
+    batch, numel = bits.shape
+    if numel != 8 * packed.shape[1] or not bits.is_contiguous() or bits.storage_offset() % 8:
+        padded = bits.new_zeros((batch, 8 * packed.shape[1]))
+        padded[:, :numel] = bits
+        bits = padded
+    words = bits.view(torch.int64).mul(_GATHER_BITS).bitwise_right_shift_(56).bitwise_and_(0xFF)
+    return packed.copy_(words)
+
+
+def lr_mask_codec(min_lr: float, max_lr: float, lr_bump: float) -> tuple[float, float]:
+    """The lattice of a 16-bit lr mask: (min_lr, step), mask = min_lr + step * n, n = 0 .. 65535.
+
+    The mask moves by lr_bump (or lr_bump * d_coef) and is clamped to [min_lr, max_lr], so a
+    lattice anchored at min_lr whose step divides lr_bump keeps every bump exactly, and min_lr
+    itself; what can fall between lattice points are the start lr and max_lr (off by at most
+    step / 2, which never grows) and a non-integer d_coef's bump (rounded to the nearest step).
+    The step is the largest lr_bump / k that still spans [min_lr, max_lr] in 65535 steps.
+    """
+    span = max_lr - min_lr
+    if span <= 0:
+        return (min_lr, 0.0)
+    if lr_bump <= 0:
+        return (min_lr, span / _CODE_STEPS)
+    per_bump = math.floor(lr_bump * _CODE_STEPS / span)  # >= 1, checked by the validation
+    return (min_lr, lr_bump / per_bump)
+
+
+def encode_lr_mask_(codes: Tensor, lr_mask: Tensor, codec: tuple[float, float]) -> Tensor:
+    """Float32 ``lr_mask`` within [min_lr, max_lr] (clobbered) -> the nearest lattice point, into
+    uint16 ``codes``. The conversion truncates, so adding 0.5 first rounds to nearest; the float
+    error of a code (~0.01 of a step) is far from the 0.5 that would change it."""
+    anchor, step = codec
+    inverse = 1.0 / step if step > 0 else 0.0
+    return codes.copy_(lr_mask.mul_(inverse).add_(0.5 - anchor * inverse))
+
+
+def decode_lr_mask(codes: Tensor, codec: tuple[float, float], dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint16 codes -> the float mask, min_lr + step * code (precise near min_lr, where relative
+    error would matter most)."""
+    anchor, step = codec
+    return codes.to(dtype).mul_(step).add_(anchor)
+
+
+def _encode_lr_mask_scalar(value: float, codec: tuple[float, float]) -> int:
+    anchor, step = codec
+    return min(max(round((value - anchor) / step), 0), _CODE_STEPS) if step > 0 else 0
+
+
+def stochastic_round_state_(target: Tensor, value: Tensor, noise: Tensor) -> Tensor:
+    """Stochastic rounding (Gupta et al. 2015, arXiv 1502.02551) of float32 ``value`` (clobbered)
+    into bf16 ``target``, with ``noise`` uniform int16 of ``value``'s shape: add 16 random bits
+    below bf16's, truncate. Unbiased: rounds up with probability equal to the remainder."""
+    bits = value.view(torch.int32).add_(noise).add_(1 << 15)  # int16 noise + 32768: 0 .. 65535
+    return target.copy_(bits.bitwise_and_(-(1 << 16)).view(torch.float32).view(target.shape))
+
+
+def _state_noise(batch: int, numel: int, seeds: list[int], generator_for: Callable, like: Tensor) -> Tensor:
+    """(B, numel) uniform int16 noise, each stacked tensor from its own seed, so a tensor rounds
+    the same whether it is stepped alone or in a stack. Drawn as int64 words (four per draw)."""
+    words = torch.empty((batch, (numel + 3) // 4), dtype=torch.int64, device=like.device)
+    for row, seed in zip(words, seeds):
+        row.random_(-(1 << 63), (1 << 63) - 1, generator=generator_for(like, seed))
+    noise = words.view(torch.int16)
+    return noise if noise.shape[1] == numel else noise[:, :numel]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,20 +549,24 @@ def _fused_kernels():
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
                  generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
-                 stack_cache: dict) -> None:
+                 stack_cache: dict, state_seeds: Optional[list[int]] = None) -> None:
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
     bf16/fp16 weights, whose update is computed in float32). ``stack_cache`` belongs to this
-    bucket (see ``_stacked_state``)."""
+    bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``) is loaded to
+    float32 around the same math and stored back; ``state_seeds`` seed its rounding per tensor."""
     if group.get("fused") and not phase.first:
         kernels = _fused_kernels()
         if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
                                                        group_stats, seed, stack_cache):
             return
     shape = _matrix_shape(params[0].shape)
-    state_dtype = states[0]["exp_avg"].dtype
+    compact = group["state_precision"] != "fp32"
+    state_dtype = torch.float32 if compact else states[0]["exp_avg"].dtype
+    batch, numel = len(params), math.prod(shape)
 
     def state(key: str) -> Optional[Tensor]:
-        """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA."""
+        """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA,
+        (B, bytes) for packed bits."""
         if key not in states[0]:
             return None
         own_shape = states[0][key].shape
@@ -479,13 +579,26 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         # ADOPT (Taniguchi et al. 2024, arXiv 2411.02853): the first step only initialises state.
         grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy)
         grad = grad * _per_tensor(finite, grad)  # a skipped tensor starts from zero state
-        state("exp_avg").copy_(grad).mul_(1 - group["beta1"])
+        if not compact:
+            state("exp_avg").copy_(grad).mul_(1 - group["beta1"])
+            if phase.warmup:
+                state("polarity").copy_(grad > 0)
+            return
         if phase.warmup:
-            state("polarity").copy_(grad > 0)
+            pack_bits_(state("polarity"), (grad > 0).view(torch.uint8).reshape(batch, numel))
+        stochastic_round_state_(state("exp_avg"), grad.mul_(1 - group["beta1"]).reshape(batch, numel),
+                                _state_noise(batch, numel, state_seeds, generator_for, grad))
         return
+    if compact:
+        codec = states[0]["lr_mask_codec"]
+        exp_avg, lr_mask = state("exp_avg").to(torch.float32), decode_lr_mask(state("lr_mask"), codec)
+        packed = state("polarity")
+        polarity = unpack_bits(packed, numel).reshape((batch,) + shape) if packed is not None else None
+    else:
+        exp_avg, lr_mask, polarity = state("exp_avg"), state("lr_mask"), state("polarity")
     lr_ratio = group["lr"] / group["lr_max"]
     new_weight = _bucket_math(
-        grad, state("exp_avg"), state("lr_mask"), state("polarity"), _gather(params, shape, state_dtype),
+        grad, exp_avg, lr_mask, polarity, _gather(params, shape, state_dtype),
         state("initial_weight"), state("avg_lr"), state("avg_lr_max"), state("row_scaling"),
         state("lr_decay"), state("decay_rate"), *(group_stats or (None, None)), lr_ratio,
         warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
@@ -499,6 +612,14 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         rounded = torch.empty(new_weight.shape, dtype=params[0].dtype, device=new_weight.device)
         stochastic_round_(rounded, new_weight, generator_for(new_weight, seed))
         _scatter(rounded, params)
+    if compact:
+        del new_weight, grad
+        if phase.warmup:  # the mask and the signs are frozen after warm-up: nothing to write
+            encode_lr_mask_(state("lr_mask"), lr_mask, codec)
+            pack_bits_(packed, polarity.reshape(batch, numel))
+        del lr_mask, polarity
+        stochastic_round_state_(state("exp_avg"), exp_avg.reshape(batch, numel),
+                                _state_noise(batch, numel, state_seeds, generator_for, exp_avg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,6 +653,13 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         grams: False uses the plain momentum as direction (ablation).
         vradam: False disables the VRAdam brake (ablation).
         allora: False disables ALLoRA row scaling (ablation).
+        state_precision: how the per-element state is stored; the math is float32 either way.
+            "fp32" (default): momentum and mask in float32, signs one byte each, x0 in the
+            weights' dtype. "bf16": momentum in bf16 with stochastic rounding, the mask as a
+            16-bit count of lattice steps above min_lr that keeps every bump (see
+            ``lr_mask_codec``), signs packed 8 per byte, x0 in bf16 (the weights' own dtype
+            when they are 16-bit): 6.1 / 4.1 / 4 bytes per parameter in early warm-up / late
+            warm-up / after, against 13 / 9 / 8 (11 / 9 / 8 with bf16 weights).
         foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
             at a time (same math).
         fused: True steps each bucket with one Triton kernel (same math) where it applies: CUDA
@@ -545,12 +673,13 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  weight_decay: float = 5e-4, warmup_steps: int = 500, full_finetune: bool = False,
                  orthograd: bool = False, stats_update_freq: int = 5, sinkgd_iters: Optional[int] = None,
                  grams: bool = True, vradam: bool = True, allora: bool = True,
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None):
+                 state_precision: str = "fp32", foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
                         stats_update_freq=stats_update_freq, sinkgd_iters=sinkgd_iters, grams=grams,
-                        vradam=vradam, allora=allora, fused=fused)
+                        vradam=vradam, allora=allora, state_precision=state_precision, fused=fused)
         self._validate(defaults, "")
         self.foreach = foreach
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -612,10 +741,21 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             _check_range(flag + where, get(flag), isinstance(get(flag), bool), "True or False")
         fused = get("fused")
         _check_range("fused" + where, fused, fused is None or isinstance(fused, bool), "None, True or False")
+        precision = get("state_precision")
+        _check_range("state_precision" + where, precision, precision in STATE_PRECISIONS,
+                     " or ".join(repr(p) for p in STATE_PRECISIONS))
+        if precision != "fp32" and get("lr_bump") > 0:
+            # The 16-bit mask holds (max_lr - min_lr) / lr_bump bumps at least once each.
+            smallest = (max_lr - min_lr) / _CODE_STEPS
+            _check_range("lr_bump" + where, get("lr_bump"), get("lr_bump") >= smallest,
+                         f"lr_bump = 0 or lr_bump >= (max_lr - min_lr) / {_CODE_STEPS} = {smallest:.3g} with "
+                         f"state_precision={precision!r} (its mask is a 16-bit count of steps)")
 
     # -- state --------------------------------------------------------------------------------
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
+        if group["state_precision"] != "fp32":
+            return self._init_compact_state(p, group)
         state = self.state[p]
         state_dtype = torch.promote_types(p.dtype, torch.float32)
         warmup = group["warmup_steps"]
@@ -636,6 +776,39 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                                                       group["eta"]).squeeze(0).to(state_dtype)
         return state
 
+    def _init_compact_state(self, p: Tensor, group: dict) -> dict:
+        """The layout of ``state_precision="bf16"`` (see the class docstring); per-tensor scalars
+        stay float32."""
+        state = self.state[p]
+        warmup = group["warmup_steps"]
+        start_lr = group.get("initial_lr", group["lr"])
+        codec = lr_mask_codec(group["min_lr"], group["max_lr"], group["lr_bump"])
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+        state["lr_mask"] = torch.full_like(p, _encode_lr_mask_scalar(start_lr, codec), dtype=torch.uint16,
+                                           memory_format=torch.contiguous_format)
+        state["lr_mask_codec"] = codec
+        state["avg_lr"] = torch.full((), start_lr, dtype=torch.float32, device=p.device)
+        state["avg_lr_max"] = torch.full((), start_lr, dtype=torch.float32, device=p.device)
+        if warmup > 1:
+            state["polarity"] = torch.zeros(((p.numel() + 7) // 8,), dtype=torch.uint8, device=p.device)
+        if group["d_coef"] != 1 and 1 < warmup / 2:
+            x0_dtype = p.dtype if p.element_size() <= 2 else torch.bfloat16
+            state["initial_weight"] = p.detach().to(dtype=x0_dtype, memory_format=torch.contiguous_format, copy=True)
+        if p.ndim >= 2 and not group["full_finetune"] and group["allora"]:
+            state["row_scaling"] = allora_row_scaling(_as_matrix_view(p.detach()).unsqueeze(0),
+                                                      group["eta"]).squeeze(0).float()
+        return state
+
+    def _rebase_lr_mask(self, state: dict, group: dict) -> None:
+        """Re-encode a compact mask when min_lr, max_lr or lr_bump changed (they are read from the
+        group at every step): decode on the old lattice, clamp, encode on the new one."""
+        codec = lr_mask_codec(group["min_lr"], group["max_lr"], group["lr_bump"])
+        if state["lr_mask_codec"] != codec:
+            mask = decode_lr_mask(state["lr_mask"], state["lr_mask_codec"]).clamp_(group["min_lr"], group["max_lr"])
+            encode_lr_mask_(state["lr_mask"], mask, codec)
+            state["lr_mask_codec"] = codec
+
     def _advance_phase(self, state: dict, group: dict) -> int:
         """Advance the tensor's own step counter; free state its next phases no longer need."""
         state["step"] += 1
@@ -648,6 +821,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             freed |= state.pop("polarity", None) is not None
         if freed:
             self._stack_caches.clear()  # they would keep the freed buffers alive
+        if t < warmup and "lr_mask_codec" in state:
+            self._rebase_lr_mask(state, group)
         if t >= warmup:
             if "lr_decay" not in state:
                 # Linear decay over another warmup_steps, slower if the mask ended below its peak.
@@ -662,9 +837,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         return generator.manual_seed(seed)
 
     @staticmethod
-    def _rounding_seed(group_index: int, param_index: int, t: int) -> int:
-        """A seed from (tensor, step) alone: replicas agree, and a resumed run rounds identically."""
-        return (group_index * 1_000_003 + param_index) * 2_654_435_761 + t * 97_531 & 0x7FFF_FFFF_FFFF
+    def _rounding_seed(group_index: int, param_index: int, t: int, stream: int = 0) -> int:
+        """A seed from (tensor, step) alone: replicas agree, and a resumed run rounds identically.
+        ``stream`` 0 rounds the weights, 1 the momentum of a compact state."""
+        return ((group_index * 1_000_003 + param_index) * 2_654_435_761 + t * 97_531
+                + stream * 0x2545_F491_4F6C) & 0x7FFF_FFFF_FFFF
 
     # -- group statistics -----------------------------------------------------------------------
 
@@ -787,11 +964,15 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
 
     def _run_bucket(self, chunk: list, settings: dict, stats: Optional[tuple], group_index: int) -> None:
         index, _, _, state, phase, is_matrix = chunk[0]
+        state_seeds = None
+        if settings["state_precision"] != "fp32":
+            state_seeds = [self._rounding_seed(group_index, m[0], m[3]["step"], stream=1) for m in chunk]
         _step_bucket(params=[m[1] for m in chunk], grads=[m[2] for m in chunk], states=[m[3] for m in chunk],
                      group=settings, phase=phase, is_matrix=is_matrix,
                      group_stats=stats, generator_for=self._generator_for,
                      seed=self._rounding_seed(group_index, index, state["step"]),
-                     stack_cache=self._stack_caches.setdefault((id(chunk[0][1]), len(chunk)), {}))
+                     stack_cache=self._stack_caches.setdefault((id(chunk[0][1]), len(chunk)), {}),
+                     state_seeds=state_seeds)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
@@ -848,7 +1029,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 if "lr_decay" in state:
                     lr = lr * post_warmup_decay(state["lr_decay"], lr_ratio)
                 if group["vradam"]:
-                    lr = lr * vradam_brake(state["exp_avg"].reshape(1, -1))[0]
+                    momentum = state["exp_avg"]
+                    momentum = momentum.to(torch.promote_types(momentum.dtype, torch.float32))
+                    lr = lr * vradam_brake(momentum.reshape(1, -1))[0]
                 if "row_scaling" in state:
                     lr = lr * state["row_scaling"].mean()
                 total = lr * p.numel() if total is None else total + lr * p.numel()
@@ -862,12 +1045,58 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
 
     # -- resume ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _convert_state_precision(state: dict, p: Tensor, group: dict) -> None:
+        """Bring one tensor's state to the group's state_precision, if it was saved in the other.
+
+        fp32 -> bf16: momentum and x0 rounded to nearest, mask onto the lattice (within half a
+        step), signs packed. bf16 -> fp32: momentum, x0 and signs exact, mask decoded.
+        """
+        compact_now = state["exp_avg"].dtype == torch.bfloat16 and "lr_mask_codec" in state
+        compact_wanted = group["state_precision"] != "fp32"
+        if compact_now == compact_wanted:
+            return
+        numel = p.numel()
+        if compact_wanted:
+            codec = lr_mask_codec(group["min_lr"], group["max_lr"], group["lr_bump"])
+            mask = state["lr_mask"].to(torch.float32, copy=True)
+            state["exp_avg"] = state["exp_avg"].to(torch.bfloat16).contiguous()
+            mask.clamp_(group["min_lr"], group["max_lr"])
+            state["lr_mask"] = encode_lr_mask_(torch.empty(p.shape, dtype=torch.uint16, device=p.device),
+                                               mask, codec)
+            state["lr_mask_codec"] = codec
+            if "polarity" in state:
+                packed = torch.empty(((numel + 7) // 8,), dtype=torch.uint8, device=p.device)
+                bits = _as_matrix_view(state["polarity"]).reshape(1, numel).to(torch.uint8)
+                state["polarity"] = pack_bits_(packed.view(1, -1), bits).view(-1)
+            if "initial_weight" in state and state["initial_weight"].element_size() > 2:
+                state["initial_weight"] = state["initial_weight"].to(torch.bfloat16).contiguous()
+            float_dtype = torch.float32
+        else:
+            float_dtype = torch.promote_types(p.dtype, torch.float32)
+            state["exp_avg"] = state["exp_avg"].to(float_dtype)
+            state["lr_mask"] = decode_lr_mask(state["lr_mask"], state.pop("lr_mask_codec"), float_dtype)
+            if "polarity" in state:
+                bits = unpack_bits(state["polarity"].view(1, -1), numel)
+                state["polarity"] = bits.reshape(p.shape).to(torch.bool)
+            if "initial_weight" in state:
+                state["initial_weight"] = state["initial_weight"].to(p.dtype)
+        for key in ("avg_lr", "avg_lr_max", "lr_decay", "decay_rate", "row_scaling"):
+            if key in state:
+                state[key] = state[key].to(float_dtype)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict, keeping every state tensor in the dtype it was saved in.
 
         torch's default casts floating state (and even bool) to the parameter's dtype, which
         would turn the float32 mask and momentum of bf16 weights into bf16.
+
+        ``state_precision`` is a storage choice, so this optimizer's own setting wins over the
+        saved one (every other setting is the saved one, as in torch): a state saved in another
+        precision is converted (see ``_convert_state_precision``). A resume in the precision
+        it was saved in continues bit for bit.
         """
+        configured_precisions = [g["state_precision"] for g in self.param_groups]
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
@@ -876,6 +1105,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             for key, value in saved_state.get(saved_id, {}).items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+        for group, precision in zip(self.param_groups, configured_precisions):
+            group["state_precision"] = precision
+            for p in group["params"]:
+                if self.state.get(p):
+                    self._convert_state_precision(self.state[p], p, group)
         for group in self.param_groups:
             group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
             group.setdefault("group_step", 0)

@@ -1,5 +1,6 @@
 """Data-parallel replicas stay bit-identical: 2 processes (gloo, CPU), 20 steps, fp32 and bf16
-weights (bf16 exercises the stochastic rounding, which must draw the same bits on every rank)."""
+weights (bf16 exercises the stochastic rounding, which must draw the same bits on every rank),
+in fp32 and bf16 optimizer state (the latter rounds its momentum stochastically too)."""
 
 import hashlib
 import os
@@ -20,7 +21,7 @@ def _digest(tensors) -> str:
     return sha.hexdigest()
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, state_precision: str) -> None:
     sys.path.insert(0, ROOT)
     from library.automagic_sinkgd import Automagic_Sinkgd
 
@@ -30,7 +31,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     model[2].to(torch.bfloat16)
     optimizer = Automagic_Sinkgd(model.parameters(), lr=1e-3, min_lr=1e-5, max_lr=1e-2, lr_bump=1e-4,
-                                 warmup_steps=8, orthograd=True, weight_decay=1e-2, stats_update_freq=2)
+                                 warmup_steps=8, orthograd=True, weight_decay=1e-2, stats_update_freq=2,
+                                 state_precision=state_precision)
     initial = _digest(list(model.parameters()))
     # Ranks draw different random numbers from here on, as a trainer's noise sampling does; an
     # optimizer that used the global RNG (say, for its rounding) would now fall out of step.
@@ -57,8 +59,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this torch build")
-def test_two_replicas_stay_bit_identical(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("state_precision", ["fp32", "bf16"])
+def test_two_replicas_stay_bit_identical(tmp_path, state_precision):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), state_precision), nprocs=2, join=True)
     (initial, *final), (_, *other_final) = ((tmp_path / f"rank{r}.txt").read_text().split() for r in range(2))
     assert final == other_final
     assert final[0] != initial  # the weights did train
