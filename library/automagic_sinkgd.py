@@ -368,10 +368,22 @@ def _same_shape(tensors: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
     return tensors if _share_shape(tensors) else [t.reshape(shape) for t in tensors]
 
 
+def _gathers_as_view(tensors: list[Tensor], dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether ``_gather`` returns a view of the tensor itself (so in-place math lands in it): a
+    single contiguous tensor already in ``dtype``. Decided from shapes and strides alone, never
+    from ``data_ptr()``, so it holds under ``torch.compile`` too."""
+    return len(tensors) == 1 and tensors[0].is_contiguous() and (dtype is None or tensors[0].dtype == dtype)
+
+
 def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Stack same-shape tensors to (B, *shape); a single tensor becomes a view, no copy."""
+    """Stack same-shape tensors to (B, *shape); a single contiguous tensor becomes a view, no copy,
+    anything else a fresh copy (see ``_gathers_as_view``)."""
     if len(tensors) == 1:
-        stacked = tensors[0].reshape((1,) + shape)  # a view unless the tensor is not contiguous
+        stacked = tensors[0].reshape((1,) + shape)
+        if not tensors[0].is_contiguous():
+            # reshape may return a strided view (a transposed matrix) or a copy (channels_last):
+            # make it always a copy, so the caller knows which one it holds.
+            stacked = stacked.contiguous()
     else:
         stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
     return stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
@@ -388,7 +400,11 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
     """
     tensors = [s[key] for s in states]
     if len(tensors) == 1:
-        return tensors[0].reshape((1,) + shape)
+        if not tensors[0].is_contiguous():
+            # A channels_last or transposed state tensor (made like its parameter, or loaded so)
+            # would reshape into a copy and the in-place updates would be lost: store it dense.
+            states[0][key] = tensors[0] = tensors[0].contiguous()
+        return tensors[0].view((1,) + shape)
     known = cache.get(key)
     if known is not None and all(map(operator.is_, tensors, known[0])):
         return known[1]
@@ -407,14 +423,16 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
 
 
 def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
-    """Write a stack back into its tensors, unless it is a view of them already."""
-    if len(tensors) == 1 and stacked.data_ptr() == tensors[0].data_ptr() and stacked.dtype == tensors[0].dtype:
-        return
+    """Write a stack (a copy, see ``_gathers_as_view``) back into its tensors."""
     if _share_shape(tensors):  # one reshape instead of a view per tensor
         sources = list(stacked.reshape((len(tensors),) + tensors[0].shape).unbind(0))
     else:
         sources = [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)]
     torch._foreach_copy_(tensors, sources)
+
+
+# State entries holding one value per tensor (0-d), whatever the parameter's shape.
+_PER_TENSOR_STATE = frozenset({"avg_lr", "avg_lr_max", "lr_decay", "decay_rate"})
 
 
 class _Phase:
@@ -570,11 +588,12 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         if key not in states[0]:
             return None
         own_shape = states[0][key].shape
-        return _stacked_state(states, key, shape if own_shape == params[0].shape else tuple(own_shape),
-                              stack_cache)
+        # By key, not by shape: a 0-d parameter's per-element state is 0-d like its scalars.
+        per_element = key not in _PER_TENSOR_STATE and own_shape == params[0].shape
+        return _stacked_state(states, key, shape if per_element else tuple(own_shape), stack_cache)
 
     grad = _gather(grads, shape, state_dtype)
-    grad_is_copy = grad.data_ptr() != grads[0].data_ptr()
+    grad_is_copy = not _gathers_as_view(grads, state_dtype)
     if phase.first:
         # ADOPT (Taniguchi et al. 2024, arXiv 2411.02853): the first step only initialises state.
         grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy)
@@ -603,11 +622,12 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         state("lr_decay"), state("decay_rate"), *(group_stats or (None, None)), lr_ratio,
         warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
-        min_lr=group["min_lr"], max_lr=group["max_lr"], weight_decay=group["weight_decay"],
+        min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
         grad_is_copy=grad_is_copy)
     if params[0].dtype == state_dtype:
-        _scatter(new_weight, params)  # nothing to do when it was a view of the parameter
+        if not _gathers_as_view(params, state_dtype):  # else the math ran on the parameter itself
+            _scatter(new_weight, params)
     else:
         rounded = torch.empty(new_weight.shape, dtype=params[0].dtype, device=new_weight.device)
         stochastic_round_(rounded, new_weight, generator_for(new_weight, seed))
@@ -639,7 +659,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         params: parameters or parameter groups (each group may set its own ``lr`` and any
             argument below; the mask of a group starts at that group's lr).
         lr: base learning rate, within [min_lr, max_lr]; recommended 1e-6 .. 1e-4.
-        min_lr, max_lr: bounds of the per-element learning-rate mask.
+        min_lr, max_lr: bounds of the per-element learning-rate mask. Each group holds them as
+            ``mask_min_lr`` / ``mask_max_lr`` (read every step; change those during training),
+            because LR schedulers such as OneCycleLR write ``min_lr`` / ``max_lr`` keys of their own.
         lr_bump: one up/down move of the mask during warm-up (0 freezes the mask at lr).
         eta: ALLoRA strength (LoRA mode matrices); > 0.
         beta1: momentum decay, in [0, 1).
@@ -661,7 +683,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             when they are 16-bit): 6.1 / 4.1 / 4 bytes per parameter in early warm-up / late
             warm-up / after, against 13 / 9 / 8 (11 / 9 / 8 with bf16 weights).
         foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
-            at a time (same math).
+            at a time (same math); per group, like the other settings.
         fused: True steps each bucket with one Triton kernel (same math) where it applies: CUDA
             tensors with Triton installed, fp32/bf16 weights, fp32 state (CPU tensors only under
             Triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use); every other bucket,
@@ -679,24 +701,57 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
                         stats_update_freq=stats_update_freq, sinkgd_iters=sinkgd_iters, grams=grams,
-                        vradam=vradam, allora=allora, state_precision=state_precision, fused=fused)
+                        vradam=vradam, allora=allora, state_precision=state_precision, fused=fused,
+                        foreach=foreach, mask_min_lr=min_lr, mask_max_lr=max_lr)
         self._validate(defaults, "")
-        self.foreach = foreach
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """Derived, rebuildable attributes (not saved: torch pickles only defaults, state and groups)."""
         self._generators: dict[torch.device, torch.Generator] = {}
         self._fused_gather: dict[int, list] = {}
         self._positions: dict[int, tuple[int, int]] = {}
         self._chunk_numel: Optional[int] = None
         self._stack_caches: dict[tuple, dict] = {}  # per bucket chunk, see _stacked_state
         self._counts_cache: dict[int, tuple] = {}  # per group, see _element_counts
-        super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._validate(group, f" (param group {len(self.param_groups) - 1})")
+    def __setstate__(self, state: dict) -> None:
+        # Called by unpickling, copy.deepcopy and load_state_dict: caches are rebuilt, and groups
+        # saved by older versions get the keys this version reads.
+        super().__setstate__(state)
+        self._reset_caches()
+        self.defaults.setdefault("foreach", None)
+        self.defaults.setdefault("mask_min_lr", self.defaults.get("min_lr"))
+        self.defaults.setdefault("mask_max_lr", self.defaults.get("max_lr"))
+        for group in self.param_groups:
+            self._complete_group(group)
+
+    @staticmethod
+    def _complete_group(group: dict) -> None:
+        """Keys the step reads that a group saved by an older version may lack."""
+        group.setdefault("foreach", None)
+        # Older versions kept the mask bounds under min_lr / max_lr.
+        group.setdefault("mask_min_lr", group.get("min_lr"))
+        group.setdefault("mask_max_lr", group.get("max_lr"))
         # The largest lr this group has seen: an outside scheduler can only lower the decay.
         group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
         group.setdefault("group_step", 0)
+        device = group["params"][0].device if group["params"] else None
+        for key in ("grad_abs_mean", "grad_abs_std"):
+            if key in group and device is not None:
+                group[key] = group[key].to(device)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # A group's own min_lr / max_lr (as the user writes them) set its mask bounds.
+        if isinstance(param_group, dict):
+            for name in ("min_lr", "max_lr"):
+                if name in param_group:
+                    param_group.setdefault("mask_" + name, param_group[name])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate(group, f" (param group {len(self.param_groups) - 1})")
+        self._complete_group(group)
         self._chunk_numel = None  # recomputed from the new largest tensor at the next step
 
     def _param_position(self, p: Tensor) -> tuple[int, int]:
@@ -713,7 +768,14 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
     def _validate(settings: dict, where: str) -> None:
         get = settings.get
         # A group prepared by an LR scheduler holds its base in initial_lr (lr may be 0 in warm-up).
-        lr, min_lr, max_lr = get("initial_lr", get("lr")), get("min_lr"), get("max_lr")
+        lr = get("initial_lr", get("lr"))
+        if torch.is_tensor(lr):
+            if lr.numel() != 1:
+                raise ValueError(f"Automagic_Sinkgd: lr{where}: Tensor lr must be 1-element (got shape "
+                                 f"{tuple(lr.shape)}).")
+            lr = lr.item()  # validation runs before training, where a host read is fine
+        # The mask bounds; named min_lr / max_lr as the user passes them.
+        min_lr, max_lr = get("mask_min_lr", get("min_lr")), get("mask_max_lr", get("max_lr"))
         _check_range("min_lr" + where, min_lr, min_lr >= 0, "min_lr >= 0")
         _check_range("max_lr" + where, max_lr, max_lr > 0 and max_lr >= min_lr,
                      f"max_lr > 0 and max_lr >= min_lr ({min_lr})")
@@ -750,6 +812,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             _check_range("lr_bump" + where, get("lr_bump"), get("lr_bump") >= smallest,
                          f"lr_bump = 0 or lr_bump >= (max_lr - min_lr) / {_CODE_STEPS} = {smallest:.3g} with "
                          f"state_precision={precision!r} (its mask is a 16-bit count of steps)")
+        _check_range("foreach" + where, get("foreach"), get("foreach") is None or isinstance(get("foreach"), bool),
+                     "None, True or False")
 
     # -- state --------------------------------------------------------------------------------
 
@@ -782,7 +846,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state = self.state[p]
         warmup = group["warmup_steps"]
         start_lr = group.get("initial_lr", group["lr"])
-        codec = lr_mask_codec(group["min_lr"], group["max_lr"], group["lr_bump"])
+        codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         state["lr_mask"] = torch.full_like(p, _encode_lr_mask_scalar(start_lr, codec), dtype=torch.uint16,
@@ -803,9 +867,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
     def _rebase_lr_mask(self, state: dict, group: dict) -> None:
         """Re-encode a compact mask when min_lr, max_lr or lr_bump changed (they are read from the
         group at every step): decode on the old lattice, clamp, encode on the new one."""
-        codec = lr_mask_codec(group["min_lr"], group["max_lr"], group["lr_bump"])
+        codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
         if state["lr_mask_codec"] != codec:
-            mask = decode_lr_mask(state["lr_mask"], state["lr_mask_codec"]).clamp_(group["min_lr"], group["max_lr"])
+            mask = decode_lr_mask(state["lr_mask"], state["lr_mask_codec"]).clamp_(group["mask_min_lr"], group["mask_max_lr"])
             encode_lr_mask_(state["lr_mask"], mask, codec)
             state["lr_mask_codec"] = codec
 
@@ -914,6 +978,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             raise RuntimeError("Automagic_Sinkgd does not support complex parameters or gradients.")
         return grad
 
+    # Under torch.compile the step runs eagerly (a graph break): its phases come from Python step
+    # counters, which would make every step's graph a new one (a recompile per step until dynamo
+    # gives up). The step itself traces (no data_ptr or host reads), for code that compiles it.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = None
@@ -921,7 +989,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
-            entries = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            # A size-0 tensor has nothing to update (its mask mean would be NaN): it gets no state.
+            entries = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
             if not entries:
                 continue
             group["lr_max"] = max(group["lr_max"], group["lr"])
@@ -943,14 +1012,14 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 self._refresh_group_stats(group_index, group, grads)
             stats = self._group_stats(group)
             for members in buckets.values():
-                for chunk in self._chunks(members):
+                for chunk in self._chunks(members, group["foreach"]):
                     self._run_bucket(chunk, settings, stats, group_index)
         return loss
 
-    def _chunks(self, members: list) -> Iterable[list]:
+    def _chunks(self, members: list, foreach: Optional[bool]) -> Iterable[list]:
         """Split a bucket so a stacked copy is no larger than the largest tensor (or a small floor);
         foreach=False steps tensors one by one."""
-        if self.foreach is False:
+        if foreach is False:
             for member in members:
                 yield [member]
             return
@@ -982,7 +1051,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         so they come from |g| sums gathered while the previous stats step ran (the first stats
         step uses theta = 1, the neutral value, as no statistics exist yet).
         """
-        if p.grad is None:
+        if p.grad is None or not p.numel():
             return
         grad = self._check_grad(p)
         group_index, index = self._param_position(p)
@@ -1058,10 +1127,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             return
         numel = p.numel()
         if compact_wanted:
-            codec = lr_mask_codec(group["min_lr"], group["max_lr"], group["lr_bump"])
+            codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
             mask = state["lr_mask"].to(torch.float32, copy=True)
             state["exp_avg"] = state["exp_avg"].to(torch.bfloat16).contiguous()
-            mask.clamp_(group["min_lr"], group["max_lr"])
+            mask.clamp_(group["mask_min_lr"], group["mask_max_lr"])
             state["lr_mask"] = encode_lr_mask_(torch.empty(p.shape, dtype=torch.uint16, device=p.device),
                                                mask, codec)
             state["lr_mask_codec"] = codec
@@ -1086,10 +1155,14 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state[key] = state[key].to(float_dtype)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict, keeping every state tensor in the dtype it was saved in.
+        """Load a state_dict, keeping every state tensor in the dtype it was saved in, and owning
+        it (never aliasing the caller's tensors).
 
-        torch's default casts floating state (and even bool) to the parameter's dtype, which
-        would turn the float32 mask and momentum of bf16 weights into bf16.
+        torch's default casts floating state (and even bool) to the parameter's dtype, which would
+        turn the float32 mask and momentum of bf16 weights into bf16, and keeps the caller's very
+        tensors where no cast is needed. The fix-up runs inside torch's own sequence: it reads the
+        dict the user's pre-hooks produced (its hook runs after theirs) and writes the state
+        before the user's post-hooks run (its hook runs first), so both see and keep their changes.
 
         ``state_precision`` is a storage choice, so this optimizer's own setting wins over the
         saved one (every other setting is the saved one, as in torch): a state saved in another
@@ -1097,25 +1170,36 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         it was saved in continues bit for bit.
         """
         configured_precisions = [g["state_precision"] for g in self.param_groups]
-        saved_state = state_dict["state"]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
+        final: dict = {}
+
+        def keep_final_dict(optimizer, loaded):
+            final["state_dict"] = loaded
+
+        def restore_saved_tensors(optimizer):
+            optimizer._own_loaded_state(final["state_dict"], configured_precisions)
+
+        handles = (self.register_load_state_dict_pre_hook(keep_final_dict),
+                   self.register_load_state_dict_post_hook(restore_saved_tensors, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _own_loaded_state(self, loaded: dict, configured_precisions: list[str]) -> None:
+        saved_ids = [i for g in loaded["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
-            for key, value in saved_state.get(saved_id, {}).items():
-                if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+            state = self.state.get(p)
+            if not state:
+                continue
+            for key, saved in loaded["state"].get(saved_id, {}).items():
+                current = state.get(key)
+                if torch.is_tensor(saved) and torch.is_tensor(current) and (
+                        current is saved or current.dtype != saved.dtype):
+                    state[key] = saved.to(device=p.device, copy=True)
         for group, precision in zip(self.param_groups, configured_precisions):
             group["state_precision"] = precision
             for p in group["params"]:
                 if self.state.get(p):
                     self._convert_state_precision(self.state[p], p, group)
-        for group in self.param_groups:
-            group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
-            group.setdefault("group_step", 0)
-            device = group["params"][0].device if group["params"] else None
-            for key in ("grad_abs_mean", "grad_abs_std"):
-                if key in group and device is not None:
-                    group[key] = group[key].to(device)
-        self._fused_gather.clear()
-        self._stack_caches.clear()

@@ -368,8 +368,8 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         if key not in states[0]:
             return None
         own_shape = states[0][key].shape
-        return core._stacked_state(states, key, shape if own_shape == params[0].shape else tuple(own_shape),
-                                   stack_cache)
+        per_element = key not in core._PER_TENSOR_STATE and own_shape == params[0].shape  # 0-d params
+        return core._stacked_state(states, key, shape if per_element else tuple(own_shape), stack_cache)
 
     stacks = dict(exp_avg=state("exp_avg"), lr_mask=state("lr_mask"), polarity=state("polarity"),
                   initial_weight=state("initial_weight"), avg_lr=state("avg_lr"), avg_lr_max=state("avg_lr_max"),
@@ -378,7 +378,7 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
     weight = core._gather(params, shape)  # in the weights' own dtype: the kernel converts
     if not all(t.is_contiguous() for t in (grad, weight, *(v for v in stacks.values() if v is not None))):
         return False
-    grad_is_copy = grad.data_ptr() != grads[0].data_ptr()
+    grad_is_copy = not core._gathers_as_view(grads, torch.float32)
     bf16 = weight.dtype == torch.bfloat16
     new_weight = bucket_math(
         grad, stacks["exp_avg"], stacks["lr_mask"], stacks["polarity"], weight, stacks["initial_weight"],
@@ -386,8 +386,9 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         *(group_stats or (None, None)), group["lr"] / group["lr_max"],
         warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
-        min_lr=group["min_lr"], max_lr=group["max_lr"], weight_decay=group["weight_decay"],
+        min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
         grad_is_copy=grad_is_copy, weight_out=weight if bf16 else None, seed=seed)
-    core._scatter(new_weight, params)  # nothing to do when it is a view of the parameter
+    if not core._gathers_as_view(params):  # else the kernel wrote into the parameter itself
+        core._scatter(new_weight, params)
     return True

@@ -300,7 +300,7 @@ def test_changed_bounds_re_encode_the_mask():
         optimizer.step()
     state = optimizer.state[p]
     before = decode_lr_mask(state["lr_mask"], state["lr_mask_codec"])
-    optimizer.param_groups[0]["max_lr"] = 2e-3
+    optimizer.param_groups[0]["mask_max_lr"] = 2e-3  # the mask bounds; min_lr / max_lr belong to LR schedulers
     p.grad = torch.ones(4, 8)
     optimizer.step()  # one more bump up, on the new lattice
     after = decode_lr_mask(state["lr_mask"], state["lr_mask_codec"])
