@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -647,6 +648,17 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
 # ----------------------------------------------------------------------------------------------
 
 
+def _scalar_lr(lr) -> float:
+    """A group lr as a Python float: a 1-element tensor lr (as torch allows) is read once, when a
+    tensor's state is created, never in the steps after."""
+    return lr.item() if torch.is_tensor(lr) else lr
+
+
+# torch cannot unpickle tensors of these dtypes (a torch.save round-trip works): pickling and
+# spawned workers carry them as the signed type of the same width, bit for bit.
+_UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
 def _check_range(name: str, value: Any, ok: bool, allowed: str, hint: str = "") -> None:
     if not ok:
         raise ValueError(f"Automagic_Sinkgd: {name}={value!r} is out of range; allowed: {allowed}.{hint}")
@@ -716,10 +728,27 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._stack_caches: dict[tuple, dict] = {}  # per bucket chunk, see _stacked_state
         self._counts_cache: dict[int, tuple] = {}  # per group, see _element_counts
 
+    def __getstate__(self) -> dict:
+        pickled = super().__getstate__()
+        signed_views = [(p, key, value.dtype) for p, entries in self.state.items()
+                        for key, value in entries.items() if torch.is_tensor(value) and value.dtype in _UNPICKLABLE_AS]
+        if signed_views:
+            state = {p: dict(entries) for p, entries in self.state.items()}
+            for p, key, dtype in signed_views:
+                state[p][key] = state[p][key].view(_UNPICKLABLE_AS[dtype])
+            pickled = {**pickled, "state": state, "_signed_views": signed_views}
+        return pickled
+
     def __setstate__(self, state: dict) -> None:
         # Called by unpickling, copy.deepcopy and load_state_dict: caches are rebuilt, and groups
         # saved by older versions get the keys this version reads.
+        state = dict(state)
+        signed_views = state.pop("_signed_views", ())
+        if signed_views:
+            state["state"] = defaultdict(dict, state["state"])
         super().__setstate__(state)
+        for p, key, dtype in signed_views:
+            self.state[p][key] = self.state[p][key].view(dtype)
         self._reset_caches()
         self.defaults.setdefault("foreach", None)
         self.defaults.setdefault("mask_min_lr", self.defaults.get("min_lr"))
@@ -825,7 +854,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         warmup = group["warmup_steps"]
         # The mask starts at the group's base lr: kohya's schedulers with warm-up put 0 into
         # group["lr"] at step 0 and keep the base in "initial_lr".
-        start_lr = group.get("initial_lr", group["lr"])
+        start_lr = _scalar_lr(group.get("initial_lr", group["lr"]))
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         state["lr_mask"] = torch.full_like(p, start_lr, dtype=state_dtype, memory_format=torch.preserve_format)
@@ -845,7 +874,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         stay float32."""
         state = self.state[p]
         warmup = group["warmup_steps"]
-        start_lr = group.get("initial_lr", group["lr"])
+        start_lr = _scalar_lr(group.get("initial_lr", group["lr"]))
         codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
