@@ -3,9 +3,9 @@
 
 Modelled on the properties PyTorch's own suite checks for every built-in optimizer (its
 ``TestOptimRenewed``); the tests are this project's. Each one runs on Automagic_Sinkgd in several
-configurations (batched and per-tensor paths, LoRA and full mode, bf16 state, runs long enough to pass every
-phase: first step, early warm-up, warm-up, after it with OrthoGrad) and on ``torch.optim.AdamW``,
-which shows that the check itself holds for a built-in optimizer. Where the two differ on purpose,
+configurations (batched and per-tensor paths, LoRA and full mode, bf16 state; runs long enough to
+pass every phase: first step, early warm-up, warm-up, after it with OrthoGrad) and on
+``torch.optim.AdamW``, which shows that the check itself holds for a built-in optimizer. Where the two differ on purpose,
 the test names the difference and checks each side's documented behaviour.
 """
 
