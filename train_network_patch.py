@@ -137,13 +137,17 @@ def apply_preset(preset: str, argv: list[str]) -> list[str]:
     factory = plugin_module("optimizer_factory")
     config = presets.load_preset(preset)
     user_file, argv = take_option(argv, "--config_file")
+    user_config = presets.read_kohya_config(user_file[0]) if user_file else {}
+    sources = presets.merge_sources(str(presets.preset_path(preset)), config, user_file[0] if user_file else None,
+                                    user_config)
     if user_file:
-        config = presets.merge_configs(config, presets.read_kohya_config(user_file[0]))
+        config = presets.merge_configs(config, user_config)
     cli_type, _ = take_option(argv, "--optimizer_type")
     cli_args, rest = take_option(argv, "--optimizer_args", many=True)
     optimizer_type = cli_type[0] if cli_type else config.get("optimizer_type")
     if cli_args is not None and factory.is_automagic(config.get("optimizer_type")) and factory.is_automagic(optimizer_type):
         config["optimizer_args"] = presets.merge_optimizer_args(config.get("optimizer_args", []), cli_args)
+        sources["optimizer_args"] = f"--optimizer_args (merged over {sources.get('optimizer_args')})"
         argv = rest
     elif "optimizer_args" in config and not factory.is_automagic(optimizer_type):
         del config["optimizer_args"]  # another optimizer on the command line: the preset's keys mean nothing to it
@@ -153,6 +157,7 @@ def apply_preset(preset: str, argv: list[str]) -> list[str]:
     os.close(fd)
     atexit.register(lambda: os.path.exists(path) and os.remove(path))
     presets.write_kohya_config(config, path)
+    presets.remember_sources(path, sources)  # errors about a key name the file it came from, not this one
     return ["--config_file", path] + argv
 
 
@@ -167,20 +172,28 @@ def check_optimizer_choice(argv: list[str]) -> None:
     optimizer_type = cli_type[0] if cli_type else config.get("optimizer_type")
     if not factory.is_automagic(optimizer_type):
         return
-    kwargs = factory.parse_optimizer_args(cli_args if cli_args is not None else config.get("optimizer_args"))
-    cls = factory.resolve_optimizer_class(optimizer_type)
-    factory.check_keywords(cls, kwargs)
+    if cli_args is not None:
+        where = "--optimizer_args"
+    else:
+        where = plugin_module("presets").source_of(config_file[0], "optimizer_args") if config_file else ""
     import inspect
 
     import torch
 
-    # A one-element stand-in runs the optimizer's own range checks. Its lr is max_lr, valid
-    # whenever the bounds are: the real lrs (per group) are checked when kohya builds it.
-    lr = kwargs.get("max_lr", inspect.signature(cls.__init__).parameters["max_lr"].default)
     try:
+        kwargs = factory.parse_optimizer_args(cli_args if cli_args is not None else config.get("optimizer_args"))
+        cls = factory.resolve_optimizer_class(optimizer_type)
+        factory.check_keywords(cls, kwargs)
+        factory.check_lr_bounds(cls, kwargs)
+        # A one-element stand-in runs the optimizer's own range checks. Its lr is max_lr, valid
+        # whenever the bounds are: the real lrs (per group) are checked when kohya builds it.
+        lr = kwargs.get("max_lr", inspect.signature(cls.__init__).parameters["max_lr"].default)
         cls([torch.zeros(1, 1, requires_grad=True)], lr=lr, **kwargs)
     except (ValueError, TypeError) as error:  # the optimizer's own message, without a traceback
-        raise LauncherError(str(error)) from None
+        text = str(error).removeprefix("optimizer_args: ")
+        if where.startswith("--optimizer_args"):
+            raise LauncherError(f"{where}: {text}") from None
+        raise LauncherError(f"{where + ': ' if where else ''}optimizer_args: {text}") from None
 
 
 # --------------------------------------------------------------------------- backends

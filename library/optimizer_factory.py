@@ -21,9 +21,12 @@ import ast
 import difflib
 import importlib
 import inspect
-from typing import Any, Iterable, Mapping
+import logging
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 AUTOMAGIC_NAME = "automagic_sinkgd"
 AUTOMAGIC_CLASS_NAME = "Automagic_Sinkgd"
@@ -201,6 +204,7 @@ def build_optimizer(
     trainable_params,
     learning_rate: float,
     optimizer_args: Iterable[str] | Mapping[str, Any] | str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[str, str, torch.optim.Optimizer]:
     """Build the optimizer the way kohya's ``get_optimizer`` does and return its triple.
 
@@ -208,7 +212,8 @@ def build_optimizer(
     with its own ``lr`` for U-Net / text encoder / LoRA+ groups; ``params`` may be a
     ``dict_values`` view). Returns ``(name, args_string, optimizer)`` where
     ``name = cls.__module__ + "." + cls.__name__``: kohya stores ``name(args)`` as the
-    ``ss_optimizer`` metadata of the saved model.
+    ``ss_optimizer`` metadata of the saved model. The args string follows a resume: see
+    :func:`watch_resumed_settings` (``report`` receives its warning; default: logging).
     """
     if isinstance(optimizer_args, Mapping):
         kwargs = dict(optimizer_args)
@@ -216,10 +221,124 @@ def build_optimizer(
         kwargs = parse_optimizer_args(optimizer_args)
     cls = resolve_optimizer_class(optimizer_type)
     check_keywords(cls, kwargs)
+    if is_automagic(optimizer_type):
+        check_lr_bounds(cls, kwargs)
     optimizer = cls(trainable_params, lr=learning_rate, **kwargs)
     if is_automagic(optimizer_type):
         install_shard_guard(optimizer)
-    return f"{cls.__module__}.{cls.__name__}", format_optimizer_args(kwargs), optimizer
+    args_text = watch_resumed_settings(optimizer, kwargs, report or logger.warning)
+    return f"{cls.__module__}.{cls.__name__}", args_text, optimizer
+
+
+def check_lr_bounds(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """min_lr above max_lr is one mistake with two names: say so with both values, whichever was set."""
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    low, high = kwargs.get("min_lr", defaults.get("min_lr")), kwargs.get("max_lr", defaults.get("max_lr"))
+    numbers = isinstance(low, (int, float)) and isinstance(high, (int, float))
+    if numbers and low >= 0 and high > 0 and low > high:  # each alone in range: the optimizer names the other cases
+        raise OptimizerArgsError(
+            f"optimizer_args: min_lr={low:g} is above max_lr={high:g}; min_lr <= max_lr is required "
+            "(the learning-rate mask lives in [min_lr, max_lr])"
+        )
+
+
+# --------------------------------------------------------------------------- resume
+
+
+# Group keys that are not settings: the parameters, and what an LR scheduler or the optimizer
+# itself writes during training. The base lr (initial_lr) is a setting and is compared.
+_RUNTIME_GROUP_KEYS = frozenset({"params", "lr"})
+
+
+def settings_overridden_by_state(current_groups, saved_groups, keys: Iterable[str]) -> list[tuple[int, str, Any, Any]]:
+    """``(group, key, saved, requested)`` for every setting ``load_state_dict`` will replace.
+
+    torch's ``Optimizer.load_state_dict`` takes each group's settings from the saved state, so a
+    value changed on the command line of a resumed run is silently dropped; this lists them.
+    """
+    changed = []
+    for index, (current, saved) in enumerate(zip(current_groups, saved_groups)):
+        for key in keys:
+            if key in _RUNTIME_GROUP_KEYS or key not in current or key not in saved:
+                continue
+            if not _same_setting(current[key], saved[key]):
+                changed.append((index, key, saved[key], current[key]))
+    return changed
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable values are different settings
+        return False
+
+
+def describe_overrides(changed: list[tuple[int, str, Any, Any]], n_groups: int) -> str:
+    """One warning line: each overridden key with the saved value (in effect) and the requested one."""
+    by_key: dict[str, list[tuple[int, Any, Any]]] = {}
+    for index, key, saved, requested in changed:
+        by_key.setdefault(key, []).append((index, saved, requested))
+    parts = []
+    for key, rows in by_key.items():
+        where = "" if len(rows) == n_groups else " in group " + ",".join(str(i) for i, _, _ in rows)
+        saved, requested = rows[0][1], rows[0][2]
+        parts.append(f"{key}={saved!r} (requested {requested!r}){where}")
+    return ("resuming: the saved optimizer state overrides " + "; ".join(parts) + ". The saved values are "
+            "the ones in effect (torch's load_state_dict keeps a state's group settings); start without "
+            "--resume to use the new ones")
+
+
+class OptimizerArgsText(str):
+    """kohya's ``optimizer_args`` string, which follows the settings in effect after a resume.
+
+    kohya builds the ``ss_optimizer`` metadata as ``name + f"({optimizer_args})"`` after it has
+    resumed, from the string ``get_optimizer`` returned before. The string compares as the
+    requested text, but formats (and measures) as what the loaded state put in effect, so the
+    saved model records the settings that really trained it.
+    """
+
+    def __new__(cls, text: str):
+        obj = super().__new__(cls, text)
+        obj.in_effect = text
+        return obj
+
+    def __str__(self) -> str:
+        return self.in_effect
+
+    def __format__(self, spec: str) -> str:
+        return format(self.in_effect, spec)
+
+    def __len__(self) -> int:
+        return len(self.in_effect)
+
+
+def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str, Any],
+                           report: Callable[[str], None]) -> OptimizerArgsText:
+    """Warn, when a state is loaded, about each setting it overrides; keep the args text in effect.
+
+    A load_state_dict pre-hook (torch >= 2.1): it sees the saved groups before torch copies them.
+    """
+    text = OptimizerArgsText(format_optimizer_args(kwargs))
+    keys = [k for k in optimizer.defaults] + (["initial_lr"] if "initial_lr" not in optimizer.defaults else [])
+
+    def compare(opt, state_dict):
+        saved_groups = state_dict.get("param_groups", [])
+        changed = settings_overridden_by_state(opt.param_groups, saved_groups, keys)
+        if changed:
+            report(describe_overrides(changed, len(opt.param_groups)))
+        in_effect = dict(kwargs)
+        if saved_groups:
+            for key in [k for k in keys if k not in _RUNTIME_GROUP_KEYS and k != "initial_lr"]:
+                values = [g[key] for g in saved_groups if key in g]
+                if values and (key in kwargs or any(not _same_setting(v, opt.defaults.get(key)) for v in values)):
+                    in_effect[key] = values[0] if all(_same_setting(v, values[0]) for v in values) else values
+        text.in_effect = format_optimizer_args(in_effect)
+        return None
+
+    optimizer.register_load_state_dict_pre_hook(compare)
+    return text
 
 
 # --------------------------------------------------------------------------- sharded parameters

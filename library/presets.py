@@ -22,6 +22,7 @@ import toml
 from .optimizer_factory import (
     OptimizerArgsError,
     check_keywords,
+    check_lr_bounds,
     is_automagic,
     parse_optimizer_args,
     resolve_optimizer_class,
@@ -139,6 +140,42 @@ def write_kohya_config(config: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
+# A merged config (preset + the user's file) is written to a temporary file for kohya to read; errors
+# about one of its keys must name the file the key came from, not that temporary name.
+_MERGED_SOURCES: dict[str, dict[str, str]] = {}
+
+
+def remember_sources(merged_path: str | Path, sources: Mapping[str, str]) -> None:
+    """Record, for the merged config file at merged_path, which file each key came from."""
+    _MERGED_SOURCES[str(Path(merged_path).resolve())] = dict(sources)
+
+
+def source_of(config_path: str | Path, key: str) -> str:
+    """The file a config key came from: the user's or the preset's for a merged file, else config_path."""
+    try:
+        resolved = str(Path(config_path).resolve())
+    except OSError:
+        return str(config_path)
+    return _MERGED_SOURCES.get(resolved, {}).get(key, str(config_path))
+
+
+def merge_sources(preset_file: str, preset: Mapping[str, Any], user_file: str | None,
+                  user: Mapping[str, Any]) -> dict[str, str]:
+    """Where each key of merge_configs(preset, user) came from; optimizer_args set in both name both."""
+    sources = {key: preset_file for key in preset}
+    sources.update({key: user_file for key in user} if user_file else {})
+    if user_file and "optimizer_args" in preset and "optimizer_args" in user:
+        sources["optimizer_args"] = f"{user_file} (merged over {preset_file})"
+    return sources
+
+
+def optimizer_arg_items(value: Any) -> Any:
+    """kohya's optimizer_args as a list of "key=value" items. A single string is taken as the command
+    line would split it ("warmup_steps=10 orthograd=True"); anything else is returned for the caller's
+    type check."""
+    return value.split() if isinstance(value, str) else value
+
+
 def load_preset(name_or_path: str | Path) -> dict[str, Any]:
     """Read and validate a preset; any problem raises PresetError naming the file and the key."""
     path = preset_path(name_or_path)
@@ -160,6 +197,8 @@ def validate_preset(config: Mapping[str, Any], source: str = "<preset>") -> None
         expected = PRESET_KEYS.get(key)
         if expected is None:
             raise PresetError(f"{source}: unknown key {key!r}; a preset may set: {', '.join(sorted(PRESET_KEYS))}")
+        if key == "optimizer_args":
+            value = optimizer_arg_items(value)
         if not _has_type(value, expected):
             raise PresetError(
                 f"{source}: {key} must be a TOML {_type_word(expected)}, got {value!r} ({type(value).__name__})"
@@ -180,7 +219,7 @@ def _has_type(value: Any, expected: type) -> bool:
 
 def _type_word(expected: type) -> str:
     return {str: "string", float: "number", int: "integer", bool: "boolean (true/false)",
-            list: "list of strings (\"key=value\")"}[expected]
+            list: "list of strings (\"key=value\") or one string \"key=value key=value\""}[expected]
 
 
 def _validate_optimizer_args(config: Mapping[str, Any], source: str) -> None:
@@ -197,9 +236,10 @@ def _validate_optimizer_args(config: Mapping[str, Any], source: str) -> None:
         if is_automagic(optimizer_type):
             import torch
 
+            check_lr_bounds(cls, kwargs)
             cls([torch.zeros(2, 2, requires_grad=True)], lr=float(config.get("learning_rate", 1e-5)), **kwargs)
     except (OptimizerArgsError, ValueError, TypeError) as e:
-        raise PresetError(f"{source}: optimizer_args: {e}") from None
+        raise PresetError(f"{source}: optimizer_args: {str(e).removeprefix('optimizer_args: ')}") from None
 
 
 # --------------------------------------------------------------------------- merging
@@ -207,8 +247,8 @@ def _validate_optimizer_args(config: Mapping[str, Any], source: str) -> None:
 
 def merge_optimizer_args(base: Iterable[str], override: Iterable[str]) -> list[str]:
     """Key-wise merge of two ``optimizer_args`` lists; ``override`` wins, order kept."""
-    merged = {item.partition("=")[0].strip(): item for item in base}
-    for item in override:
+    merged = {item.partition("=")[0].strip(): item for item in optimizer_arg_items(base)}
+    for item in optimizer_arg_items(override):
         merged[item.partition("=")[0].strip()] = item
     return list(merged.values())
 
@@ -221,6 +261,8 @@ def merge_configs(preset: Mapping[str, Any], user: Mapping[str, Any]) -> dict[st
     would mean nothing to it).
     """
     merged = {**preset, **user}
+    if "optimizer_args" in merged:
+        merged["optimizer_args"] = optimizer_arg_items(merged["optimizer_args"])
     if "optimizer_args" in preset and "optimizer_args" in user:
         same = is_automagic(preset.get("optimizer_type")) and is_automagic(merged.get("optimizer_type"))
         if same:

@@ -254,8 +254,27 @@ def test_user_model_and_data_get_kohya_defaults(tiny):
                     "train_network")
     args = setup.args
     assert (args.train_batch_size, args.network_dim, args.network_alpha) == (1, 4, 1.0)
-    assert compute_max_steps(args, batches_per_epoch=8) == 1600 and args.resolution is None
+    assert compute_max_steps(args, batches_per_epoch=8) == 1600
+    assert args.resolution == str(IMAGE_SIZE)  # the model's own size, not kohya's 512 (it was built for 16 px)
     assert setup.caption_extension == ".caption" and setup.prompts == [] and not setup.full_finetune
+
+
+def test_the_embedded_model_named_explicitly_trains_at_its_own_size_without_demo_prompts(tiny, tmp_path):
+    """Before: 512 px (80x slower than its native 32 px, no warning) and the demo prompts on the user's data."""
+    from library.builtin import default_model
+    from library.builtin.args import parse_args
+    from library.builtin.trainer import native_resolution, resolve
+
+    _, data = tiny
+    embedded = default_model.ensure_default_model()
+    setup = resolve(parse_args(["--pretrained_model_name_or_path", embedded, "--train_data_dir", str(data)]),
+                    "train_network")
+    assert setup.args.resolution == str(default_model.DEFAULT_RESOLUTION) == "32"
+    assert setup.prompts == [] and not setup.quick_start  # own data: no demo prompts, kohya's defaults
+    assert setup.args.train_batch_size == 1 and setup.args.seed is None
+    setup = resolve(parse_args(["--pretrained_model_name_or_path", embedded, "--resolution", "64"]), "train_network")
+    assert setup.args.resolution == "64"  # a given size is kept
+    assert native_resolution(str(tmp_path / "no-such-model")) is None  # falls back to kohya's 512
 
 
 def test_optional_kohya_flags_run(tiny, tmp_path):

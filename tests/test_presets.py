@@ -77,7 +77,9 @@ def test_preset_by_path_and_unknown_name(tmp_path):
         ('max_train_steps = 1.5', "max_train_steps must be a TOML integer"),
         ('gradient_checkpointing = 1', "gradient_checkpointing must be a TOML boolean"),
         ('max_train_steps = true', "max_train_steps must be a TOML integer"),
-        ('optimizer_args = "eta=2"', "optimizer_args must be a TOML list of strings"),
+        ('optimizer_args = 2', "optimizer_args must be a TOML list of strings"),
+        ('optimizer_type = "automagic_sinkgd"\noptimizer_args = "warmup_step=5"', "did you mean 'warmup_steps'"),
+        ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["min_lr=2e-3", "max_lr=1e-3"]', "min_lr=0.002 is above max_lr=0.001"),
         ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["warmup_step=5"]', "did you mean 'warmup_steps'"),
         ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["orthograd=yes"]', "True/False"),
         ('optimizer_type = "automagic_sinkgd"\noptimizer_args = ["max_lr=-1"]', "max_lr=-1 is out of range"),
@@ -126,3 +128,13 @@ def test_switching_optimizer_drops_the_presets_optimizer_args():
 
 def test_merge_optimizer_args_keeps_order_and_overrides():
     assert merge_optimizer_args(["a=1", "b=2"], ["b = 3", "c=4"]) == ["a=1", "b = 3", "c=4"]
+
+
+def test_optimizer_args_as_one_string_is_kohyas_command_line_form():
+    # a string used to be split character by character ("item 'w' is not 'key=value'")
+    preset = load_preset("lora")
+    merged = merge_configs(preset, {"optimizer_args": "warmup_steps=10  beta1=0.8"})
+    args = parse_optimizer_args(merged["optimizer_args"])
+    assert args["warmup_steps"] == 10 and args["beta1"] == 0.8 and args["orthograd"] is True
+    assert merge_optimizer_args("a=1 b=2", "b=3") == ["a=1", "b=3"]
+    assert merge_configs({}, {"optimizer_args": "a=1 b=2"})["optimizer_args"] == ["a=1", "b=2"]

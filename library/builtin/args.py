@@ -8,6 +8,8 @@ know either is reported as unknown.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from .errors import UserError
 DEFAULT_MAX_TRAIN_STEPS = 1600  # kohya's default
 DEFAULT_OUTPUT_NAME = "last"  # kohya's name when --output_name is not given
 DEFAULT_OUTPUT_DIR = "output"
+DEFAULT_RESOLUTION = 512  # kohya's; a diffusers folder made for another size trains at its own (trainer.native_resolution)
 
 # Every other flag name of kohya's train_network.py / fine_tune.py (sd-scripts 2026-02). They are
 # recognised only to say "kohya has it, this backend does not" instead of "unknown".
@@ -70,8 +73,27 @@ def _int_or_float(text: str) -> int | float:
     return int(value) if value.is_integer() and "." not in str(text) else value
 
 
+_int_or_float.__name__ = "step count or ratio"  # argparse names the expected type after the function
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", _int_or_float: "a step count or a ratio"}
+_ARGPARSE_TYPE_ERROR = re.compile(r"argument (?P<flag>[^:]+): invalid (?P<type>.+?) value: (?P<value>.*)")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage (60 lines here) before a bad value; say the flag, the value and
+    what is expected in one line instead."""
+
+    def error(self, message: str):
+        match = _ARGPARSE_TYPE_ERROR.fullmatch(message)
+        if match:
+            word = {"int": "an integer", "float": "a number"}.get(match["type"], match["type"])
+            message = f"{match['flag']} {match['value']}: expected {word}"
+        elif message.startswith("argument "):
+            message = message[len("argument "):]
+        raise UserError(f"{message} (python train_network_patch.py --help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="train_network_patch.py (built-in backend)",
         description="LoRA / full fine-tune training of a Stable Diffusion model with kohya-style arguments.",
         allow_abbrev=False,  # kohya's parser allows prefixes; here a typo must not pick another flag
@@ -157,6 +179,15 @@ def _flag_name(token: str) -> str:
     return token[2:].split("=", 1)[0]
 
 
+def _known_flags() -> list[str]:
+    return [a.dest for a in build_parser()._actions if a.dest != "help"]
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, _known_flags(), n=1, cutoff=0.75)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
 def _reject_unknown(tokens: list[str], where: str) -> None:
     names = [_flag_name(t) for t in tokens if t.startswith("--")]
     if not names and tokens:
@@ -168,27 +199,47 @@ def _reject_unknown(tokens: list[str], where: str) -> None:
             "remove them, or run with sd-scripts (--sd_scripts DIR or SD_SCRIPTS_DIR) to use them"
         )
     if names:
-        raise UserError(f"unknown argument(s) {', '.join('--' + n for n in names)} {where}")
+        raise UserError(f"unknown argument(s) {', '.join('--' + n + _did_you_mean(n) for n in names)} {where}")
+
+
+def _toml_type_ok(value: Any, expected, key: str) -> bool:
+    """TOML already has types: a value of another type is a mistake, not something to convert
+    (int(2.5) would train with batch 2, "8" is text). Numbers may be given to resolution (SIZE)."""
+    if isinstance(value, bool):
+        return False
+    if expected is int:
+        return isinstance(value, int)
+    if expected in (float, _int_or_float):
+        return isinstance(value, (int, float))
+    if key == "resolution":
+        return isinstance(value, (str, int))
+    return isinstance(value, str)
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Bring a TOML value to what argparse would have produced from the same text on the command line."""
+    """Check a TOML value's type and bring it to what argparse would have produced from the command line."""
     if isinstance(action, argparse._StoreTrueAction):
         if not isinstance(value, bool):
-            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+            raise UserError(f"{source}: {key} = {value!r} must be a TOML boolean (true or false)")
         return value
     if action.nargs == "*":
-        if isinstance(value, str):
+        if isinstance(value, str):  # kohya's command-line form in one string: "key=value key=value"
             value = value.split()
-        if not isinstance(value, list):
-            raise UserError(f"{source}: {key} must be a list of strings, got {value!r}")
-        return [str(v) for v in value]
-    if value is None or action.type is None:
-        return None if value is None else str(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{source}: {key} = {value!r} must be a list of strings, e.g. "
+                            f'{key} = ["weight_decay=0.01", "warmup_steps=100"], or one string "k=v k=v"')
+        return value
+    if value is None:
+        return None
+    expected = action.type or str
+    if not _toml_type_ok(value, expected, key):
+        word = _TYPE_WORDS.get(expected, "a string")
+        raise UserError(f"{source}: {key} = {value!r} ({type(value).__name__}) must be {word}"
+                        + (f" (write {key} = {value})" if isinstance(value, str) and expected in (int, float) else ""))
     try:
-        value = action.type(value) if not isinstance(value, bool) else value
+        value = expected(value)
     except (TypeError, ValueError):
-        raise UserError(f"{source}: {key} = {value!r} is not a valid {getattr(action.type, '__name__', 'value')}") from None
+        raise UserError(f"{source}: {key} = {value!r} is not {_TYPE_WORDS.get(expected, 'valid')}") from None
     if action.choices is not None and value not in action.choices:
         raise UserError(f"{source}: {key} = {value!r}; allowed: {', '.join(str(c) for c in action.choices if c)}")
     return value
@@ -205,16 +256,19 @@ def _read_config(path: str) -> dict:
 
 
 def _config_namespace(parser: argparse.ArgumentParser, path: str) -> argparse.Namespace:
+    from ..presets import source_of  # a launcher-merged file (preset + your file) names where each key came from
+
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     values = {}
     for key, value in _read_config(path).items():
         if key == "config_file":
             continue
+        source = source_of(path, key)
         if key not in actions:
             if key in KOHYA_ONLY_FLAGS and value in (False, None, "", []):
                 continue  # e.g. `xformers = false`: asks for nothing this backend lacks
-            _reject_unknown([f"--{key}"], f"(key in {path})")
-        values[key] = _coerce(actions[key], key, value, path)
+            _reject_unknown([f"--{key}"], f"(key in {source})")
+        values[key] = _coerce(actions[key], key, value, source)
     return argparse.Namespace(**values)
 
 
@@ -228,7 +282,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except SystemExit as e:
         if e.code in (0, None):  # --help
             raise
-        raise UserError("invalid command line (argparse's message above says which value)") from None
+        raise UserError("invalid command line") from None
     _reject_unknown(unknown, "on the command line")
     return args
 

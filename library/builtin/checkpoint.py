@@ -7,8 +7,10 @@ history). No RNG state is needed: every random draw of a step is seeded from (se
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,13 +33,35 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
+def _read(path: Path, what: str, reader: Callable[[Path], Any]) -> Any:
+    """reader(path), or one line naming the file when it is truncated, damaged or not that kind of file.
+
+    The readers' own messages are not passed on: torch's unpickler, for one, suggests
+    weights_only=False for a foreign file, which would run whatever code the file holds.
+    """
+    try:
+        return reader(path)
+    except OSError as e:
+        raise UserError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle, safetensors and JSON readers raise their own types
+        raise UserError(f"{what} {str(path)!r} is damaged, truncated or not such a file ({type(e).__name__}); "
+                        "use an earlier copy or start without it") from None
+
+
 def load_weights(path: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"weights file {path!r} does not exist")
     if p.suffix == ".safetensors":
-        return load_file(str(p))
-    return torch.load(str(p), map_location="cpu", weights_only=True)
+        return _read(p, "weights file", lambda f: load_file(str(f)))
+    return _read(p, "weights file", lambda f: torch.load(str(f), map_location="cpu", weights_only=True))
+
+
+def write_error(target: Path, error: OSError) -> UserError:
+    """A failed save as one line: which output, why, and that what was there before is still there."""
+    reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return UserError(f"cannot save {target}: {reason}; training stopped, earlier outputs (and any previous "
+                     f"{target.name}) are kept as they were")
 
 
 def save_state(folder: Path, weights: dict[str, torch.Tensor], optimizer, scheduler, train_state: dict) -> Path:
@@ -56,9 +80,18 @@ def read_state(folder: str) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
     if missing:
         raise UserError(f"--resume {folder!r} is not a complete state folder (missing {', '.join(missing)}); "
                         "it is written by --save_state")
-    weights = load_file(str(root / STATE_WEIGHTS))
-    # weights_only: a state folder is data, never code (accelerate loads it the same way)
-    optimizer = torch.load(root / STATE_OPTIMIZER, map_location="cpu", weights_only=True)
-    scheduler = torch.load(root / STATE_SCHEDULER, map_location="cpu", weights_only=True)
-    train_state = json.loads((root / STATE_JSON).read_text(encoding="utf-8"))
+    what = f"--resume {folder}:"
+    weights = _read(root / STATE_WEIGHTS, what, lambda f: load_file(str(f)))
+
+    def torch_data(f: Path):  # weights_only: a state folder is data, never code (accelerate loads it the same way)
+        loaded = torch.load(f, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict) or "state" not in loaded and f.name == STATE_OPTIMIZER:
+            raise ValueError("not a state_dict")
+        return loaded
+
+    optimizer = _read(root / STATE_OPTIMIZER, what, torch_data)
+    scheduler = _read(root / STATE_SCHEDULER, what, torch_data)
+    train_state = _read(root / STATE_JSON, what, lambda f: json.loads(f.read_text(encoding="utf-8")))
+    if not isinstance(train_state, dict) or not isinstance(train_state.get("current_step"), int):
+        raise UserError(f"{what} {str(root / STATE_JSON)!r} has no current_step: not a state written by --save_state")
     return weights, optimizer, scheduler, train_state

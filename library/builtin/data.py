@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -46,8 +47,15 @@ def _check_image(path: Path) -> None:
         raise UserError(f"image {str(path)!r} cannot be decoded: {e}") from None
 
 
-def scan_dataset(train_data_dir: str, caption_extension: str) -> list[Example]:
-    """All examples with repeats applied (kohya's epoch = every image `repeats` times)."""
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def scan_dataset(train_data_dir: str, caption_extension: str,
+                 warn: Callable[[str], None] = _print_warning) -> list[Example]:
+    """All examples with repeats applied (kohya's epoch = every image `repeats` times).
+
+    Problems that do not stop the run (images without captions) go to `warn` as plain lines."""
     root = Path(train_data_dir)
     if not root.is_dir():
         raise UserError(f"--train_data_dir {train_data_dir!r} does not exist or is not a folder")
@@ -78,11 +86,8 @@ def scan_dataset(train_data_dir: str, caption_extension: str) -> list[Example]:
         )
     if uncaptioned:
         shown = ", ".join(uncaptioned[:3]) + (f" and {len(uncaptioned) - 3} more" if len(uncaptioned) > 3 else "")
-        warnings.warn(
-            f"{len(uncaptioned)} image(s) have no caption file with extension {caption_extension!r} "
-            f"({shown}); their folder name is used as caption (kohya's rule). Check --caption_extension.",
-            stacklevel=2,
-        )
+        warn(f"{len(uncaptioned)} image(s) have no caption file with extension {caption_extension!r} "
+             f"({shown}); their folder name is used as caption (kohya's rule). Check --caption_extension.")
     return examples
 
 

@@ -28,7 +28,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from . import args as cli
 from . import checkpoint, lora, sampling, sd_checkpoint
-from .atomic import atomic_dir, atomic_write, check_writable
+from .atomic import atomic_dir, atomic_write, check_writable, clean_stale_temporaries
 from .data import BatchOrder, ImageDataset, collate, scan_dataset
 from .errors import UserError
 
@@ -64,6 +63,12 @@ class Setup:
     output_name: str
     seed: int
     prompts: list = field(default_factory=list)
+    quick_start: bool = False  # the embedded model and dataset, with the demo's defaults and prompts
+
+
+def warn(message: str) -> None:
+    """A warning for the user: one plain line on stderr (no Python warning with a source line)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _wants_full_finetune(script: str, optimizer_args: list[str] | None) -> bool:
@@ -102,19 +107,36 @@ def resolve(args, script: str) -> Setup:
     else:  # the embedded dataset ships .txt captions
         train_data_dir = embedded.ensure_default_dataset(str(embedded.default_cache_dir() / "default_dataset"))
         caption_extension = ".txt"
+    quick_start = not (own_model or own_data)
     prompts = []
     if args.sample_prompts:
         prompts = sampling.read_prompt_file(args.sample_prompts)
-    elif not own_model:
+    elif quick_start:  # the demo prompts mean nothing for the user's own data
         prompts = [sampling.SamplePrompt(p, steps=embedded.SAMPLE_STEPS, scale=embedded.SAMPLE_GUIDANCE)
                    for p in embedded.SAMPLE_PROMPTS]
-    if not own_model:
-        args.resolution = args.resolution or str(embedded.DEFAULT_RESOLUTION)
-    _apply_defaults(args, quick_start=not (own_model or own_data))
+    if args.resolution is None:
+        args.resolution = str(native_resolution(model_path) or cli.DEFAULT_RESOLUTION)
+    _apply_defaults(args, quick_start=quick_start)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     return Setup(args, full, model_path, not own_model, train_data_dir, caption_extension,
                  Path(args.output_dir or cli.DEFAULT_OUTPUT_DIR), args.output_name or cli.DEFAULT_OUTPUT_NAME,
-                 seed, prompts)
+                 seed, prompts, quick_start)
+
+
+def native_resolution(model_path: str) -> int | None:
+    """The picture size a diffusers folder's U-Net was built for (latent size x the VAE's downscale), or None.
+
+    kohya's default of 512 px is SD 1.x's; a model made for other sizes (the embedded 32 px one, a 768 px
+    SD 2.x) trains at its own size when --resolution is not given, instead of silently at 512.
+    """
+    folder = Path(model_path)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a single-file checkpoint, or a folder load_pipeline will report on
+    return size if isinstance(size, int) and size >= 8 and size % 8 == 0 else None
 
 
 def load_pipeline(path: str):
@@ -526,11 +548,13 @@ class Run:
             torch.set_num_threads(1)
         if self.main:
             check_writable(setup.output_dir)
+            for folder in (setup.output_dir, setup.output_dir / "sample"):
+                for line in clean_stale_temporaries(folder):
+                    print(line, file=sys.stderr, flush=True)
         self.size = cli.parse_resolution(args.resolution or 512)
-        with warnings.catch_warnings():
-            if not self.main:
-                warnings.simplefilter("ignore")  # one copy of dataset warnings is enough
-            self.examples = scan_dataset(setup.train_data_dir, setup.caption_extension)
+        # one copy of dataset warnings is enough
+        self.examples = scan_dataset(setup.train_data_dir, setup.caption_extension,
+                                     warn=warn if self.main else (lambda message: None))
         self.accum = args.gradient_accumulation_steps
         self.order = self._batch_order()
         self.max_steps = compute_max_steps(args, self.order.batches_per_epoch)
@@ -539,8 +563,10 @@ class Run:
         self.model = Model(setup, acc)
         groups, self.group_names = self.model.param_groups()
         try:
+            # optimizer_args follows a --resume: it reads as the settings the loaded state put in effect
             self.optimizer_name, self.optimizer_args, self.optimizer = build_optimizer(
-                args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [])
+                args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [],
+                report=warn if self.main else (lambda message: None))
         except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
             raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
         self.lr_scheduler = make_lr_scheduler(args, self.optimizer, self.max_steps)
@@ -557,6 +583,7 @@ class Run:
     def restore(self, folder: str) -> None:
         """Continue a --save_state folder: weights, optimizer, scheduler, step and loss history."""
         weights, opt_state, sched_state, train_state = checkpoint.read_state(folder)
+        self._check_same_data(folder, train_state)
         self.model.load_state_weights(weights, folder)
         try:
             self.optimizer.load_state_dict(opt_state)
@@ -571,6 +598,25 @@ class Run:
             self.order = self._batch_order()
         if self.start_step >= self.max_steps:
             raise UserError(f"--resume {folder} is at step {self.start_step}, not below --max_train_steps {self.max_steps}")
+
+    def _check_same_data(self, folder: str, train_state: dict) -> None:
+        """A state made on the user's data resumes on that data: without --train_data_dir this run would
+        continue on the embedded demo dataset (and its seed), silently training something else."""
+        saved = train_state.get("train_data_dir")  # states written before this check have none
+        if saved is None:
+            return
+        saved_embedded, now_embedded = bool(train_state.get("embedded_dataset")), self.setup.args.train_data_dir is None
+        if saved_embedded == now_embedded and (now_embedded or os.path.abspath(saved) == os.path.abspath(
+                self.setup.train_data_dir)):
+            return
+        if not saved_embedded and now_embedded:
+            raise UserError(f"--resume {folder} was trained on --train_data_dir {saved}; pass the same "
+                            "--train_data_dir (this run would continue on the built-in demo dataset)")
+        if saved_embedded:
+            raise UserError(f"--resume {folder} was trained on the built-in demo dataset; drop --train_data_dir "
+                            "to continue it, or start without --resume")
+        warn(f"--resume {folder} was trained on --train_data_dir {saved}; continuing on "
+             f"{self.setup.train_data_dir}")
 
     def _prepare(self) -> None:
         """accelerate wraps what is trained (DDP with several processes); the frozen rest stays as it is."""
@@ -637,9 +683,10 @@ class Run:
         if self.main:
             print(f"built-in backend: {'full fine-tune' if setup.full_finetune else 'LoRA'} | {len(self.examples)} "
                   f"examples ({self.order.batches_per_epoch} batches/epoch x {self.world} process(es)) | "
-                  f"{self.max_steps} steps | optimizer {self.optimizer_name}({self.optimizer_args}) | seed {setup.seed} "
-                  f"| output {setup.output_dir}", flush=True)
-        if setup.prompts and (args.sample_at_first or setup.embedded_model) and self.start_step == 0:
+                  f"{self.max_steps} steps | {self.size[0]}x{self.size[1]} px | optimizer "
+                  f"{self.optimizer_name}({self.optimizer_args}) | seed {setup.seed} | model {setup.model_path} | "
+                  f"output {setup.output_dir}", flush=True)
+        if setup.prompts and (args.sample_at_first or setup.quick_start) and self.start_step == 0:
             self._sample("before", 0)
         progress = tqdm(total=self.max_steps, initial=self.start_step, desc="steps", disable=not self.main,
                         dynamic_ncols=True, file=sys.stdout)
@@ -676,12 +723,22 @@ class Run:
                              len(self.examples), self.order.batches_per_epoch, self.max_steps, self.started)
 
     def _save(self, stem: Path, steps: int, epoch: int, with_state: bool) -> None:
-        print(f"\nsaved {self.model.save_model(self.setup, stem, self.metadata(steps, epoch))}", flush=True)
+        try:
+            saved = self.model.save_model(self.setup, stem, self.metadata(steps, epoch))
+        except OSError as e:  # disk full, folder gone: one line, the previous file stays in place
+            raise checkpoint.write_error(stem, e) from None
+        print(f"\nsaved {saved}", flush=True)
         if with_state:
             train_state = {"current_step": steps, "current_epoch": epoch, "seed": self.setup.seed,
-                           "losses": self.losses, "lrs": self.lr_history, "full_finetune": self.setup.full_finetune}
+                           "losses": self.losses, "lrs": self.lr_history, "full_finetune": self.setup.full_finetune,
+                           "train_data_dir": os.path.abspath(self.setup.train_data_dir),
+                           "embedded_dataset": self.setup.args.train_data_dir is None}
             path = stem.with_name(stem.name + "-state")
-            checkpoint.save_state(path, self.model.state_weights(), self.optimizer, self.lr_scheduler, train_state)
+            try:
+                checkpoint.save_state(path, self.model.state_weights(), self.optimizer, self.lr_scheduler,
+                                      train_state)
+            except OSError as e:
+                raise checkpoint.write_error(path, e) from None
             print(f"saved state {path}", flush=True)
 
     def _sample(self, column: str, step: int) -> None:
