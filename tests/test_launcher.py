@@ -126,6 +126,36 @@ if __name__ == "__main__":
 '''
 
 
+# kohya's order in train_network.py: get_optimizer, then the resume (accelerate loads the optimizer
+# state), then the ss_optimizer metadata from the args string get_optimizer returned.
+FAKE_RESUMING_TRAINER = '''
+import argparse, json, sys
+import torch
+import library.train_util as train_util
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--config_file")
+parser.add_argument("--optimizer_type", default="AdamW")
+parser.add_argument("--optimizer_args", nargs="*")
+parser.add_argument("--learning_rate", type=float, default=1e-4)
+parser.add_argument("--fused_backward_pass", action="store_true")
+parser.add_argument("--save_state_to")
+parser.add_argument("--resume")
+args = train_util.read_config_from_file(parser.parse_args(), parser)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+optimizer_name, optimizer_args, optimizer = train_util.get_optimizer(args, [{"params": model.parameters(), "lr": args.learning_rate}])
+if args.resume:
+    optimizer.load_state_dict(torch.load(args.resume, weights_only=True))
+model(torch.randn(2, 4)).sum().backward()
+optimizer.step()
+if args.save_state_to:
+    torch.save(optimizer.state_dict(), args.save_state_to)
+ss_optimizer = optimizer_name + (f"({optimizer_args})" if len(optimizer_args) > 0 else "")
+print("RESULT " + json.dumps({"ss_optimizer": ss_optimizer, "warmup_steps": optimizer.param_groups[0]["warmup_steps"]}))
+'''
+
+
 @pytest.fixture(scope="module")
 def fake_sd_scripts(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd-scripts")
@@ -134,6 +164,7 @@ def fake_sd_scripts(tmp_path_factory):
     (root / "library" / "train_util.py").write_text(textwrap.dedent(FAKE_TRAIN_UTIL))
     for script in ("train_network.py", "fine_tune.py"):
         (root / script).write_text(textwrap.dedent(FAKE_TRAINER))
+    (root / "resuming_trainer.py").write_text(textwrap.dedent(FAKE_RESUMING_TRAINER))
     return root
 
 
@@ -238,3 +269,54 @@ def test_builtin_backend_is_told_which_script_to_run(monkeypatch):
         assert launcher.run(["--backend", "builtin", "--script", script, "--max_train_steps", "1"]) == 0
     assert [script for _, script in calls] == ["fine_tune", "train_network"]
     assert all("--max_train_steps" in argv for argv, _ in calls)
+
+
+def test_kohya_resume_with_changed_optimizer_args_warns_and_metadata_shows_what_ran(fake_sd_scripts, tmp_path):
+    """torch's load_state_dict keeps the saved group settings: the changed warmup_steps is not used."""
+    state = tmp_path / "optimizer.bin"
+    common = ["--script", "resuming_trainer", "--optimizer_type", "automagic_sinkgd", "--optimizer_args"]
+    first, result = launch(common + ["warmup_steps=7", "--save_state_to", str(state)], tmp_path, fake_sd_scripts)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert result["ss_optimizer"].endswith("Automagic_Sinkgd(warmup_steps=7)") and "resuming" not in first.stderr
+    second, result = launch(common + ["warmup_steps=100", "orthograd=True", "--resume", str(state)], tmp_path,
+                            fake_sd_scripts)
+    assert second.returncode == 0, second.stderr[-2000:]
+    warning = [line for line in second.stderr.splitlines() if "resuming: the saved optimizer state overrides" in line]
+    assert len(warning) == 1, second.stderr[-2000:]
+    assert "warmup_steps=7 (requested 100)" in warning[0] and "orthograd=False (requested True)" in warning[0]
+    assert result["warmup_steps"] == 7
+    assert result["ss_optimizer"].endswith("Automagic_Sinkgd(warmup_steps=7,orthograd=False)")
+
+
+def test_preset_with_a_bad_user_config_names_the_users_file(tmp_path):
+    """Before: the error named the launcher's merged temporary file (/tmp/automagic_preset_*.toml)."""
+    for body, expected in (("train_batch_size = 2.5\n", "train_batch_size = 2.5 (float) must be an integer"),
+                           ("trian_batch_size = 2\n", "unknown argument(s) --trian_batch_size (did you mean "
+                                                      "--train_batch_size?)")):
+        user = tmp_path / "mine.toml"
+        user.write_text(body)
+        proc, _ = launch(["--backend", "builtin", "--preset", "lora", "--config_file", str(user)], tmp_path)
+        assert proc.returncode == 2
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and str(user) in errors[0] and expected in errors[0], proc.stderr[-2000:]
+        assert "automagic_preset_" not in proc.stderr
+
+
+def test_string_optimizer_args_in_a_user_config_under_a_preset(tmp_path):
+    """Before: the string was split character by character ("item 'w' is not 'key=value'")."""
+    user = tmp_path / "mine.toml"
+    user.write_text('optimizer_args = "warmup_steps=10 beta1=0.8"\n')
+    config, _ = read_merged(launcher.apply_preset("lora", ["--config_file", str(user)]))
+    args = dict(item.split("=") for item in config["optimizer_args"])
+    assert args["warmup_steps"] == "10" and args["beta1"] == "0.8" and args["orthograd"] == "True"
+    user.write_text('optimizer_args = "warmup_step=10"\n')
+    path = launcher.apply_preset("lora", ["--config_file", str(user)])[1]
+    with pytest.raises(launcher.LauncherError, match=rf"^{user} \(merged over .*lora.toml\): optimizer_args: .*"
+                                                    r"no setting 'warmup_step' \(did you mean 'warmup_steps'\?\)"):
+        launcher.check_optimizer_choice(["--config_file", path])
+
+
+def test_min_lr_above_max_lr_is_named_as_such():
+    """Before: 'max_lr=0.001 is out of range', though the user had set min_lr."""
+    with pytest.raises(launcher.LauncherError, match=r"min_lr=0.002 is above max_lr=0.001"):
+        launcher.check_optimizer_choice(launcher.apply_preset("lora", ["--optimizer_args", "min_lr=2e-3"]))

@@ -41,7 +41,7 @@ def _read(path: Path, what: str, reader: Callable[[Path], Any]) -> Any:
     """
     try:
         return reader(path)
-    except OSError as e:
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
         raise UserError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - zip, pickle, safetensors and JSON readers raise their own types
         raise UserError(f"{what} {str(path)!r} is damaged, truncated or not such a file ({type(e).__name__}); "
