@@ -96,7 +96,7 @@ def optimizer_state(out: Path):
     return torch.load(out / "out" / "lora-state" / "optimizer.bin", map_location="cpu", weights_only=True)
 
 
-def train_and_resume(tmp: Path, first: int, total: int, extra: list[str]):
+def train_and_resume(tmp: Path, first: int, total: int, extra: list[str], resume_extra: list[str] = ()):
     """Run 1: `first` steps + save_state. Run 2: resume from that state up to `total` steps."""
     run1, run2 = tmp / "run1", tmp / "run2"
     run1.mkdir()
@@ -104,8 +104,8 @@ def train_and_resume(tmp: Path, first: int, total: int, extra: list[str]):
     proc1, log1 = run_kohya(common_lora_args(run1, first) + extra, run1, "run1")
     assert proc1.returncode == 0, log1[-3000:]
     state = str(run1 / "out" / "lora-state")
-    proc2, log2 = run_kohya(common_lora_args(run2, total) + extra + ["--resume", state, "--skip_until_initial_step"],
-                            run2, "run2")
+    proc2, log2 = run_kohya(common_lora_args(run2, total) + extra + list(resume_extra)
+                            + ["--resume", state, "--skip_until_initial_step"], run2, "run2")
     assert proc2.returncode == 0, log2[-3000:]
     return (run1, log1), (run2, log2)
 
@@ -144,8 +144,15 @@ def check_lora_runs(runs, first: int, total: int, preset_marker: str):
 
 
 def test_lora_with_preset_flag_trains_logs_saves_and_resumes(tmp_path):
-    runs = train_and_resume(tmp_path, 3, 5, ["--preset", "lora"])
+    # the resumed run asks for another warm-up: the state's settings win (torch), so it must say so and
+    # its LoRA's ss_optimizer must record the warm-up that really ran
+    runs = train_and_resume(tmp_path, 3, 5, ["--preset", "lora"], resume_extra=["--optimizer_args", "warmup_steps=100"])
     check_lora_runs(runs, 3, 5, preset_marker="stats_update_freq=3")
+    (_, log1), (run2, log2) = runs
+    assert "the saved optimizer state overrides" not in log1
+    assert "the saved optimizer state overrides warmup_steps=500 (requested 100)" in log2
+    ss_optimizer = lora_file(run2)[1]["ss_optimizer"]
+    assert "warmup_steps=500" in ss_optimizer and "warmup_steps=100" not in ss_optimizer, ss_optimizer
 
 
 def test_lora_with_the_preset_as_kohyas_own_config_file(tmp_path):
