@@ -31,7 +31,7 @@ from .optimizer_factory import (
 PRESET_NAMES = ("lora", "full", "high_performance")
 
 PRESET_DESCRIPTIONS = {
-    "lora": "LoRA / LoCon training (SD1.x, SDXL, ...): 4 SinkGD iterations, ALLoRA, OrthoGrad",
+    "lora": "LoRA training (SD1.x, SDXL, ...; LoCon too with sd-scripts): 4 SinkGD iterations, ALLoRA, OrthoGrad",
     "full": "full fine-tune (fine_tune.py, train_db.py, sdxl_train.py): 5 SinkGD iterations, lower lr range",
     "high_performance": "LoRA, faster and lighter: no OrthoGrad, statistics every 10 steps",
 }
