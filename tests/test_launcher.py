@@ -235,7 +235,7 @@ def test_a_folder_that_is_not_sd_scripts_is_named(tmp_path, monkeypatch):
 
 
 def test_unknown_script_lists_the_trainers(fake_sd_scripts):
-    with pytest.raises(launcher.LauncherError, match="did you mean .*trainers in .*: fine_tune, train_network"):
+    with pytest.raises(launcher.LauncherError, match="did you mean .*trainers in .*: fine_tune, resuming_trainer, train_network"):
         launcher.find_script(fake_sd_scripts, "train_netwrok")
 
 

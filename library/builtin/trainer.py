@@ -615,8 +615,9 @@ class Run:
         if saved_embedded:
             raise UserError(f"--resume {folder} was trained on the built-in demo dataset; drop --train_data_dir "
                             "to continue it, or start without --resume")
-        warn(f"--resume {folder} was trained on --train_data_dir {saved}; continuing on "
-             f"{self.setup.train_data_dir}")
+        if self.main:
+            warn(f"--resume {folder} was trained on --train_data_dir {saved}; continuing on "
+                 f"{self.setup.train_data_dir}")
 
     def _prepare(self) -> None:
         """accelerate wraps what is trained (DDP with several processes); the frozen rest stays as it is."""
