@@ -245,9 +245,17 @@ def check_lr_bounds(cls: type, kwargs: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- resume
 
 
-# Group keys that are not settings: the parameters, and what an LR scheduler or the optimizer
-# itself writes during training. The base lr (initial_lr) is a setting and is compared.
+# Group keys that are not settings: the parameters, and the lr an LR scheduler moves during training.
+# The base lr (initial_lr) is a setting and is compared.
 _RUNTIME_GROUP_KEYS = frozenset({"params", "lr"})
+# Settings a group holds under another key: Automagic_Sinkgd keeps its mask bounds under mask_*_lr,
+# since schedulers such as OneCycleLR write min_lr / max_lr into the groups.
+_GROUP_KEY_OF = {"min_lr": "mask_min_lr", "max_lr": "mask_max_lr"}
+
+
+def _group_key(group: Mapping[str, Any], setting: str) -> str:
+    alias = _GROUP_KEY_OF.get(setting)
+    return alias if alias is not None and alias in group else setting
 
 
 def settings_overridden_by_state(current_groups, saved_groups, keys: Iterable[str]) -> list[tuple[int, str, Any, Any]]:
@@ -259,10 +267,11 @@ def settings_overridden_by_state(current_groups, saved_groups, keys: Iterable[st
     changed = []
     for index, (current, saved) in enumerate(zip(current_groups, saved_groups)):
         for key in keys:
-            if key in _RUNTIME_GROUP_KEYS or key not in current or key not in saved:
+            now, then = _group_key(current, key), _group_key(saved, key)
+            if key in _RUNTIME_GROUP_KEYS or now not in current or then not in saved:
                 continue
-            if not _same_setting(current[key], saved[key]):
-                changed.append((index, key, saved[key], current[key]))
+            if not _same_setting(current[now], saved[then]):
+                changed.append((index, key, saved[then], current[now]))
     return changed
 
 
@@ -321,7 +330,9 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
     A load_state_dict pre-hook (torch >= 2.1): it sees the saved groups before torch copies them.
     """
     text = OptimizerArgsText(format_optimizer_args(kwargs))
-    keys = [k for k in optimizer.defaults] + (["initial_lr"] if "initial_lr" not in optimizer.defaults else [])
+    # the constructor's settings (internal group keys are not the user's), and the base lr
+    keys = [k for k in (valid_keywords(type(optimizer)) or optimizer.defaults) if k not in _RUNTIME_GROUP_KEYS]
+    keys.append("initial_lr")
 
     def compare(opt, state_dict):
         saved_groups = state_dict.get("param_groups", [])
@@ -329,11 +340,10 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
         if changed:
             report(describe_overrides(changed, len(opt.param_groups)))
         in_effect = dict(kwargs)
-        if saved_groups:
-            for key in [k for k in keys if k not in _RUNTIME_GROUP_KEYS and k != "initial_lr"]:
-                values = [g[key] for g in saved_groups if key in g]
-                if values and (key in kwargs or any(not _same_setting(v, opt.defaults.get(key)) for v in values)):
-                    in_effect[key] = values[0] if all(_same_setting(v, values[0]) for v in values) else values
+        for key in keys[:-1]:  # the settings, without initial_lr (not an optimizer_args key)
+            values = [g[_group_key(g, key)] for g in saved_groups if _group_key(g, key) in g]
+            if values and (key in kwargs or any(not _same_setting(v, opt.defaults.get(key)) for v in values)):
+                in_effect[key] = values[0] if all(_same_setting(v, values[0]) for v in values) else values
         text.in_effect = format_optimizer_args(in_effect)
         return None
 

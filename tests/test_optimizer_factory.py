@@ -10,6 +10,7 @@ from library.optimizer_factory import (
     OptimizerArgsError,
     ShardedParamsError,
     build_optimizer,
+    format_optimizer_args,
     is_automagic,
     parse_optimizer_args,
     valid_keywords,
@@ -218,3 +219,44 @@ def test_marked_flat_parameters_are_detected():
     opt.param_groups[0]["params"][0].ds_id = 3  # ZeRO-3 partitioned parameter
     with pytest.raises(ShardedParamsError, match="group 0"):
         _stepped(opt)
+
+
+# ---------------------------------------------------------------- resume with other settings
+
+
+def _saved_state(optimizer_type, args):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    _, _, opt = build_optimizer(optimizer_type, [{"params": [p], "lr": 1e-4}], 1e-4, args)
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    return p, opt.state_dict()
+
+
+@pytest.mark.parametrize("optimizer_type, saved_args, new_args, warned, in_effect", [
+    ("automagic_sinkgd", ["warmup_steps=100", "min_lr=1e-6"], ["warmup_steps=10", "orthograd=True", "min_lr=1e-5"],
+     ["min_lr=1e-06 (requested 1e-05)", "warmup_steps=100 (requested 10)", "orthograd=False (requested True)"],
+     "warmup_steps=100,orthograd=False,min_lr=1e-06"),
+    # a setting the resumed run leaves at its default is still the saved one
+    ("automagic_sinkgd", ["warmup_steps=100"], [], ["warmup_steps=100 (requested 500)"], "warmup_steps=100"),
+    ("AdamW", [], ["weight_decay=0.1"], ["weight_decay=0.01 (requested 0.1)"], "weight_decay=0.01"),
+])
+def test_resume_names_each_setting_the_state_overrides_and_the_args_text_follows(
+        optimizer_type, saved_args, new_args, warned, in_effect):
+    p, state = _saved_state(optimizer_type, saved_args)
+    messages = []
+    _, text, opt = build_optimizer(optimizer_type, [{"params": [p], "lr": 1e-4}], 1e-4, new_args,
+                                   report=messages.append)
+    assert str(text) == format_optimizer_args(parse_optimizer_args(new_args))  # before the resume: what was asked
+    opt.load_state_dict(state)
+    assert len(messages) == 1 and all(item in messages[0] for item in warned), messages
+    assert "lr=0.0001 (requested" not in messages[0]  # the scheduler-driven lr is not a setting
+    assert f"name({text})" == f"name({in_effect})" and len(text) == len(in_effect) and bool(text)
+
+
+def test_resume_with_the_same_settings_reports_nothing():
+    p, state = _saved_state("automagic_sinkgd", ["warmup_steps=100"])
+    messages = []
+    _, text, opt = build_optimizer("automagic_sinkgd", [{"params": [p], "lr": 1e-4}], 1e-4, ["warmup_steps=100"],
+                                   report=messages.append)
+    opt.load_state_dict(state)
+    assert messages == [] and f"{text}" == "warmup_steps=100"
