@@ -1,22 +1,29 @@
 """Optimizer step time and memory: Automagic_Sinkgd against AdamW (foreach, fused) and Prodigy.
 
-Two parameter sets with the shapes of real Stable Diffusion 1.5 training, random values:
-  * lora: a rank-16 kohya LoRA (2 x 192 U-Net modules incl. 1x1-conv proj_in/out, 2 x 72 CLIP-L
-    modules): 528 tensors, ~9.5M parameters;
+Parameter sets with the shapes of real Stable Diffusion training, random values:
+  * lora: a rank-16 kohya LoRA of SD1.5 (2 x 192 U-Net modules incl. 1x1-conv proj_in/out,
+    2 x 72 CLIP-L modules): 528 tensors, ~9.5M parameters;
   * full: a full fine-tune slice of the SD1.5 U-Net (down_blocks.0, up_blocks.2, conv_in/out,
-    time embedding): ~85M parameters, 3x3 convs, attention, 1-D norms.
+    time embedding): ~85M parameters, 3x3 convs, attention, 1-D norms;
+  * sdxl_lora: a rank-16 kohya LoRA of SDXL (every Linear of the U-Net's Transformer2DModels,
+    taken from diffusers' SDXL U-Net built on the meta device, plus both text encoders).
 Automagic_Sinkgd is timed in warm-up (mask, Prodigy signal, weight decay active) and after
-warm-up (frozen mask, decay, OrthoGrad on). Steps of all optimizers are interleaved in one
-process so load on the machine hits them alike; the median over repeats is reported.
+warm-up (frozen mask, decay, OrthoGrad on), eager and (where Triton runs) fused. Steps of all
+optimizers are interleaved in one process so load on the machine hits them alike; the median
+over repeats is reported. On CUDA the steps are timed with CUDA events, the kernels of one step
+are counted by torch.profiler and the transient memory is the CUDA allocator's peak; on CPU
+``--count-launches`` counts the kernels one step would launch (see ``count_launches``).
 
-    python benchmarks/speed.py                    # both sets, prints a markdown table
+    python benchmarks/speed.py                    # both SD1.5 sets, prints a markdown table
     python benchmarks/speed.py --sets lora --repeats 10 --json out.json
     python benchmarks/speed.py --state-precision fp32 bf16   # adds Automagic rows per state precision
+    python benchmarks/speed.py --device cuda --sets lora sdxl_lora full --json benchmarks/results/speed_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -58,6 +66,39 @@ def lora_shapes(rank: int = 16) -> list[tuple[int, ...]]:
     return shapes
 
 
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+
+
+def sdxl_lora_shapes(rank: int = 16) -> list[tuple[int, ...]]:
+    """(down, up) shapes of a kohya LoRA on SDXL: every Linear (and 1x1 conv) inside the U-Net's
+    Transformer2DModel blocks, as kohya's networks.lora targets them, and the q/k/v/out and MLP
+    Linears of both text encoders (CLIP-L: 12 layers of 768, OpenCLIP bigG: 32 layers of 1280)."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    shapes = []
+    for module in unet.modules():
+        if type(module).__name__ != "Transformer2DModel":
+            continue
+        for child in module.modules():
+            if isinstance(child, torch.nn.Linear):
+                shapes += [(rank, child.in_features), (child.out_features, rank)]
+            elif isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1):
+                shapes += [(rank, child.in_channels, 1, 1), (child.out_channels, rank, 1, 1)]
+    for layers, dim in ((12, 768), (32, 1280)):
+        for _ in range(layers):
+            shapes += [(rank, dim), (dim, rank)] * 4                         # q, k, v, out_proj
+            shapes += [(rank, dim), (4 * dim, rank), (rank, 4 * dim), (dim, rank)]  # fc1, fc2
+    return shapes
+
+
 def full_slice_shapes() -> list[tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):
@@ -65,17 +106,36 @@ def full_slice_shapes() -> list[tuple[int, ...]]:
     return [tuple(p.shape) for name, p in unet.named_parameters() if name.startswith(FULL_SLICE)]
 
 
-def make_params(shapes, seed: int, dtype=torch.float32) -> list[torch.nn.Parameter]:
+def make_params(shapes, seed: int, dtype=torch.float32, device="cpu") -> list[torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(dtype))
-        p.grad = (torch.randn(shape, generator=generator) * 1e-3).to(dtype)
+        p = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(device, dtype))
+        p.grad = (torch.randn(shape, generator=generator) * 1e-3).to(device, dtype)
         params.append(p)
     return params
 
 
-def optimizers_for(shapes, full: bool, state_precisions=("fp32",)):
+def fused_available(device: str) -> bool:
+    """Whether Automagic_Sinkgd(fused=True) runs its Triton kernels on this device."""
+    try:
+        from library import automagic_sinkgd_kernels as kernels
+    except ImportError:
+        return False
+    return device == "cuda" or kernels.interpreting()
+
+
+def fused_available_dry() -> bool:
+    """Whether the fused path's host code can run here (Triton importable)."""
+    try:
+        from library import automagic_sinkgd_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def optimizers_for(shapes, full: bool, device: str = "cpu", fused: bool = False,
+                   state_precisions=("fp32",)):
     """name -> factory(params) -> optimizer; each optimizer gets its own parameter copy."""
     common = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, full_finetune=full)
     factories = {
@@ -83,7 +143,6 @@ def optimizers_for(shapes, full: bool, state_precisions=("fp32",)):
         "AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "Automagic warm-up": lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6, **common),
         "Automagic post-warm-up": lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True, **common),
-        "Automagic warm-up (per-tensor)": lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6, foreach=False, **common),
     }
     for precision in state_precisions:
         if precision != "fp32":
@@ -91,6 +150,14 @@ def optimizers_for(shapes, full: bool, state_precisions=("fp32",)):
                 ps, warmup_steps=10**6, state_precision=sp, **common)
             factories[f"Automagic post-warm-up ({precision} state)"] = lambda ps, sp=precision: Automagic_Sinkgd(
                 ps, warmup_steps=2, orthograd=True, state_precision=sp, **common)
+    if fused:
+        factories["Automagic warm-up (fused)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6, fused=True,
+                                                                             **common)
+        factories["Automagic post-warm-up (fused)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True,
+                                                                                  fused=True, **common)
+    if device == "cpu":  # one tensor at a time: thousands of launches per step on a GPU
+        factories["Automagic warm-up (per-tensor)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6,
+                                                                                  foreach=False, **common)
     try:
         from prodigyopt import Prodigy
         factories["Prodigy"] = lambda ps: Prodigy(ps, lr=1.0, weight_decay=0.01, decouple=True,
@@ -124,35 +191,203 @@ def transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
     return max(totals) - totals[0] if totals else 0
 
 
-def run_set(name: str, shapes, full: bool, repeats: int, warmup_steps_to_skip: int = 4,
-            state_precisions=("fp32",)):
-    factories = optimizers_for(shapes, full, state_precisions)
+def cuda_transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Peak CUDA memory allocated during one step() above what was live before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    optimizer.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# aten ops that only make views or metadata, or allocate without writing: no kernel on a GPU.
+_NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze",
+              "aten::transpose", "aten::t", "aten::permute", "aten::expand", "aten::as_strided",
+              "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::detach", "aten::alias",
+              "aten::unbind", "aten::select", "aten::slice", "aten::view_as", "aten::resolve_conj",
+              "aten::resolve_neg", "aten::lift_fresh", "aten::result_type", "aten::_unsafe_view",
+              "aten::contiguous", "aten::to", "aten::_to_copy", "aten::expand_as", "aten::flatten",
+              "aten::split", "aten::chunk", "aten::narrow", "aten::unflatten", "aten::real", "aten::is_nonzero"}
+
+
+_NO_KERNEL |= {"aten::_local_scalar_dense", "aten::item"}  # host reads of CPU scalars (AdamW's step)
+_ONE_KERNEL = {"aten::sum", "aten::mean", "aten::linalg_vector_norm", "aten::cat", "aten::bmm"}
+
+
+def count_launches(optimizer: torch.optim.Optimizer, device: str) -> int:
+    """Kernels one step() launches. On CUDA: the profiler's CUDA kernel and memset/memcpy events.
+    On CPU: the aten ops that would each launch a kernel on a GPU (the leaves of the op tree that
+    are not views or bare allocations; foreach ops count once, a GPU runs each as one or a few
+    multi-tensor launches) plus the Triton launches of the fused path (its interpreter runs them
+    outside aten)."""
+    from torch.profiler import ProfilerActivity, profile
+    triton_before = triton_launches()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    def multi_tensor(event) -> bool:
+        """Ops that are one launch (or a few multi-tensor ones) on a GPU, where CPU kernels show
+        per-tensor children or helper fills."""
+        return event.name.startswith(("aten::_foreach_", "aten::_fused_")) or event.name in _ONE_KERNEL
+
+    def inside_multi_tensor(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if multi_tensor(parent):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    def launches_kernel(event) -> bool:
+        return event.name.startswith("aten::") and event.name not in _NO_KERNEL and not inside_multi_tensor(event)
+
+    leaves = [e for e in prof.events() if launches_kernel(e)
+              and (multi_tensor(e) or not any(launches_kernel(c) for c in e.cpu_children))]
+    return len(leaves) + triton_launches() - triton_before
+
+
+@contextlib.contextmanager
+def dry_fused_kernels():
+    """The fused path's host code on CPU with its Triton kernels replaced by counted no-ops: the
+    stacks, copies and launches of a step are real, the values are not (phases depend on the step
+    counters only, so one step's launches are those of a real run)."""
+    from library import automagic_sinkgd_kernels as kernels
+
+    class DryLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    launched = [name for name in vars(kernels) if name.endswith("_kernel")]
+    saved = {name: getattr(kernels, name) for name in launched + ["interpreting"]}
+    for name in launched:
+        setattr(kernels, name, DryLaunch())
+    kernels.interpreting = lambda: True
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+
+
+def fused_launch_counts(shapes, full: bool) -> dict[str, int]:
+    """Launches of one fused step per phase, on CPU, with dry kernels (see dry_fused_kernels)."""
+    counts = {}
+    with dry_fused_kernels():
+        factories = optimizers_for(shapes, full, "cpu", fused=True)
+        for label in ("Automagic warm-up (fused)", "Automagic post-warm-up (fused)"):
+            optimizer = factories[label](make_params(shapes, seed=0))
+            for _ in range(4):
+                optimizer.step()
+            counts[label] = count_launches(optimizer, "cpu")
+    return counts
+
+
+def triton_launches() -> int:
+    """Triton launches made so far by the fused path (the kernels module counts them)."""
+    kernels = sys.modules.get("library.automagic_sinkgd_kernels")
+    return sum(kernels.launches.values()) if kernels is not None else 0
+
+
+class _Timer:
+    """Wall-clock on CPU; CUDA events on a GPU (no synchronisation inside the timed region)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.pending: list = []
+
+    def time(self, fn) -> Optional[float]:
+        if self.device != "cuda":
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        self.pending.append((start, end))
+        return None
+
+    def collect(self) -> list[float]:
+        torch.cuda.synchronize()
+        seconds = [start.elapsed_time(end) / 1e3 for start, end in self.pending]
+        self.pending.clear()
+        return seconds
+
+
+def run_set(name: str, shapes, full: bool, repeats: int, device: str = "cpu", fused: bool = False,
+            launches: bool = False, warmup_steps_to_skip: int = 4, state_precisions=("fp32",)):
+    factories = optimizers_for(shapes, full, device, fused, state_precisions)
     numel = sum(torch.Size(s).numel() for s in shapes)
-    optimizers = {label: make(make_params(shapes, seed=0)) for label, make in factories.items()}
-    for optimizer in optimizers.values():  # past Automagic's init step and into its phase
+    optimizers = {label: make(make_params(shapes, seed=0, device=device)) for label, make in factories.items()}
+    for optimizer in optimizers.values():  # past Automagic's init step and into its phase (and compiled)
         for _ in range(warmup_steps_to_skip):
             optimizer.step()
+    timer = _Timer(device)
     times = {label: [] for label in optimizers}
     for _ in range(repeats):
         for label, optimizer in optimizers.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[label].append(time.perf_counter() - start)
+            times[label].append(timer.time(optimizer.step))
+    if device == "cuda":
+        seconds = iter(timer.collect())
+        times = {label: [next(seconds) for _ in values] for label, values in times.items()}
     rows = []
     base = statistics.median(times["AdamW(foreach)"])
-    fused = statistics.median(times["AdamW(fused)"])
+    fused_adamw = statistics.median(times["AdamW(fused)"])
     for label, optimizer in optimizers.items():
         median = statistics.median(times[label])
-        rows.append(dict(set=name, optimizer=label, ms=median * 1e3, vs_foreach=median / base,
-                         vs_fused=median / fused, state_bytes_per_param=state_bytes(optimizer) / numel,
-                         transient_mb=transient_peak_bytes(optimizer) / 2**20))
+        transient = cuda_transient_peak_bytes(optimizer) if device == "cuda" else transient_peak_bytes(optimizer)
+        row = dict(set=name, optimizer=label, ms=median * 1e3, vs_foreach=median / base,
+                   vs_fused=median / fused_adamw, state_bytes_per_param=state_bytes(optimizer) / numel,
+                   transient_mb=transient / 2**20)
+        if launches or device == "cuda":
+            row["launches"] = count_launches(optimizer, device)
+        rows.append(row)
     largest = max(torch.Size(s).numel() for s in shapes)
-    return rows, dict(set=name, tensors=len(shapes), params=numel, largest_tensor_mb=largest * 4 / 2**20)
+    return rows, dict(set=name, tensors=len(shapes), params=numel, largest_tensor_mb=largest * 4 / 2**20,
+                      distinct_shapes=len(set(shapes)))
+
+
+SETS = dict(lora=lora_shapes, full=full_slice_shapes, sdxl_lora=sdxl_lora_shapes)
+
+
+def launches_only(sets, json_path: Optional[str], machine: str) -> int:
+    """Kernel launches of one step of each optimizer, counted on CPU (see count_launches)."""
+    rows, infos = [], []
+    for name in sets:
+        shapes = SETS[name]()
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        infos.append(dict(set=name, tensors=len(shapes), distinct_shapes=len(set(shapes)), params=numel))
+        for label, make in optimizers_for(shapes, name == "full").items():
+            optimizer = make(make_params(shapes, seed=0))
+            for _ in range(4):
+                optimizer.step()
+            rows.append(dict(set=name, optimizer=label, launches=count_launches(optimizer, "cpu")))
+        if fused_available_dry():
+            rows += [dict(set=name, optimizer=label, launches=count, kernels_dry=True)
+                     for label, count in fused_launch_counts(shapes, name == "full").items()]
+    print("| set | tensors | optimizer | launches per step |\n|---|---:|---|---:|")
+    tensors = {info["set"]: info["tensors"] for info in infos}
+    for r in rows:
+        print(f"| {r['set']} | {tensors[r['set']]} | {r['optimizer']} | {r['launches']} |")
+    if json_path:
+        report = json.dumps(dict(machine=machine, sets=infos, rows=rows), indent=1)
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(report))
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sets", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--sets", nargs="+", default=["lora", "full"], choices=["lora", "full", "sdxl_lora"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--count-launches", action="store_true",
+                        help="also count the kernels of one step (always done on CUDA)")
+    parser.add_argument("--launches-only", action="store_true",
+                        help="on CPU: only count one step's kernel launches per optimizer, the fused path "
+                             "with its kernels dry (see dry_fused_kernels); no timing")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -162,33 +397,51 @@ def main(argv=None) -> int:
                         help="time Automagic_Sinkgd with its bucket math under torch.compile "
                              "(compile time, minutes on CPU, is left out of the step times)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
-        import torch._dynamo
+        from torch import _dynamo  # a plain "import torch._dynamo" would make torch local to main()
         import library.automagic_sinkgd as core
         # every bucket shape and phase is its own graph with static shapes
-        torch._dynamo.config.cache_size_limit = 256
-        torch._dynamo.config.accumulated_cache_size_limit = 4096
+        _dynamo.config.cache_size_limit = 256
+        _dynamo.config.accumulated_cache_size_limit = 4096
         core._bucket_math = torch.compile(core._bucket_math, dynamic=args.compile == "dynamic")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    fused = fused_available(args.device)
+    if fused:
+        import triton
+        machine += f", triton {triton.__version__}" + (" (interpreter)" if args.device == "cpu" else "")
     if args.compile:
         machine += f", Automagic bucket math under torch.compile(dynamic={args.compile == 'dynamic'})"
     print(f"machine: {machine}")
+    if args.launches_only:
+        return launches_only(args.sets, args.json, machine)
     all_rows, infos = [], []
     for name in args.sets:
-        shapes = lora_shapes() if name == "lora" else full_slice_shapes()
-        rows, info = run_set(name, shapes, full=name == "full", repeats=args.repeats,
+        shapes = SETS[name]()
+        rows, info = run_set(name, shapes, full=name == "full", repeats=args.repeats, device=args.device,
+                             fused=fused, launches=args.count_launches,
                              state_precisions=args.state_precision)
+        if args.count_launches and args.device == "cpu" and not fused and fused_available_dry():
+            info["fused_launches_dry"] = fused_launch_counts(shapes, full=name == "full")
         all_rows += rows
         infos.append(info)
-        print(f"\n{name}: {info['tensors']} tensors, {info['params'] / 1e6:.1f}M params, "
-              f"largest tensor {info['largest_tensor_mb']:.1f} MB (fp32)")
-        print("| optimizer | step ms | x AdamW(foreach) | x AdamW(fused) | state bytes/param | transient MB |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"\n{name}: {info['tensors']} tensors ({info['distinct_shapes']} shapes), "
+              f"{info['params'] / 1e6:.1f}M params, largest tensor {info['largest_tensor_mb']:.1f} MB (fp32)")
+        for label, count in info.get("fused_launches_dry", {}).items():
+            print(f"{label}: {count} launches per step (host code run, kernels dry)")
+        counted = "launches" in rows[0]
+        print("| optimizer | step ms | x AdamW(foreach) | x AdamW(fused) | state bytes/param | transient MB |"
+              + (" launches/step |" if counted else ""))
+        print("|---|---:|---:|---:|---:|---:|" + ("---:|" if counted else ""))
         for r in rows:
-            print(f"| {r['optimizer']} | {r['ms']:.1f} | {r['vs_foreach']:.2f} | {r['vs_fused']:.2f} | "
-                  f"{r['state_bytes_per_param']:.1f} | {r['transient_mb']:.1f} |")
+            print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['vs_foreach']:.2f} | {r['vs_fused']:.2f} | "
+                  f"{r['state_bytes_per_param']:.1f} | {r['transient_mb']:.1f} |"
+                  + (f" {r['launches']} |" if counted else ""))
     if args.json:
         report = json.dumps(dict(machine=machine, sets=infos, rows=all_rows), indent=1)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(report))

@@ -32,7 +32,12 @@ import triton.language as tl
 from library import automagic_sinkgd as core
 
 _FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the eager path's floor
-_TILE_ELEMENTS = 4096  # one tile of every pass; 32 elements per thread with 4 warps
+_TILE_ELEMENTS = 2048  # one tile of every pass: 16 elements per thread with 4 warps
+# One program per tensor uses one SM: a tensor larger than this (full fine-tune matrices; LoRA
+# matrices, up to 16 x 10240, stay below it) is split into blocks of rows of about
+# _SPLIT_PROGRAM_NUMEL elements, one program each, over three launches.
+_SPLIT_NUMEL = 1 << 18
+_SPLIT_PROGRAM_NUMEL = 1 << 15
 
 
 def interpreting() -> bool:
@@ -75,37 +80,231 @@ def _tile(b, numel, r0, c0, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C,
+def _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, c_begin, c_end,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """SinkGD (arXiv 2502.06742) column half-step on U**2: col_sq = 1 / max(row_sq @ U**2, tiny)."""
-    for c0 in range(0, C, BLOCK_C):
+    """SinkGD (arXiv 2502.06742) column half-step on U**2 for columns [c_begin, c_end):
+    col_sq = 1 / max(row_sq @ U**2, tiny)."""
+    for c0 in range(c_begin, c_end, BLOCK_C):
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            inside = inside & (cols[None, :] < c_end)
             u = tl.load(scratch_ptr + offsets, mask=inside, other=0.0)
             r_sq = tl.load(row_sq_ptr + b * R + rows, mask=rows < R, other=0.0)
             acc += tl.sum(u * u * r_sq[:, None], axis=0)
         cols = c0 + tl.arange(0, BLOCK_C)
-        tl.store(col_sq_ptr + b * C + cols, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=cols < C)
+        tl.store(col_sq_ptr + b * C + cols, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=cols < c_end)
 
 
 @triton.jit
-def _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C,
+def _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, r_begin, r_end,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """SinkGD row half-step on U**2: row_sq = 1 / max(U**2 @ col_sq, tiny)."""
-    for r0 in range(0, R, BLOCK_R):
+    """SinkGD row half-step on U**2 for rows [r_begin, r_end): row_sq = 1 / max(U**2 @ col_sq, tiny)."""
+    for r0 in range(r_begin, r_end, BLOCK_R):
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
             u = tl.load(scratch_ptr + offsets, mask=inside, other=0.0)
             c_sq = tl.load(col_sq_ptr + b * C + cols, mask=cols < C, other=0.0)
             acc += tl.sum(u * u * c_sq[None, :], axis=1)
         rows = r0 + tl.arange(0, BLOCK_R)
-        tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=rows < R)
+        tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=rows < r_end)
 
 
 # ----------------------------------------------------------------------------------------------
-# The bucket kernel: one program per stacked tensor.
+# The passes, each over rows [r_begin, r_end) of tensor b: a whole tensor in the one-program kernel,
+# a block of rows in the split kernels for large tensors.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begin, r_end, C,
+                     IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ABS_SUM: tl.constexpr,
+                     SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass 0: sum g (the finite test), sum |g|, <g, x0 - x> and OrthoGrad's <u, x>, |x|^2, |u|^2."""
+    zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_sum = zeros
+    acc_abs = zeros
+    acc_signal = zeros
+    acc_uw = zeros
+    acc_ww = zeros
+    acc_uu = zeros
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
+            g_raw = tl.load(grad_ptr + offsets, mask=inside, other=0.0)
+            acc_sum += g_raw  # a NaN/Inf survives the sum (the eager test, in the same spirit)
+            g = _finite_or_zero(g_raw)
+            if ABS_SUM:
+                acc_abs += tl.abs(g)
+            if SIGNAL or ORTHO:
+                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                if SIGNAL:  # Prodigy (arXiv 2306.06101): c = -<g, x - x0>
+                    x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                    acc_signal += g * (x0 - w)
+                if ORTHO:
+                    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
+                    u = _grams_direction(g, m, IS_MATRIX, GRAMS)
+                    acc_uw += u * w
+                    acc_ww += w * w
+                    if KEEP_NORM:
+                        acc_uu += u * u
+    return (tl.sum(tl.sum(acc_sum, axis=1), axis=0), tl.sum(tl.sum(acc_abs, axis=1), axis=0),
+            tl.sum(tl.sum(acc_signal, axis=1), axis=0), tl.sum(tl.sum(acc_uw, axis=1), axis=0),
+            tl.sum(tl.sum(acc_ww, axis=1), axis=0), tl.sum(tl.sum(acc_uu, axis=1), axis=0))
+
+
+@triton.jit
+def _direction_scalars(total, signal, uw, ww, lr_bump, d_coef, momentum_weight,
+                       SIGNAL: tl.constexpr, ORTHO: tl.constexpr):
+    """Finite flag, Prodigy bump sizes, OrthoGrad's projection and the momentum weight of a tensor."""
+    finite = total - total == 0.0
+    finite_f = tl.where(finite, 1.0, 0.0)
+    up = lr_bump * finite_f
+    down = lr_bump * finite_f
+    if SIGNAL:
+        up = tl.where(signal > 0.0, lr_bump * d_coef, lr_bump) * finite_f
+        down = tl.where(signal < 0.0, lr_bump * d_coef, lr_bump) * finite_f
+    projection = 0.0
+    if ORTHO:  # OrthoGrad (arXiv 2501.04697): remove the component along the weights
+        projection = uw / tl.maximum(ww, 1.1754943508222875e-38)
+    return finite, finite_f, up, down, projection, momentum_weight * finite_f
+
+
+@triton.jit
+def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr,
+                              row_sq_ptr, b, numel, r_begin, r_end, R, C,
+                              finite, up, down, projection, lerp_weight, min_lr, max_lr,
+                              IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
+                              WARMUP: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
+                              ROW_SUMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass 1: direction U (+ OrthoGrad) into the scratch buffer, momentum, sign history, mask;
+    returns |m|^2, sum(mask), |U|^2; with ROW_SUMS also SinkGD's first row pass into row_sq."""
+    zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_mm = zeros
+    acc_mask = zeros
+    acc_uu_after = zeros
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        row_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
+            g = _finite_or_zero(tl.load(grad_ptr + offsets, mask=inside, other=0.0))
+            m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
+            u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
+            if ORTHO:
+                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                u = u - w * projection
+            # ADOPT (arXiv 2411.02853) momentum, with torch.lerp's two-branch formula
+            m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
+            tl.store(exp_avg_ptr + offsets, m, mask=inside)
+            if VRADAM:
+                acc_mm += m * m
+            if WARMUP:  # Automagic mask: up where the sign of g held, down where it flipped
+                old = tl.load(polarity_ptr + offsets, mask=inside, other=0) != 0
+                flip = tl.where(finite, (g > 0.0) != old, False)
+                tl.store(polarity_ptr + offsets, (old != flip).to(tl.uint8), mask=inside)
+                mask = tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0) + up
+                mask = tl.where(flip, mask - (up + down), mask)
+                mask = tl.minimum(tl.maximum(mask, min_lr), max_lr)
+                tl.store(lr_mask_ptr + offsets, mask, mask=inside)
+                acc_mask += tl.where(inside, mask, 0.0)
+            if KEEP_NORM:
+                acc_uu_after += u * u
+            if ROW_SUMS:
+                row_acc += tl.sum(u * u, axis=1)
+            tl.store(scratch_ptr + offsets, u, mask=inside)
+        if ROW_SUMS:
+            rows = r0 + tl.arange(0, BLOCK_R)
+            tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(row_acc, 1.1754943508222875e-38),
+                     mask=rows < r_end)
+    return (tl.sum(tl.sum(acc_mm, axis=1), axis=0), tl.sum(tl.sum(acc_mask, axis=1), axis=0),
+            tl.sum(tl.sum(acc_uu_after, axis=1), axis=0))
+
+
+@triton.jit
+def _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f):
+    """Automagic's linear post-warm-up decay, one step (a skipped tensor keeps its value)."""
+    return tl.load(lr_decay_ptr + b) - tl.load(decay_rate_ptr + b) * finite_f
+
+
+@triton.jit
+def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, weight_decay,
+                  avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr,
+                  VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr, HAS_STATS: tl.constexpr,
+                  KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """The tensor's new avg_lr, its rate (finite * decay * VRAdam brake [* OrthoGrad norm restore])
+    and the weight-decay factor."""
+    tiny = 1.1754943508222875e-38
+    if WARMUP:
+        avg_lr = mask_sum / numel
+    else:
+        avg_lr = tl.load(avg_lr_ptr + b)
+    brake = 1.0
+    if VRADAM:  # VRAdam (arXiv 2505.13196)
+        brake = 1.0 / (1.0 + tl.minimum(3.0 * mm, 10.0))
+    rate = finite_f
+    if POST:  # the linear decay, capped by an outside scheduler's ratio, floored at 0.1
+        rate = rate * tl.maximum(tl.minimum(lr_decay, lr_ratio), 0.1)
+    rate = rate * brake
+    if KEEP_NORM:  # OrthoGrad's norm restore, only when SinkGD does not rescale anyway
+        norm_before = tl.sqrt(uu)
+        norm_after = tl.sqrt(uu_after)
+        rate = rate * tl.where(norm_after > 0.0, norm_before / tl.maximum(norm_after, tiny), 0.0)
+    weight_factor = 1.0
+    if DECAY:  # gradient-aware decoupled weight decay, theta = 2 * sigmoid(4 z)
+        theta = 1.0
+        if HAS_STATS:
+            z = (abs_sum / numel - tl.load(group_mean_ptr)) / tl.maximum(tl.load(group_std_ptr), tiny)
+            theta = 2.0 / (1.0 + tl.exp(-4.0 * z))
+        mean_row_scaling = 1.0
+        if HAS_ROW_SCALING:
+            rs_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                rs_acc += tl.load(row_scaling_ptr + b * R + rows, mask=rows < R, other=0.0)
+            mean_row_scaling = tl.sum(rs_acc, axis=0) / R
+        weight_factor = 1.0 - avg_lr * mean_row_scaling * brake * theta * weight_decay * finite_f
+    return avg_lr, rate, weight_factor
+
+
+@triton.jit
+def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr, row_scaling_ptr,
+                  b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, seed,
+                  SINKGD: tl.constexpr, DECAY: tl.constexpr,
+                  HAS_ROW_SCALING: tl.constexpr, ROUND_BF16: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass 3: w = w * (1 - decay) - mask * rate * diag(r) U diag(c), r and c from SinkGD's buffers
+    of 1 / norm^2 (r also times sqrt(rows), the target row norm)."""
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_factor = tl.zeros([BLOCK_R], dtype=tl.float32) + rate
+        if SINKGD:
+            row_scale = tl.sqrt(tl.load(row_ptr + b * R + rows, mask=rows < r_end, other=0.0)) * sqrt_rows
+            row_factor = row_scale * rate
+        if HAS_ROW_SCALING:  # ALLoRA (arXiv 2410.09692) per-row factor
+            row_factor = row_factor * tl.load(row_scaling_ptr + b * R + rows, mask=rows < r_end, other=0.0)
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows2, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
+            update = tl.load(scratch_ptr + offsets, mask=inside, other=0.0) * row_factor[:, None]
+            if SINKGD:
+                update = update * tl.sqrt(tl.load(col_ptr + b * C + cols, mask=cols < C, other=0.0))[None, :]
+            w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            if DECAY:
+                w = w * weight_factor
+            w = w - update * tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0)
+            if ROUND_BF16:  # stochastic rounding (arXiv 1502.02551): noise below bf16's bits, truncate
+                noise = (tl.randint(seed, offsets.to(tl.int32)) & 0xFFFF).to(tl.int32)
+                bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
+                tl.store(weight_out_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=inside)
+            else:
+                tl.store(weight_out_ptr + offsets, w, mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels. One program per stacked tensor (everything in one launch), or, for large tensors,
+# 3 + 2 * iters - 1 launches of one program per block of rows (columns for SinkGD's column passes).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -123,160 +322,145 @@ def _bucket_step_kernel(
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     numel = R * C
-    tiny = 1.1754943508222875e-38
-    zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-
-    # -- pass 0: per-tensor reductions the elementwise pass depends on -------------------------
-    acc_sum = zeros
-    acc_abs = zeros
-    acc_signal = zeros
-    acc_uw = zeros
-    acc_ww = zeros
-    acc_uu = zeros
-    for r0 in range(0, R, BLOCK_R):
-        for c0 in range(0, C, BLOCK_C):
-            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
-            g_raw = tl.load(grad_ptr + offsets, mask=inside, other=0.0)
-            acc_sum += g_raw  # a NaN/Inf survives the sum (the eager test, in the same spirit)
-            g = _finite_or_zero(g_raw)
-            if DECAY and HAS_STATS:
-                acc_abs += tl.abs(g)
-            if SIGNAL or ORTHO:
-                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-                if SIGNAL:  # Prodigy (arXiv 2306.06101): c = -<g, x - x0>
-                    x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-                    acc_signal += g * (x0 - w)
-                if ORTHO:
-                    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
-                    u = _grams_direction(g, m, IS_MATRIX, GRAMS)
-                    acc_uw += u * w
-                    acc_ww += w * w
-                    if KEEP_NORM:
-                        acc_uu += u * u
-    total = tl.sum(tl.sum(acc_sum, axis=1), axis=0)
-    finite = total - total == 0.0
-    finite_f = tl.where(finite, 1.0, 0.0)
-    up = lr_bump * finite_f
-    down = lr_bump * finite_f
-    if SIGNAL:
-        signal = tl.sum(tl.sum(acc_signal, axis=1), axis=0)
-        up = tl.where(signal > 0.0, lr_bump * d_coef, lr_bump) * finite_f
-        down = tl.where(signal < 0.0, lr_bump * d_coef, lr_bump) * finite_f
-    projection = 0.0
-    if ORTHO:  # OrthoGrad (arXiv 2501.04697): remove the component along the weights
-        projection = tl.sum(tl.sum(acc_uw, axis=1), axis=0) / tl.maximum(tl.sum(tl.sum(acc_ww, axis=1), axis=0), tiny)
-    lerp_weight = momentum_weight * finite_f
-
-    # -- pass 1: direction, momentum, sign history, mask; first SinkGD row sums ----------------
-    acc_mm = zeros
-    acc_mask = zeros
-    acc_uu_after = zeros
-    for r0 in range(0, R, BLOCK_R):
-        row_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offsets, inside, rows, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
-            g = _finite_or_zero(tl.load(grad_ptr + offsets, mask=inside, other=0.0))
-            m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
-            u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
-            if ORTHO:
-                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-                u = u - w * projection
-            # ADOPT (arXiv 2411.02853) momentum, torch.lerp's two-branch formula
-            m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
-            tl.store(exp_avg_ptr + offsets, m, mask=inside)
-            if VRADAM:
-                acc_mm += m * m
-            if WARMUP:  # Automagic mask: up where the sign of g held, down where it flipped
-                old = tl.load(polarity_ptr + offsets, mask=inside, other=0) != 0
-                positive = g > 0.0
-                flip = tl.where(finite, positive != old, False)
-                tl.store(polarity_ptr + offsets, (old != flip).to(tl.uint8), mask=inside)
-                mask = tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0) + up
-                mask = tl.where(flip, mask - (up + down), mask)
-                mask = tl.minimum(tl.maximum(mask, min_lr), max_lr)
-                tl.store(lr_mask_ptr + offsets, mask, mask=inside)
-                acc_mask += tl.where(inside, mask, 0.0)
-            if KEEP_NORM:
-                acc_uu_after += u * u
-            if IS_MATRIX and SINKGD_ITERS > 0:
-                row_acc += tl.sum(u * u, axis=1)
-            tl.store(scratch_ptr + offsets, u, mask=inside)
-        if IS_MATRIX and SINKGD_ITERS > 0:
-            rows = r0 + tl.arange(0, BLOCK_R)
-            tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(row_acc, tiny), mask=rows < R)
-
-    # -- per-tensor scalars ------------------------------------------------------------------
+    sinkgd: tl.constexpr = IS_MATRIX and SINKGD_ITERS > 0
+    total, abs_sum, signal, uw, ww, uu = _pass_reductions(
+        grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, 0, R, C, IS_MATRIX, GRAMS, DECAY and HAS_STATS,
+        SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
+    finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
+        total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
+    mm, mask_sum, uu_after = _pass_direction_and_state(
+        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, b, numel, 0, R, R, C,
+        finite, up, down, projection, lerp_weight, min_lr, max_lr, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO,
+        KEEP_NORM, sinkgd, BLOCK_R, BLOCK_C)
+    lr_decay = 1.0
+    if POST:
+        lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
+        tl.store(lr_decay_ptr + b, lr_decay)
+    avg_lr, rate, weight_factor = _rate_scalars(
+        b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, weight_decay,
+        avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
+        KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
     if WARMUP:
-        avg_lr = tl.sum(tl.sum(acc_mask, axis=1), axis=0) / numel
         tl.store(avg_lr_ptr + b, avg_lr)
         tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
-    else:
-        avg_lr = tl.load(avg_lr_ptr + b)
-    brake = 1.0
-    if VRADAM:  # VRAdam (arXiv 2505.13196)
-        brake = 1.0 / (1.0 + tl.minimum(3.0 * tl.sum(tl.sum(acc_mm, axis=1), axis=0), 10.0))
-    rate = finite_f
-    if POST:  # linear decay, capped by an outside scheduler's ratio, floored at 0.1
-        lr_decay = tl.load(lr_decay_ptr + b) - tl.load(decay_rate_ptr + b) * finite_f
-        tl.store(lr_decay_ptr + b, lr_decay)
-        rate = rate * tl.maximum(tl.minimum(lr_decay, lr_ratio), 0.1)
-    rate = rate * brake
-    if KEEP_NORM:  # OrthoGrad's norm restore, only when SinkGD does not rescale anyway
-        norm_before = tl.sqrt(tl.sum(tl.sum(acc_uu, axis=1), axis=0))
-        norm_after = tl.sqrt(tl.sum(tl.sum(acc_uu_after, axis=1), axis=0))
-        rate = rate * tl.where(norm_after > 0.0, norm_before / tl.maximum(norm_after, tiny), 0.0)
-    weight_factor = 1.0
-    if DECAY:  # gradient-aware decoupled weight decay, theta = 2 * sigmoid(4 z)
-        theta = 1.0
-        if HAS_STATS:
-            abs_mean = tl.sum(tl.sum(acc_abs, axis=1), axis=0) / numel
-            z = (abs_mean - tl.load(group_mean_ptr)) / tl.maximum(tl.load(group_std_ptr), tiny)
-            theta = 2.0 / (1.0 + tl.exp(-4.0 * z))
-        mean_row_scaling = 1.0
-        if HAS_ROW_SCALING:
-            rs_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                rs_acc += tl.load(row_scaling_ptr + b * R + rows, mask=rows < R, other=0.0)
-            mean_row_scaling = tl.sum(rs_acc, axis=0) / R
-        weight_factor = 1.0 - avg_lr * mean_row_scaling * brake * theta * weight_decay * finite_f
-
-    # -- pass 2: SinkGD's remaining half-steps ---------------------------------------------------
-    if IS_MATRIX and SINKGD_ITERS > 0:
+    if sinkgd:  # SinkGD's remaining half-steps, the U buffer read from L2 for small matrices
         tl.debug_barrier()  # row sums written by other threads of this program
-        _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, BLOCK_R, BLOCK_C)
+        _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
         for _ in range(SINKGD_ITERS - 1):
             tl.debug_barrier()
-            _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, BLOCK_R, BLOCK_C)
+            _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, R, BLOCK_R, BLOCK_C)
             tl.debug_barrier()
-            _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, BLOCK_R, BLOCK_C)
+            _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
         tl.debug_barrier()
+    _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_sq_ptr, col_sq_ptr, row_scaling_ptr,
+                  b, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, seed, sinkgd, DECAY,
+                  HAS_ROW_SCALING, ROUND_BF16, BLOCK_R, BLOCK_C)
 
-    # -- pass 3: w = w * (1 - decay) - mask * rate * diag(r) U diag(c) -----------------------------
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_factor = tl.zeros([BLOCK_R], dtype=tl.float32) + rate
-        if IS_MATRIX and SINKGD_ITERS > 0:
-            row_sq = tl.load(row_sq_ptr + b * R + rows, mask=rows < R, other=0.0)
-            row_factor = tl.sqrt(row_sq) * sqrt_rows * rate
-        if HAS_ROW_SCALING:  # ALLoRA (arXiv 2410.09692) per-row factor
-            row_factor = row_factor * tl.load(row_scaling_ptr + b * R + rows, mask=rows < R, other=0.0)
-        for c0 in range(0, C, BLOCK_C):
-            offsets, inside, rows2, cols = _tile(b, numel, r0, c0, R, C, BLOCK_R, BLOCK_C)
-            update = tl.load(scratch_ptr + offsets, mask=inside, other=0.0) * row_factor[:, None]
-            if IS_MATRIX and SINKGD_ITERS > 0:
-                col_sq = tl.load(col_sq_ptr + b * C + cols, mask=cols < C, other=0.0)
-                update = update * tl.sqrt(col_sq)[None, :]
-            w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            if DECAY:
-                w = w * weight_factor
-            w = w - update * tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0)
-            if ROUND_BF16:  # stochastic rounding (arXiv 1502.02551): noise below bf16's bits, truncate
-                noise = (tl.randint(seed, offsets.to(tl.int32)) & 0xFFFF).to(tl.int32)
-                bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
-                tl.store(weight_out_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=inside)
-            else:
-                tl.store(weight_out_ptr + offsets, w, mask=inside)
+
+@triton.jit
+def _split_reductions_kernel(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM,
+                             IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ABS_SUM: tl.constexpr,
+                             SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Large tensors, launch 1: pass 0 over one block of rows, summed across blocks by atomics
+    into sums[b, 0:6]."""
+    b = tl.program_id(0).to(tl.int64)
+    r_begin = tl.program_id(1) * ROWS_PER_PROGRAM
+    r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
+    total, abs_sum, signal, uw, ww, uu = _pass_reductions(
+        grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, R * C, r_begin, r_end, C, IS_MATRIX, GRAMS, ABS_SUM,
+        SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
+    base = sums_ptr + b * 9
+    tl.atomic_add(base + 0, total)
+    tl.atomic_add(base + 1, abs_sum)
+    tl.atomic_add(base + 2, signal)
+    tl.atomic_add(base + 3, uw)
+    tl.atomic_add(base + 4, ww)
+    tl.atomic_add(base + 5, uu)
+
+
+@triton.jit
+def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr,
+                        lr_decay_ptr, decay_rate_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM,
+                        lr_bump, d_coef, momentum_weight, min_lr, max_lr,
+                        IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
+                        WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
+                        KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Large tensors, launch 2: pass 1 over one block of rows; its sums into sums[b, 6:9]; the
+    first block also steps lr_decay (read by launch 3 after this one ends)."""
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    r_begin = block * ROWS_PER_PROGRAM
+    r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
+    base = sums_ptr + b * 9
+    finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
+        tl.load(base + 0), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4), lr_bump, d_coef,
+        momentum_weight, SIGNAL, ORTHO)
+    mm, mask_sum, uu_after = _pass_direction_and_state(
+        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, b, R * C,
+        r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr, IS_MATRIX, GRAMS,
+        VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, BLOCK_R, BLOCK_C)
+    tl.atomic_add(base + 6, mm)
+    tl.atomic_add(base + 7, mask_sum)
+    tl.atomic_add(base + 8, uu_after)
+    if POST:
+        if block == 0:
+            tl.store(lr_decay_ptr + b, _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f))
+
+
+@triton.jit(do_not_specialize=["lr_ratio", "seed"])
+def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr,
+                          row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
+                          group_std_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio, seed, weight_decay, sqrt_rows,
+                          VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr,
+                          HAS_STATS: tl.constexpr, KEEP_NORM: tl.constexpr, POST: tl.constexpr,
+                          HAS_ROW_SCALING: tl.constexpr, SINKGD: tl.constexpr, ROUND_BF16: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Large tensors, last launch: the weights of one block of rows; the first
+    block stores avg_lr and avg_lr_max (no other block reads them: each computes avg_lr itself)."""
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    r_begin = block * ROWS_PER_PROGRAM
+    r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
+    numel = R * C
+    base = sums_ptr + b * 9
+    total = tl.load(base + 0)
+    finite_f = tl.where(total - total == 0.0, 1.0, 0.0)
+    lr_decay = 1.0
+    if POST:
+        lr_decay = tl.load(lr_decay_ptr + b)
+    avg_lr, rate, weight_factor = _rate_scalars(
+        b, numel, R, finite_f, tl.load(base + 6), tl.load(base + 7), tl.load(base + 1), tl.load(base + 5),
+        tl.load(base + 8), lr_decay, lr_ratio, weight_decay, avg_lr_ptr, row_scaling_ptr, group_mean_ptr,
+        group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS, KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
+    if WARMUP:
+        if block == 0:
+            tl.store(avg_lr_ptr + b, avg_lr)
+            tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
+    _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr, row_scaling_ptr,
+                  b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, seed, SINKGD, DECAY,
+                  HAS_ROW_SCALING, ROUND_BF16, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _split_sinkgd_cols_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, COLS_PER_PROGRAM,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Large tensors: one SinkGD column half-step, one program per block of columns."""
+    b = tl.program_id(0).to(tl.int64)
+    c_begin = tl.program_id(1) * COLS_PER_PROGRAM
+    _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, R * C, R, C, c_begin,
+                     tl.minimum(c_begin + COLS_PER_PROGRAM, C), BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _split_sinkgd_rows_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, ROWS_PER_PROGRAM,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Large tensors: one SinkGD row half-step, one program per block of rows."""
+    b = tl.program_id(0).to(tl.int64)
+    r_begin = tl.program_id(1) * ROWS_PER_PROGRAM
+    _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, R * C, R, C, r_begin,
+                     tl.minimum(r_begin + ROWS_PER_PROGRAM, R), BLOCK_R, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,9 +469,14 @@ def _bucket_step_kernel(
 
 
 def _blocks(rows: int, cols: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(max(cols, 1)), 1024)
-    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), _TILE_ELEMENTS // block_c))
-    return block_r, block_c
+    """Tile shape: a short menu (each entry is one compilation per phase) sized to the matrix's
+    column count, _TILE_ELEMENTS elements per tile; vectors are one row."""
+    if rows == 1:
+        return 1, _TILE_ELEMENTS
+    for block_c in (16, 64):
+        if cols <= block_c:
+            return _TILE_ELEMENTS // block_c, block_c
+    return _TILE_ELEMENTS // 128, 128
 
 
 def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Optional[str]:
@@ -302,14 +491,17 @@ def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Option
         return "a low-precision optimizer state (not handled by the kernels yet)"
     if "polarity" in state and (state["polarity"].dtype != torch.bool or state["polarity"].shape != p.shape):
         return "a packed sign history (not handled by the kernels yet)"
-    if p.numel() >= 2**31 // max(len(params), 1):
+    if p.numel() > _SPLIT_NUMEL and p.ndim < 2:
+        return f"vectors of more than {_SPLIT_NUMEL} elements (split by rows only)"
+    if p.numel() * len(params) >= 2**31:
         return "a bucket of 2**31 elements or more (32-bit rounding offsets)"
     return None
 
 
-def _counted(name: str) -> None:
-    """Launch counter, for the benchmark's and the tests' launches-per-step figures."""
-    launches[name] = launches.get(name, 0) + 1
+def _counted(*names: str) -> None:
+    """Launch counter per kernel, for the benchmark's and the tests' launches-per-step figures."""
+    for name in names:
+        launches[name] = launches.get(name, 0) + 1
 
 
 launches: dict[str, int] = {}
@@ -324,7 +516,7 @@ def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor
                 min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
                 vradam: bool, grad_is_copy: bool, weight_out: Optional[torch.Tensor] = None,
                 seed: int = 0) -> torch.Tensor:
-    """``core._bucket_math`` in one launch: same arguments and in-place updates, plus ``weight_out``
+    """``core._bucket_math`` in one launch (for large tensors 3 + 2 * sinkgd_iters - 1): same arguments and in-place updates, plus ``weight_out``
     (a bf16 stack that receives the stochastically rounded weights; default: ``weight`` itself,
     float32) and the rounding ``seed``. Returns the stack holding the new weights."""
     batch = grad.shape[0]
@@ -337,8 +529,45 @@ def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor
     col_sq = torch.empty((batch, cols) if sinkgd else (1,), dtype=torch.float32, device=grad.device)
     signal = warmup and early and d_coef != 1 and initial_weight is not None
     decay = early and weight_decay > 0
+    has_stats = decay and group_mean is not None
     any_ = grad  # stands in for the pointers a phase does not read
     block_r, block_c = _blocks(rows, cols)
+    if rows * cols > _SPLIT_NUMEL:
+        rows_per_program = max(block_r, _SPLIT_PROGRAM_NUMEL // cols // block_r * block_r)
+        grid = (batch, triton.cdiv(rows, rows_per_program))
+        sums = torch.zeros((batch, 9), dtype=torch.float32, device=grad.device)
+        polarity_u8 = polarity.view(torch.uint8) if warmup else any_
+        _split_reductions_kernel[grid](
+            grad, exp_avg, weight, initial_weight if signal else any_, sums, rows, cols, rows_per_program,
+            IS_MATRIX=is_matrix, GRAMS=grams, ABS_SUM=has_stats, SIGNAL=signal, ORTHO=use_orthograd,
+            KEEP_NORM=use_orthograd and sinkgd_iters <= 0, BLOCK_R=block_r, BLOCK_C=block_c)
+        _split_state_kernel[grid](
+            grad, exp_avg, lr_mask, polarity_u8, weight, scratch, row_sq, lr_decay if post else any_,
+            decay_rate if post else any_, sums, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1,
+            min_lr, max_lr, IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal,
+            ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, ROW_SUMS=sinkgd,
+            BLOCK_R=block_r, BLOCK_C=block_c)
+        if sinkgd:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
+            cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
+            col_grid = (batch, triton.cdiv(cols, cols_per_program))
+            for half_step in range(2 * sinkgd_iters - 1):
+                if half_step % 2 == 0:
+                    _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
+                                                        BLOCK_R=block_r, BLOCK_C=block_c)
+                else:
+                    _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
+                                                    BLOCK_R=block_r, BLOCK_C=block_c)
+            _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
+        _split_weights_kernel[grid](
+            scratch, lr_mask, weight, weight_out, row_sq, col_sq,
+            row_scaling if row_scaling is not None else any_, avg_lr, avg_lr_max, lr_decay if post else any_,
+            group_mean if has_stats else any_, group_std if has_stats else any_, sums, rows, cols,
+            rows_per_program, float(lr_ratio), int(seed) & 0x7FFF_FFFF, weight_decay, float(rows) ** 0.5,
+            VRADAM=vradam, WARMUP=warmup, DECAY=decay, HAS_STATS=has_stats,
+            KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
+            SINKGD=sinkgd, ROUND_BF16=weight_out.dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_C=block_c)
+        _counted("split_reductions", "split_state", "split_weights")
+        return weight_out
     _bucket_step_kernel[(batch,)](
         grad, exp_avg, lr_mask, polarity.view(torch.uint8) if warmup else any_, weight,
         initial_weight if signal else any_, weight_out, avg_lr, avg_lr_max,

@@ -31,9 +31,9 @@ if DEVICE == "cpu" and not kernels.interpreting():
 
 torch.set_num_threads(1)
 
-# Two of each matrix shape (a stacked bucket) plus lone ones; (4, 1100) spans two column tiles,
-# (70, 3) three row tiles; a 1x1 conv; vectors.
-LORA_SHAPES = [(4, 24), (4, 24), (24, 4), (24, 4), (4, 1100), (70, 3), (4, 6, 1, 1), (10,), (10,)]
+# Two of each matrix shape (a stacked bucket) plus lone ones; (4, 300) spans three column tiles,
+# (300, 3) three row tiles, (2100,) two vector tiles; a 1x1 conv; vectors.
+LORA_SHAPES = [(4, 24), (4, 24), (24, 4), (24, 4), (4, 300), (300, 3), (4, 6, 1, 1), (10,), (10,), (2100,)]
 FULL_SHAPES = [(12, 10), (12, 10), (6, 3, 3, 3), (70, 3), (33,), (1,)]
 PHASES = dict(lr=1e-3, min_lr=1e-4, max_lr=1e-2, lr_bump=2e-4, warmup_steps=8, orthograd=True,
               weight_decay=0.1, stats_update_freq=2)
@@ -216,6 +216,38 @@ def test_fp16_weights_take_the_eager_step():
         runs.append(params)
     for p, q in zip(*runs):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_large_tensors_split_into_row_blocks_match_eager(monkeypatch, mode):
+    """Full fine-tune matrices are split over programs (three launches, SinkGD's mat-vecs in torch):
+    here every tensor above 50 elements is, (64, 24) in two blocks of rows, (300, 3) in three and
+    (4, 300) in three blocks of columns for SinkGD's column passes; a vector above the limit takes
+    the eager step."""
+    monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 50)
+    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 512)
+    split_before = kernels.launches.get("split_weights", 0)
+    full = mode == "full"
+    _lockstep([(64, 24), (64, 24), (300, 3), (4, 300), (10,), (60,)], steps=10, full_finetune=full, **PHASES)
+    assert kernels.launches["split_weights"] - split_before == 9 * 3  # three split buckets, t = 2..10
+
+
+def test_split_bf16_weights_round_stochastically(monkeypatch):
+    """The split kernels round bf16 weights without bias, as the one-program kernel does."""
+    monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 1000)
+    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 2048)  # four blocks of 16 rows
+    shape = (64, 256)
+    settings = dict(lr=2e-4, min_lr=1e-4, max_lr=1e-3, lr_bump=0.0, warmup_steps=100, weight_decay=0.0,
+                    d_coef=1.0, vradam=False, allora=False)
+    p = torch.nn.Parameter(torch.ones(shape, dtype=torch.bfloat16, device=DEVICE))
+    optimizer = Automagic_Sinkgd([p], fused=True, **settings)
+    before = kernels.launches.get("split_weights", 0)
+    for _ in range(4):
+        p.grad = torch.ones(shape, dtype=torch.bfloat16, device=DEVICE)
+        optimizer.step()
+    assert kernels.launches["split_weights"] - before == 3
+    moved = 1.0 - p.detach().float().mean().item()
+    assert 0.45e-3 < moved < 0.75e-3, f"moved {moved:.2e}"  # 3 steps of 2e-4, each 1/20 of bf16's step
 
 
 def test_low_precision_or_packed_state_is_refused_by_the_kernel():
