@@ -250,6 +250,25 @@ def test_split_bf16_weights_round_stochastically(monkeypatch):
     assert 0.45e-3 < moved < 0.75e-3, f"moved {moved:.2e}"  # 3 steps of 2e-4, each 1/20 of bf16's step
 
 
+def test_compact_state_takes_the_eager_step():
+    """state_precision="bf16" (bf16 momentum, uint16 mask codes, packed signs) is not a layout the
+    kernels read yet: fused=True must step it exactly as the eager path does."""
+    shapes = [(4, 24), (4, 24), (10,)]
+    runs = []
+    for fused in (False, True):
+        params = _params(shapes)
+        optimizer = Automagic_Sinkgd(params, fused=fused, state_precision="bf16", **PHASES)
+        generator = torch.Generator().manual_seed(9)
+        before = kernels.launches.get("bucket_step", 0)
+        for _ in range(4):
+            _grads([params], generator)
+            optimizer.step()
+        assert kernels.launches.get("bucket_step", 0) == before
+        runs.append(params)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
 def test_low_precision_or_packed_state_is_refused_by_the_kernel():
     p = torch.zeros(4, 24, device=DEVICE)
     state = dict(exp_avg=torch.zeros(4, 24, device=DEVICE), lr_mask=torch.zeros(4, 24, device=DEVICE),
