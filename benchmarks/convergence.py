@@ -40,7 +40,8 @@ Usage::
 Run groups (--runs): ``main`` (presets, presets + doc warm-up, AdamW grid, Prodigy),
 ``tuning`` (labelled candidate preset changes), ``ablations`` (one technique off at a time,
 plus OrthoGrad off on the doc warm-up variant, where it is active), ``ablations_docwu``
-(every ablation on the doc warm-up variant). Runs are deterministic for a given seed.
+(every ablation on the doc warm-up variant), ``precision`` (the task's preset, and its doc
+warm-up variant, with ``state_precision="bf16"``). Runs are deterministic for a given seed.
 
 Outputs (written atomically) in ``--out`` (default ``benchmarks/results``):
 ``convergence_<task>.json``, ``convergence.md`` (tables), ``convergence.png`` (curves).
@@ -134,6 +135,7 @@ DOCUMENT_PRESETS = {
                              full_finetune=False, orthograd=False, stats_update_freq=10),
 }
 PRESET_FOR_TASK = {"lora": "lora", "full": "full"}
+STATE_PRECISIONS = ("bf16",)  # the "precision" run group; fp32 state is the preset's own row
 # presets run on each task: the LoRA-mode presets (full_finetune=False) on the LoRA task, the
 # full fine-tune preset on the full task (a user would not cross them).
 PRESETS_ON_TASK = {"lora": ("lora", "high_performance"), "full": ("full",)}
@@ -498,6 +500,16 @@ def run_specs(task: str, steps: int, presets: dict, what: str) -> list[dict]:
         for label, over in TUNING[task]:
             specs.append(dict(name=f"{pname} preset, {label}", kind="automagic", group="tuning",
                               preset=pname, change=label, kwargs=dict(presets[pname], **over)))
+    if what in ("all", "precision"):
+        # The task's preset with a compact optimizer state (state_precision), against the same
+        # preset in fp32 state (its "main" rows); the doc warm-up variant reaches every phase.
+        pname = PRESET_FOR_TASK[task]
+        for precision in STATE_PRECISIONS:
+            specs.append(dict(name=f"{pname} preset, {precision} state", kind="automagic", group="precision",
+                              preset=pname, kwargs=dict(presets[pname], state_precision=precision)))
+            specs.append(dict(name=f"{pname}+doc warm-up, {precision} state", kind="automagic",
+                              group="precision_docwu", preset=pname,
+                              kwargs=dict(presets[pname], warmup_steps=wu, state_precision=precision)))
     if what in ("all", "ablations", "ablations_docwu"):
         # OrthoGrad only acts after warm-up, which the presets' warm-up (500-1000 steps) never
         # reaches in a short run: ablate it on the doc warm-up variant as well. --runs
@@ -619,6 +631,8 @@ GROUP_TITLES = [
     ("tuning", "Candidate preset changes (not the shipped presets)"),
     ("ablation", "Ablations of the task's preset (one technique off at a time)"),
     ("ablation_docwu", "Ablations of the task's preset + doc warm-up"),
+    ("precision", "The task's preset in a compact optimizer state (vs preset: the fp32-state row)"),
+    ("precision_docwu", "The task's preset + doc warm-up in a compact optimizer state"),
 ]
 
 
@@ -628,7 +642,8 @@ def _fmt(v: float) -> str:
 
 def _reference_for(r: dict, runs: list) -> dict | None:
     """The preset run an ablation / candidate change is compared with (same seeds)."""
-    want = {"ablation": "automagic", "tuning": "automagic", "ablation_docwu": "automagic_docwu"}.get(r["group"])
+    want = {"ablation": "automagic", "tuning": "automagic", "ablation_docwu": "automagic_docwu",
+            "precision": "automagic", "precision_docwu": "automagic_docwu"}.get(r["group"])
     if want is None:
         return None
     for x in runs:
@@ -769,7 +784,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; 24 with --quick)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; --seed is an alias)")
     p.add_argument("--seed", type=int, default=None, help="single seed (same as --seeds N)")
-    p.add_argument("--runs", choices=("all", "main", "ablations", "ablations_docwu", "tuning"),
+    p.add_argument("--runs", choices=("all", "main", "ablations", "ablations_docwu", "tuning", "precision"),
                    nargs="+", default=["all"])
     p.add_argument("--only", nargs="+", default=None, help="run only configs whose name contains one of these")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run of every config")

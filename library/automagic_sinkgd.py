@@ -162,7 +162,8 @@ def prodigy_signal(grad: Tensor, weight: Tensor, initial_weight: Tensor) -> Tens
     Positive when the gradient still points back past the starting weights, i.e. the distance
     travelled is an underestimate and the learning rate may grow faster.
     """
-    return _batched_dot(grad, torch.sub(initial_weight.to(grad.dtype), weight.to(grad.dtype)))
+    # bf16 x0 against float32 weights: the subtraction promotes, with no converted copy of x0
+    return _batched_dot(grad, torch.sub(initial_weight, weight).to(grad.dtype))
 
 
 def prodigy_bumps(lr_bump: float, d_coef: float, signal: Optional[Tensor], batch: int,
@@ -313,11 +314,13 @@ def encode_lr_mask_(codes: Tensor, lr_mask: Tensor, codec: tuple[float, float]) 
     return codes.copy_(lr_mask.mul_(inverse).add_(0.5 - anchor * inverse))
 
 
-def decode_lr_mask(codes: Tensor, codec: tuple[float, float], dtype: torch.dtype = torch.float32) -> Tensor:
+def decode_lr_mask(codes: Tensor, codec: tuple[float, float], dtype: torch.dtype = torch.float32,
+                   out: Optional[Tensor] = None) -> Tensor:
     """uint16 codes -> the float mask, min_lr + step * code (precise near min_lr, where relative
-    error would matter most)."""
+    error would matter most); into ``out`` when given."""
     anchor, step = codec
-    return codes.to(dtype).mul_(step).add_(anchor)
+    mask = codes.to(dtype) if out is None else out.copy_(codes)
+    return mask.mul_(step).add_(anchor)
 
 
 def _encode_lr_mask_scalar(value: float, codec: tuple[float, float]) -> int:
@@ -333,10 +336,13 @@ def stochastic_round_state_(target: Tensor, value: Tensor, noise: Tensor) -> Ten
     return target.copy_(bits.bitwise_and_(-(1 << 16)).view(torch.float32).view(target.shape))
 
 
-def _state_noise(batch: int, numel: int, seeds: list[int], generator_for: Callable, like: Tensor) -> Tensor:
+def _state_noise(batch: int, numel: int, seeds: list[int], generator_for: Callable, like: Tensor,
+                 words: Optional[Tensor] = None) -> Tensor:
     """(B, numel) uniform int16 noise, each stacked tensor from its own seed, so a tensor rounds
-    the same whether it is stepped alone or in a stack. Drawn as int64 words (four per draw)."""
-    words = torch.empty((batch, (numel + 3) // 4), dtype=torch.int64, device=like.device)
+    the same whether it is stepped alone or in a stack. Drawn as int64 words (four per draw),
+    into ``words`` when given."""
+    if words is None:
+        words = torch.empty((batch, (numel + 3) // 4), dtype=torch.int64, device=like.device)
     for row, seed in zip(words, seeds):
         row.random_(-(1 << 63), (1 << 63) - 1, generator=generator_for(like, seed))
     noise = words.view(torch.int16)
@@ -568,11 +574,13 @@ def _fused_kernels():
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
                  generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
-                 stack_cache: dict, state_seeds: Optional[list[int]] = None) -> None:
+                 stack_cache: dict, state_seeds: Optional[list[int]] = None,
+                 workspace: Optional[Callable[[str, tuple, torch.dtype, torch.device], Tensor]] = None) -> None:
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
     bf16/fp16 weights, whose update is computed in float32). ``stack_cache`` belongs to this
     bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``) is loaded to
-    float32 around the same math and stored back; ``state_seeds`` seed its rounding per tensor."""
+    float32 around the same math and stored back; ``state_seeds`` seed its rounding per tensor,
+    and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
     if group.get("fused") and not phase.first:
         kernels = _fused_kernels()
         if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
@@ -582,6 +590,10 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     compact = group["state_precision"] != "fp32"
     state_dtype = torch.float32 if compact else states[0]["exp_avg"].dtype
     batch, numel = len(params), math.prod(shape)
+    if workspace is None:
+        def workspace(name, buffer_shape, dtype, device):
+            return torch.empty(buffer_shape, dtype=dtype, device=device)
+    words_shape = (batch, (numel + 3) // 4)
 
     def state(key: str) -> Optional[Tensor]:
         """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA,
@@ -606,12 +618,16 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             return
         if phase.warmup:
             pack_bits_(state("polarity"), (grad > 0).view(torch.uint8).reshape(batch, numel))
-        stochastic_round_state_(state("exp_avg"), grad.mul_(1 - group["beta1"]).reshape(batch, numel),
-                                _state_noise(batch, numel, state_seeds, generator_for, grad))
+        noise = _state_noise(batch, numel, state_seeds, generator_for, grad,
+                             workspace("noise", words_shape, torch.int64, grad.device))
+        stochastic_round_state_(state("exp_avg"), grad.mul_(1 - group["beta1"]).reshape(batch, numel), noise)
         return
     if compact:
         codec = states[0]["lr_mask_codec"]
-        exp_avg, lr_mask = state("exp_avg").to(torch.float32), decode_lr_mask(state("lr_mask"), codec)
+        stored = state("exp_avg")
+        exp_avg = workspace("exp_avg", stored.shape, torch.float32, stored.device).copy_(stored)
+        lr_mask = decode_lr_mask(state("lr_mask"), codec,
+                                 out=workspace("lr_mask", stored.shape, torch.float32, stored.device))
         packed = state("polarity")
         polarity = unpack_bits(packed, numel).reshape((batch,) + shape) if packed is not None else None
     else:
@@ -639,8 +655,9 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             encode_lr_mask_(state("lr_mask"), lr_mask, codec)
             pack_bits_(packed, polarity.reshape(batch, numel))
         del lr_mask, polarity
-        stochastic_round_state_(state("exp_avg"), exp_avg.reshape(batch, numel),
-                                _state_noise(batch, numel, state_seeds, generator_for, exp_avg))
+        noise = _state_noise(batch, numel, state_seeds, generator_for, exp_avg,
+                             workspace("noise", words_shape, torch.int64, exp_avg.device))
+        stochastic_round_state_(state("exp_avg"), exp_avg.reshape(batch, numel), noise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,6 +940,17 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state["lr_decay"] = torch.ones_like(state["avg_lr"])
         return t
 
+    def _workspace(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer kept between steps for a compact state's float32 load (and its rounding noise),
+        grown to the largest bucket chunk: on CPU a fresh allocation of a large tensor costs a
+        page fault per 4 KB, more than the step's own arithmetic on it. Contents are scratch."""
+        buffers = self.__dict__.setdefault("_workspaces", {})  # not kept by deepcopy or pickle
+        numel = math.prod(shape)
+        buffer = buffers.get((name, dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = buffers[(name, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
     def _generator_for(self, like: Tensor, seed: int) -> torch.Generator:
         generator = self._generators.get(like.device)
         if generator is None:
@@ -1070,7 +1098,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      group_stats=stats, generator_for=self._generator_for,
                      seed=self._rounding_seed(group_index, index, state["step"]),
                      stack_cache=self._stack_caches.setdefault((id(chunk[0][1]), len(chunk)), {}),
-                     state_seeds=state_seeds)
+                     state_seeds=state_seeds, workspace=self._workspace if state_seeds is not None else None)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:

@@ -421,3 +421,25 @@ def test_the_compact_step_has_no_host_syncs(fused):
                     optimizer.step_param(p, optimizer.param_groups[0])
             else:
                 optimizer.step()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_memory_benchmark_counts_what_real_steps_keep(precision, weights):
+    """benchmarks/memory.py builds the state on the meta device; real steps must keep those bytes."""
+    from collections import Counter
+
+    from benchmarks.memory import FULL_PRESET, PHASES, automagic_bytes
+    shapes = Counter({(16, 8, 3, 3): 2, (40, 24): 1, (13,): 3, (): 1})
+    counted = automagic_bytes(shapes, weights, precision)
+    params = [torch.nn.Parameter(torch.randn(s).to(weights)) for s, n in shapes.items() for _ in range(n)]
+    optimizer = Automagic_Sinkgd(params, state_precision=precision, **FULL_PRESET)
+    real = {}
+    for t in range(1, max(PHASES.values()) + 1):
+        _synthetic_grads(params, t)
+        optimizer.step()
+        for phase, at in PHASES.items():
+            if t == at:
+                real[phase] = sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                                  for v in s.values() if torch.is_tensor(v))
+    assert real == counted
