@@ -15,7 +15,8 @@ the optimizer's own state, and its bytes are counted tensor by tensor:
 Then the SDXL ``--full_bf16 --fused_backward_pass`` fit check for a 24 GiB card: bf16 U-Net
 weights + optimizer state + the largest gradient (fused backward frees each gradient once its
 tensor is stepped) + the step's own transient memory for the largest tensor (measured on CPU with
-the profiler). Activations, text encoders, VAE and the CUDA context are NOT counted.
+the profiler, plus the float32 load buffers a bf16 state keeps between steps). Activations, text
+encoders, VAE and the CUDA context are NOT counted.
 
     python benchmarks/memory.py --json benchmarks/results/memory.json
 """
@@ -118,14 +119,16 @@ def peer_bytes(shapes: Counter, weights: torch.dtype, make) -> int:
 
 
 def largest_step_transient(shape: tuple, precision: str) -> int:
-    """Transient bytes of one bf16-weight step of the largest tensor, in late warm-up."""
+    """Transient bytes of one bf16-weight step of the largest tensor, in early warm-up (its
+    busiest phase), plus the buffers a compact state keeps between steps for its float32 loads."""
     generator = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
     optimizer = Automagic_Sinkgd([p], state_precision=precision, **dict(FULL_PRESET, warmup_steps=1000))
     for _ in range(3):
         p.grad = (torch.randn(shape, generator=generator) * 1e-3).to(torch.bfloat16)
         optimizer.step()
-    return transient_peak_bytes(optimizer)
+    kept = sum(b.numel() * b.element_size() for b in getattr(optimizer, "_workspaces", {}).values())
+    return transient_peak_bytes(optimizer) + kept
 
 
 def main(argv=None) -> int:
