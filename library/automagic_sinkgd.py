@@ -744,6 +744,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._chunk_numel: Optional[int] = None
         self._stack_caches: dict[tuple, dict] = {}  # per bucket chunk, see _stacked_state
         self._counts_cache: dict[int, tuple] = {}  # per group, see _element_counts
+        self._workspaces: dict[tuple, Tensor] = {}  # a compact state's float32 loads, see _workspace
 
     def __getstate__(self) -> dict:
         pickled = super().__getstate__()
@@ -944,7 +945,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         """A buffer kept between steps for a compact state's float32 load (and its rounding noise),
         grown to the largest bucket chunk: on CPU a fresh allocation of a large tensor costs a
         page fault per 4 KB, more than the step's own arithmetic on it. Contents are scratch."""
-        buffers = self.__dict__.setdefault("_workspaces", {})  # not kept by deepcopy or pickle
+        buffers = self._workspaces
         numel = math.prod(shape)
         buffer = buffers.get((name, dtype, device))
         if buffer is None or buffer.numel() < numel:
