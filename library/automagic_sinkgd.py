@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -223,7 +223,7 @@ def allora_row_scaling(weight: Tensor, eta: float) -> Tensor:
     return (row_norms + 1.0 / eta**2).rsqrt()
 
 
-def post_warmup_decay(lr_decay: Tensor, lr_ratio: float) -> Tensor:
+def post_warmup_decay(lr_decay: Tensor, lr_ratio: Union[float, Tensor]) -> Tensor:
     """Automagic's post-warm-up schedule: the linear decay, capped by an outside LR scheduler's
     ratio group_lr / lr_max (so a scheduler can only lower it) and floored at 0.1."""
     return lr_decay.clamp_max(lr_ratio).clamp_min(0.1)
@@ -323,8 +323,12 @@ def decode_lr_mask(codes: Tensor, codec: tuple[float, float], dtype: torch.dtype
     return mask.mul_(step).add_(anchor)
 
 
-def _encode_lr_mask_scalar(value: float, codec: tuple[float, float]) -> int:
+def _encode_lr_mask_scalar(value: Union[float, Tensor], codec: tuple[float, float]) -> Union[int, Tensor]:
+    """One lr's code; a tensor lr's as a 0-d float64 tensor, computed where it lives (unread)."""
     anchor, step = codec
+    if torch.is_tensor(value):
+        code = value.double().sub(anchor).div_(step).round_() if step > 0 else value.double().zero_()
+        return code.clamp_(0, _CODE_STEPS)
     return min(max(round((value - anchor) / step), 0), _CODE_STEPS) if step > 0 else 0
 
 
@@ -476,7 +480,7 @@ def _finite_or_zeroed(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
 def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optional[Tensor],
                  weight: Tensor, initial_weight: Optional[Tensor], avg_lr: Tensor, avg_lr_max: Tensor,
                  row_scaling: Optional[Tensor], lr_decay: Optional[Tensor], decay_rate: Optional[Tensor],
-                 group_mean: Optional[Tensor], group_std: Optional[Tensor], lr_ratio: float, *,
+                 group_mean: Optional[Tensor], group_std: Optional[Tensor], lr_ratio: Union[float, Tensor], *,
                  warmup: bool, early: bool, use_orthograd: bool, post: bool, is_matrix: bool,
                  beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
@@ -665,10 +669,18 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
 # ----------------------------------------------------------------------------------------------
 
 
-def _scalar_lr(lr) -> float:
-    """A group lr as a Python float: a 1-element tensor lr (as torch allows) is read once, when a
-    tensor's state is created, never in the steps after."""
-    return lr.item() if torch.is_tensor(lr) else lr
+def _running_max(lr_max, lr):
+    """max(lr_max, lr) that reads no tensor lr on the host and never returns the lr tensor itself
+    (a scheduler updates a tensor lr in place, which would drag an aliased lr_max down with it)."""
+    if torch.is_tensor(lr_max):
+        return torch.maximum(lr_max, lr) if torch.is_tensor(lr) else lr_max.clamp_min(lr)
+    return lr.clamp_min(lr_max) if torch.is_tensor(lr) else max(lr_max, lr)
+
+
+def _start_lr(lr) -> Union[float, Tensor]:
+    """A group lr as a fill value: a float, or a 1-element tensor lr (as torch allows) as a 0-d
+    tensor that fills the new state where it lives, never read on the host."""
+    return lr.reshape(()) if torch.is_tensor(lr) else lr
 
 
 # torch cannot unpickle tensors of these dtypes (a torch.save round-trip works): pickling and
@@ -714,9 +726,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
             at a time (same math); per group, like the other settings.
         fused: True steps each bucket with one Triton kernel (same math) where it applies: CUDA
-            tensors with Triton installed, fp32/bf16 weights, fp32 state (CPU tensors only under
-            Triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use); every other bucket,
-            and every bucket with None (default) or False, takes the eager step.
+            tensors with Triton installed, fp32/bf16 weights, fp32 state, a float lr (CPU tensors
+            only under Triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use); every
+            other bucket, and every bucket with None (default) or False, takes the eager step.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-5, min_lr: float = 1e-6, max_lr: float = 1e-2,
@@ -782,7 +794,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         group.setdefault("mask_min_lr", group.get("min_lr"))
         group.setdefault("mask_max_lr", group.get("max_lr"))
         # The largest lr this group has seen: an outside scheduler can only lower the decay.
-        group.setdefault("lr_max", max(group["lr"], group.get("initial_lr", group["lr"])))
+        group.setdefault("lr_max", _running_max(group.get("initial_lr", group["lr"]), group["lr"]))
         group.setdefault("group_step", 0)
         device = group["params"][0].device if group["params"] else None
         for key in ("grad_abs_mean", "grad_abs_std"):
@@ -872,12 +884,12 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         warmup = group["warmup_steps"]
         # The mask starts at the group's base lr: kohya's schedulers with warm-up put 0 into
         # group["lr"] at step 0 and keep the base in "initial_lr".
-        start_lr = _scalar_lr(group.get("initial_lr", group["lr"]))
+        start_lr = _start_lr(group.get("initial_lr", group["lr"]))
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-        state["lr_mask"] = torch.full_like(p, start_lr, dtype=state_dtype, memory_format=torch.preserve_format)
-        state["avg_lr"] = torch.full((), start_lr, dtype=state_dtype, device=p.device)
-        state["avg_lr_max"] = torch.full((), start_lr, dtype=state_dtype, device=p.device)
+        state["lr_mask"] = torch.empty_like(p, dtype=state_dtype, memory_format=torch.preserve_format).fill_(start_lr)
+        state["avg_lr"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
+        state["avg_lr_max"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
         if warmup > 1:
             state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.preserve_format)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -892,15 +904,15 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         stay float32."""
         state = self.state[p]
         warmup = group["warmup_steps"]
-        start_lr = _scalar_lr(group.get("initial_lr", group["lr"]))
+        start_lr = _start_lr(group.get("initial_lr", group["lr"]))
         codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
-        state["lr_mask"] = torch.full_like(p, _encode_lr_mask_scalar(start_lr, codec), dtype=torch.uint16,
-                                           memory_format=torch.contiguous_format)
+        state["lr_mask"] = torch.empty_like(p, dtype=torch.uint16, memory_format=torch.contiguous_format).fill_(
+            _encode_lr_mask_scalar(start_lr, codec))
         state["lr_mask_codec"] = codec
-        state["avg_lr"] = torch.full((), start_lr, dtype=torch.float32, device=p.device)
-        state["avg_lr_max"] = torch.full((), start_lr, dtype=torch.float32, device=p.device)
+        state["avg_lr"] = torch.empty((), dtype=torch.float32, device=p.device).fill_(start_lr)
+        state["avg_lr_max"] = torch.empty((), dtype=torch.float32, device=p.device).fill_(start_lr)
         if warmup > 1:
             state["polarity"] = torch.zeros(((p.numel() + 7) // 8,), dtype=torch.uint8, device=p.device)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -1051,7 +1063,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             entries = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
             if not entries:
                 continue
-            group["lr_max"] = max(group["lr_max"], group["lr"])
+            group["lr_max"] = _running_max(group["lr_max"], group["lr"])
             group["group_step"] += 1
             settings = self._resolved(group)
             grads = [self._check_grad(p) for _, p in entries]
@@ -1123,7 +1135,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             if gather[1] is not None:
                 self._store_stats(group, gather[1], gather[2], gather[3])
             group["group_step"] = t
-            group["lr_max"] = max(group["lr_max"], group["lr"])
+            group["lr_max"] = _running_max(group["lr_max"], group["lr"])
             gather[:] = [t, None, None, None]
         phase = _Phase(t, group["warmup_steps"], group["orthograd"], p.ndim >= 2)
         if phase.early and group["weight_decay"] > 0 and self._stats_due(group):

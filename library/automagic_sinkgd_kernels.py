@@ -591,6 +591,9 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
     is not one the kernel takes, so the caller runs the eager step."""
     if phase.first or unsupported_reason(params, states) is not None:
         return False
+    lr_ratio = group["lr"] / group["lr_max"]
+    if torch.is_tensor(lr_ratio):  # a tensor lr: a kernel argument would read it on the host each step
+        return False
     shape = core._matrix_shape(params[0].shape)
 
     def state(key: str) -> Optional[torch.Tensor]:
@@ -612,7 +615,7 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
     new_weight = bucket_math(
         grad, stacks["exp_avg"], stacks["lr_mask"], stacks["polarity"], weight, stacks["initial_weight"],
         stacks["avg_lr"], stacks["avg_lr_max"], stacks["row_scaling"], stacks["lr_decay"], stacks["decay_rate"],
-        *(group_stats or (None, None)), group["lr"] / group["lr_max"],
+        *(group_stats or (None, None)), lr_ratio,
         warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],

@@ -201,6 +201,28 @@ def test_one_launch_per_bucket_per_step():
 # ------------------------------------------------------------------ where the eager step runs instead
 
 
+def _assert_takes_the_eager_step(shapes, dtype=torch.float32, seed=6, **settings):
+    """fused=True makes no kernel launch and steps bit for bit as fused=False does."""
+    runs = []
+    for fused in (False, True):
+        params = _params(shapes, dtype)
+        optimizer = Automagic_Sinkgd(params, fused=fused, **{**PHASES, **settings})
+        generator = torch.Generator().manual_seed(seed)
+        before = kernels.launches.get("bucket_step", 0)
+        for _ in range(4):
+            _grads([params], generator)
+            optimizer.step()
+        assert kernels.launches.get("bucket_step", 0) == before
+        runs.append(params)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_a_tensor_lr_takes_the_eager_step():
+    """A kernel argument is a host value: the eager step reads a tensor lr where it lives."""
+    _assert_takes_the_eager_step([(4, 24), (4, 24), (10,)], lr=torch.tensor(PHASES["lr"]))
+
+
 def test_fp16_weights_take_the_eager_step():
     shapes = [(4, 24), (10,)]
     runs = []

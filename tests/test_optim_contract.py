@@ -197,6 +197,39 @@ def test_one_element_tensor_lr_steps_as_the_float(config):
         torch.testing.assert_close(p, q)
 
 
+def test_one_element_tensor_lr_follows_a_scheduler_as_the_float(config):
+    """A scheduler updates a tensor lr in place: the largest lr seen must be a value of its own,
+    or the post-warm-up factor lr / lr_max stays 1 and the scheduler has no effect."""
+    model_f, model_t = make_model(), make_model()
+    opt_f, opt_t = config.make(model_f.parameters(), lr=1e-3), config.make(model_t.parameters(), lr=torch.tensor(1e-3))
+    train(model_f, opt_f, STEPS, scheduler=sched.StepLR(opt_f, step_size=1, gamma=0.7))
+    train(model_t, opt_t, STEPS, scheduler=sched.StepLR(opt_t, step_size=1, gamma=0.7))
+    for p, q in zip(model_f.parameters(), model_t.parameters()):
+        torch.testing.assert_close(p, q)
+    if config.sinkgd:
+        group = opt_t.param_groups[0]
+        assert group["lr_max"] is not group["lr"]
+        assert float(group["lr_max"]) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("per_param", [False, True])
+def test_one_element_tensor_lr_steps_without_host_syncs(per_param):
+    from test_automagic_sinkgd import _NoHostSync
+
+    model = make_model()
+    opt = Automagic_Sinkgd(model.parameters(), **dict(_SINKGD, warmup_steps=4, lr=torch.tensor(1e-3)))
+    for step in range(STEPS):  # every phase, the post-warm-up decay included
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        with _NoHostSync():
+            if per_param:
+                for p in model.parameters():
+                    opt.step_param(p, opt.param_groups[0])
+            else:
+                opt.step()
+        opt.param_groups[0]["lr"].mul_(0.7)
+
+
 # ------------------------------------------------------------------ state_dict round-trips
 
 
