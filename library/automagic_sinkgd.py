@@ -731,6 +731,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             other bucket, and every bucket with None (default) or False, takes the eager step.
     """
 
+    # Group settings a resume takes from this optimizer, not from the saved state: storage and
+    # execution choices (same math), which a resumed run may change (see load_state_dict).
+    KEPT_ON_LOAD = ("state_precision", "foreach", "fused")
+
     def __init__(self, params: Iterable, lr: float = 1e-5, min_lr: float = 1e-6, max_lr: float = 1e-2,
                  lr_bump: float = 1e-5, eta: float = 2, beta1: float = 0.9, d_coef: float = 2,
                  weight_decay: float = 5e-4, warmup_steps: int = 500, full_finetune: bool = False,
@@ -1234,19 +1238,20 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         dict the user's pre-hooks produced (its hook runs after theirs) and writes the state
         before the user's post-hooks run (its hook runs first), so both see and keep their changes.
 
-        ``state_precision`` is a storage choice, so this optimizer's own setting wins over the
-        saved one (every other setting is the saved one, as in torch): a state saved in another
-        precision is converted (see ``_convert_state_precision``). A resume in the precision
-        it was saved in continues bit for bit.
+        The settings in ``KEPT_ON_LOAD`` choose how the step is stored and run, not what it
+        computes, so this optimizer's own values win over the saved ones (every other setting is
+        the saved one, as in torch): a state saved in another precision is converted (see
+        ``_convert_state_precision``). A resume in the precision it was saved in continues bit
+        for bit.
         """
-        configured_precisions = [g["state_precision"] for g in self.param_groups]
+        configured = [{key: g[key] for key in self.KEPT_ON_LOAD} for g in self.param_groups]
         final: dict = {}
 
         def keep_final_dict(optimizer, loaded):
             final["state_dict"] = loaded
 
         def restore_saved_tensors(optimizer):
-            optimizer._own_loaded_state(final["state_dict"], configured_precisions)
+            optimizer._own_loaded_state(final["state_dict"], configured)
 
         handles = (self.register_load_state_dict_pre_hook(keep_final_dict),
                    self.register_load_state_dict_post_hook(restore_saved_tensors, prepend=True))
@@ -1256,7 +1261,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             for handle in handles:
                 handle.remove()
 
-    def _own_loaded_state(self, loaded: dict, configured_precisions: list[str]) -> None:
+    def _own_loaded_state(self, loaded: dict, configured: list[dict]) -> None:
         saved_ids = [i for g in loaded["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -1268,8 +1273,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 if torch.is_tensor(saved) and torch.is_tensor(current) and (
                         current is saved or current.dtype != saved.dtype):
                     state[key] = saved.to(device=p.device, copy=True)
-        for group, precision in zip(self.param_groups, configured_precisions):
-            group["state_precision"] = precision
+        for group, settings in zip(self.param_groups, configured):
+            group.update(settings)
             for p in group["params"]:
                 if self.state.get(p):
                     self._convert_state_precision(self.state[p], p, group)

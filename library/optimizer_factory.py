@@ -330,8 +330,11 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
     A load_state_dict pre-hook (torch >= 2.1): it sees the saved groups before torch copies them.
     """
     text = OptimizerArgsText(format_optimizer_args(kwargs))
-    # the constructor's settings (internal group keys are not the user's), and the base lr
-    keys = [k for k in (valid_keywords(type(optimizer)) or optimizer.defaults) if k not in _RUNTIME_GROUP_KEYS]
+    # the constructor's settings (internal group keys are not the user's; those the optimizer keeps
+    # from its own configuration on load are not overridden), and the base lr
+    kept = set(getattr(type(optimizer), "KEPT_ON_LOAD", ()))
+    keys = [k for k in (valid_keywords(type(optimizer)) or optimizer.defaults)
+            if k not in _RUNTIME_GROUP_KEYS and k not in kept]
     keys.append("initial_lr")
 
     def compare(opt, state_dict):

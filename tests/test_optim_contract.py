@@ -233,6 +233,25 @@ def test_one_element_tensor_lr_steps_without_host_syncs(per_param):
 # ------------------------------------------------------------------ state_dict round-trips
 
 
+@pytest.mark.parametrize("config", SINKGD_CONFIGS, ids=str)
+def test_load_keeps_the_configured_execution_and_storage_choices(config):
+    """foreach, fused and state_precision choose how the same step runs and is stored: a resumed run
+    may change them, as torch's own optimizers take foreach/fused from the constructor; every other
+    setting is the saved one."""
+    model = make_model()
+    opt = config.make(model.parameters())
+    train(model, opt, 4)
+    saved = opt.state_dict()
+    flipped = dict(foreach=config.kwargs.get("foreach") is False, fused=True,
+                   state_precision="fp32" if config.kwargs.get("state_precision") == "bf16" else "bf16")
+    resumed = config.make(model.parameters(), **flipped, warmup_steps=50)
+    resumed.load_state_dict(saved)
+    for group in resumed.param_groups:
+        assert {key: group[key] for key in Automagic_Sinkgd.KEPT_ON_LOAD} == flipped
+        assert group["warmup_steps"] == config.kwargs["warmup_steps"]  # a setting: the saved one
+    train(model, resumed, 2, first_batch=4)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_deepcopy_and_pickle_give_an_optimizer_that_steps_on_identically(config, how):
     model = make_model()

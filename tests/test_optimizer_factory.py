@@ -260,3 +260,20 @@ def test_resume_with_the_same_settings_reports_nothing():
                                    report=messages.append)
     opt.load_state_dict(state)
     assert messages == [] and f"{text}" == "warmup_steps=100"
+
+
+def test_resume_names_no_setting_the_optimizer_keeps_from_its_configuration():
+    """state_precision, fused and foreach follow the resumed run's arguments (the state is converted),
+    so a resume that changes them warns about nothing and the args text keeps what was asked."""
+    p, state = _saved_state("automagic_sinkgd", ["state_precision='bf16'", "warmup_steps=100"])
+    messages = []
+    new_args = ["state_precision='fp32'", "fused=True", "foreach=False", "warmup_steps=100"]
+    _, text, opt = build_optimizer("automagic_sinkgd", [{"params": [p], "lr": 1e-4}], 1e-4, new_args,
+                                   report=messages.append)
+    opt.load_state_dict(state)
+    group = opt.param_groups[0]
+    assert (group["state_precision"], group["fused"], group["foreach"]) == ("fp32", True, False)
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    assert messages == []
+    assert f"{text}" == format_optimizer_args(parse_optimizer_args(new_args))
+
