@@ -301,8 +301,18 @@ def lr_mask_codec(min_lr: float, max_lr: float, lr_bump: float) -> tuple[float, 
         return (min_lr, 0.0)
     if lr_bump <= 0:
         return (min_lr, span / _CODE_STEPS)
-    per_bump = math.floor(lr_bump * _CODE_STEPS / span)  # >= 1, checked by the validation
-    return (min_lr, lr_bump / per_bump)
+    _check_mask_lattice(min_lr, max_lr, lr_bump)  # checked before training too; bounds may change
+    return (min_lr, lr_bump / math.floor(lr_bump * _CODE_STEPS / span))
+
+
+def _check_mask_lattice(min_lr: float, max_lr: float, lr_bump: float, where: str = "") -> None:
+    """The 16-bit mask holds (max_lr - min_lr) / lr_bump bumps at least once each."""
+    span = max_lr - min_lr
+    holds = lr_bump <= 0 or span <= 0 or math.floor(lr_bump * _CODE_STEPS / span) >= 1
+    _check_range("lr_bump" + where, lr_bump, holds,
+                 f"lr_bump = 0 or lr_bump >= (max_lr - min_lr) / {_CODE_STEPS} = {span / _CODE_STEPS:.3g} with "
+                 f"state_precision='bf16' (its mask is a 16-bit count of steps; here min_lr={min_lr}, "
+                 f"max_lr={max_lr})")
 
 
 def encode_lr_mask_(codes: Tensor, lr_mask: Tensor, codec: tuple[float, float]) -> Tensor:
@@ -869,12 +879,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         precision = get("state_precision")
         _check_range("state_precision" + where, precision, precision in STATE_PRECISIONS,
                      " or ".join(repr(p) for p in STATE_PRECISIONS))
-        if precision != "fp32" and get("lr_bump") > 0:
-            # The 16-bit mask holds (max_lr - min_lr) / lr_bump bumps at least once each.
-            smallest = (max_lr - min_lr) / _CODE_STEPS
-            _check_range("lr_bump" + where, get("lr_bump"), get("lr_bump") >= smallest,
-                         f"lr_bump = 0 or lr_bump >= (max_lr - min_lr) / {_CODE_STEPS} = {smallest:.3g} with "
-                         f"state_precision={precision!r} (its mask is a 16-bit count of steps)")
+        if precision != "fp32":
+            _check_mask_lattice(min_lr, max_lr, get("lr_bump"), where)
         _check_range("foreach" + where, get("foreach"), get("foreach") is None or isinstance(get("foreach"), bool),
                      "None, True or False")
 
@@ -1249,6 +1255,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
 
         def keep_final_dict(optimizer, loaded):
             final["state_dict"] = loaded
+            for index, (saved, settings) in enumerate(zip(loaded["param_groups"], configured)):
+                if settings["state_precision"] != "fp32":  # the saved bounds and lr_bump meet a 16-bit mask
+                    _check_mask_lattice(saved.get("mask_min_lr", saved.get("min_lr")),
+                                        saved.get("mask_max_lr", saved.get("max_lr")), saved["lr_bump"],
+                                        f" (param group {index} of the loaded state)")
 
         def restore_saved_tensors(optimizer):
             optimizer._own_loaded_state(final["state_dict"], configured)

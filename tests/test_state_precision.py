@@ -390,6 +390,35 @@ def test_a_bump_too_small_for_the_16_bit_mask_is_refused_before_training():
     Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1e-4, lr_bump=0, state_precision="bf16")
 
 
+def test_a_bump_too_small_for_the_16_bit_mask_is_refused_in_a_loaded_state_or_a_group_added():
+    """The bounds and lr_bump that meet the 16-bit mask can come from a saved state (here one saved
+    with an fp32 state, resumed in bf16) or a group added later: refused before training, by name."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    saved = Automagic_Sinkgd([p], lr=1e-4, min_lr=0, max_lr=1e-3, lr_bump=1e-9, warmup_steps=8)
+    p.grad = torch.randn(4, 4)
+    saved.step()
+    resumed = Automagic_Sinkgd([p], lr=1e-4, min_lr=0, max_lr=1e-3, warmup_steps=8, state_precision="bf16")
+    with pytest.raises(ValueError, match=r"lr_bump \(param group 0 of the loaded state\)=1e-09 .*"
+                                         r"\(max_lr - min_lr\) / 65535 = 1\.53e-08"):
+        resumed.load_state_dict(saved.state_dict())
+    assert resumed.state_dict()["state"] == {} and resumed.param_groups[0]["lr_bump"] == 1e-5  # left as it was
+    with pytest.raises(ValueError, match=r"lr_bump \(param group 1\)=1e-09"):
+        resumed.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr_bump": 1e-9})
+
+
+def test_bounds_widened_during_training_past_the_16_bit_mask_stop_with_the_setting_named():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = Automagic_Sinkgd([p], lr=1e-4, min_lr=1e-6, max_lr=1e-3, lr_bump=1e-5, warmup_steps=8,
+                                 state_precision="bf16")
+    for step in range(2):
+        p.grad = torch.randn(4, 4)
+        optimizer.step()
+    optimizer.param_groups[0]["mask_max_lr"] = 1.0  # 1e-5 is below (1.0 - 1e-6) / 65535
+    p.grad = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"lr_bump=1e-05 .*max_lr=1\.0"):
+        optimizer.step()
+
+
 def test_each_group_keeps_its_own_precision():
     a, b = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8, 8))
     optimizer = Automagic_Sinkgd([{"params": [a], "state_precision": "bf16"}, {"params": [b]}], lr=1e-4)
