@@ -602,7 +602,8 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             return
     shape = _matrix_shape(params[0].shape)
     compact = group["state_precision"] != "fp32"
-    state_dtype = torch.float32 if compact else states[0]["exp_avg"].dtype
+    # The math's dtype: float32, or float64 for float64 weights, whatever the storage.
+    state_dtype = torch.promote_types(params[0].dtype, torch.float32) if compact else states[0]["exp_avg"].dtype
     batch, numel = len(params), math.prod(shape)
     if workspace is None:
         def workspace(name, buffer_shape, dtype, device):
@@ -634,14 +635,15 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             pack_bits_(state("polarity"), (grad > 0).view(torch.uint8).reshape(batch, numel))
         noise = _state_noise(batch, numel, state_seeds, generator_for, grad,
                              workspace("noise", words_shape, torch.int64, grad.device))
-        stochastic_round_state_(state("exp_avg"), grad.mul_(1 - group["beta1"]).reshape(batch, numel), noise)
+        momentum = grad.mul_(1 - group["beta1"]).reshape(batch, numel).to(torch.float32)
+        stochastic_round_state_(state("exp_avg"), momentum, noise)
         return
     if compact:
         codec = states[0]["lr_mask_codec"]
         stored = state("exp_avg")
-        exp_avg = workspace("exp_avg", stored.shape, torch.float32, stored.device).copy_(stored)
+        exp_avg = workspace("exp_avg", stored.shape, state_dtype, stored.device).copy_(stored)
         lr_mask = decode_lr_mask(state("lr_mask"), codec,
-                                 out=workspace("lr_mask", stored.shape, torch.float32, stored.device))
+                                 out=workspace("lr_mask", stored.shape, state_dtype, stored.device))
         packed = state("polarity")
         polarity = unpack_bits(packed, numel).reshape((batch,) + shape) if packed is not None else None
     else:
@@ -671,7 +673,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         del lr_mask, polarity
         noise = _state_noise(batch, numel, state_seeds, generator_for, exp_avg,
                              workspace("noise", words_shape, torch.int64, exp_avg.device))
-        stochastic_round_state_(state("exp_avg"), exp_avg.reshape(batch, numel), noise)
+        stochastic_round_state_(state("exp_avg"), exp_avg.reshape(batch, numel).to(torch.float32), noise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,12 +728,12 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         grams: False uses the plain momentum as direction (ablation).
         vradam: False disables the VRAdam brake (ablation).
         allora: False disables ALLoRA row scaling (ablation).
-        state_precision: how the per-element state is stored; the math is float32 either way.
-            "fp32" (default): momentum and mask in float32, signs one byte each, x0 in the
-            weights' dtype. "bf16": momentum in bf16 with stochastic rounding, the mask as a
-            16-bit count of lattice steps above min_lr that keeps every bump (see
-            ``lr_mask_codec``), signs packed 8 per byte, x0 in bf16 (the weights' own dtype
-            when they are 16-bit): 6.1 / 4.1 / 4 bytes per parameter in early warm-up / late
+        state_precision: how the per-element state is stored; the math is float32 either way
+            (float64 for float64 weights). "fp32" (default): momentum and mask in float32, signs
+            one byte each, x0 in the weights' dtype. "bf16": momentum in bf16 with stochastic
+            rounding, the mask as a 16-bit count of lattice steps above min_lr that keeps every
+            bump (see ``lr_mask_codec``), signs packed 8 per byte, x0 in bf16 (the weights' own
+            dtype when they are 16-bit): 6.1 / 4.1 / 4 bytes per parameter in early warm-up / late
             warm-up / after, against 13 / 9 / 8 (11 / 9 / 8 with bf16 weights).
         foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
             at a time (same math); per group, like the other settings.

@@ -372,6 +372,26 @@ def test_a_state_saved_in_one_precision_is_converted_to_the_configured_one(saved
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def test_float64_weights_keep_float64_math_with_a_compact_state():
+    """Only the storage is compact: float64 weights are updated in float64 (not rounded to float32
+    precision every step), within the momentum's bf16 rounding of the fp32-state run."""
+    runs = {}
+    start = 1.0 + 1e-12 * torch.arange(32, dtype=torch.float64).view(4, 8)
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(start.clone())
+        optimizer = Automagic_Sinkgd([w], lr=1e-6, min_lr=1e-7, max_lr=1e-3, warmup_steps=100, weight_decay=0,
+                                     state_precision=precision)
+        for _ in range(3):
+            w.grad = torch.randn_like(w) * 1e-3
+            optimizer.step()
+        assert w.dtype == torch.float64
+        runs[precision] = w.detach()
+    assert (runs["bf16"] - runs["bf16"].float().double()).abs().max().item() > 1e-9  # not float32 values
+    moved = (runs["fp32"] - start).abs().max().item()
+    assert (runs["bf16"] - runs["fp32"]).abs().max().item() < 0.01 * moved
+
+
 # ------------------------------------------------------------------ settings
 
 
