@@ -46,7 +46,6 @@ __all__ = [
     "post_warmup_decay",
     "gradient_scaled_decay",
     "stochastic_round_",
-    "stochastic_round_state_",
     "pack_bits_",
     "unpack_bits",
     "lr_mask_codec",
@@ -236,17 +235,24 @@ def gradient_scaled_decay(abs_grad_mean: Tensor, group_mean: Tensor, group_std: 
     return 2.0 * torch.sigmoid(4.0 * z)
 
 
-def stochastic_round_(target: Tensor, value: Tensor, generator: torch.Generator) -> Tensor:
+def stochastic_round_(target: Tensor, value: Tensor, generator: Optional[torch.Generator] = None,
+                      noise: Optional[Tensor] = None) -> Tensor:
     """Stochastic rounding (Gupta et al. 2015, arXiv 1502.02551) of float32 ``value`` into the
     bf16/fp16 ``target``: rounds up with probability equal to the remainder, so updates smaller
-    than half an ulp still move the weights on average instead of being rounded away."""
+    than half an ulp still move the weights on average instead of being rounded away.
+
+    For a bf16 ``target`` the caller may pass ``noise``, uniform int16 of ``value``'s shape (any
+    view of ``target``'s elements), instead of ``generator``; ``value`` is then clobbered.
+    """
     if target.dtype == torch.bfloat16:
-        # bf16 is the top half of fp32: add uniform noise below the kept bits, then truncate.
-        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device,
-                              generator=generator)
-        bits = value.view(torch.int32) + noise
+        # bf16 is the top half of fp32: add 16 uniform random bits below the kept ones, then truncate.
+        if noise is None:
+            bits = value.view(torch.int32) + torch.randint(0, 1 << 16, value.shape, dtype=torch.int32,
+                                                           device=value.device, generator=generator)
+        else:
+            bits = value.view(torch.int32).add_(noise).add_(1 << 15)  # int16 noise + 32768: 0 .. 65535
         bits.bitwise_and_(-(1 << 16))
-        return target.copy_(bits.view(torch.float32))
+        return target.copy_(bits.view(torch.float32).view(target.shape))
     nearest = value.to(target.dtype)
     error = value - nearest.to(value.dtype)
     neighbour = torch.nextafter(nearest, torch.where(error > 0, math.inf, -math.inf).to(target.dtype))
@@ -340,14 +346,6 @@ def _encode_lr_mask_scalar(value: Union[float, Tensor], codec: tuple[float, floa
         code = value.double().sub(anchor).div_(step).round_() if step > 0 else value.double().zero_()
         return code.clamp_(0, _CODE_STEPS)
     return min(max(round((value - anchor) / step), 0), _CODE_STEPS) if step > 0 else 0
-
-
-def stochastic_round_state_(target: Tensor, value: Tensor, noise: Tensor) -> Tensor:
-    """Stochastic rounding (Gupta et al. 2015, arXiv 1502.02551) of float32 ``value`` (clobbered)
-    into bf16 ``target``, with ``noise`` uniform int16 of ``value``'s shape: add 16 random bits
-    below bf16's, truncate. Unbiased: rounds up with probability equal to the remainder."""
-    bits = value.view(torch.int32).add_(noise).add_(1 << 15)  # int16 noise + 32768: 0 .. 65535
-    return target.copy_(bits.bitwise_and_(-(1 << 16)).view(torch.float32).view(target.shape))
 
 
 def _state_noise(batch: int, numel: int, seeds: list[int], generator_for: Callable, like: Tensor,
@@ -636,7 +634,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         noise = _state_noise(batch, numel, state_seeds, generator_for, grad,
                              workspace("noise", words_shape, torch.int64, grad.device))
         momentum = grad.mul_(1 - group["beta1"]).reshape(batch, numel).to(torch.float32)
-        stochastic_round_state_(state("exp_avg"), momentum, noise)
+        stochastic_round_(state("exp_avg"), momentum, noise=noise)
         return
     if compact:
         codec = states[0]["lr_mask_codec"]
@@ -673,7 +671,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         del lr_mask, polarity
         noise = _state_noise(batch, numel, state_seeds, generator_for, exp_avg,
                              workspace("noise", words_shape, torch.int64, exp_avg.device))
-        stochastic_round_state_(state("exp_avg"), exp_avg.reshape(batch, numel).to(torch.float32), noise)
+        stochastic_round_(state("exp_avg"), exp_avg.reshape(batch, numel).to(torch.float32), noise=noise)
 
 
 # ----------------------------------------------------------------------------------------------
