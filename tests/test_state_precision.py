@@ -42,10 +42,10 @@ def _synthetic_grads(params, step):
         p.grad = (torch.randn(p.shape, generator=generator) * (1e-3 * (1 + step % 3))).to(p.dtype)
 
 
-def _train(params, optimizer, steps, start=0, fused=False):
+def _train(params, optimizer, steps, start=0, per_param=False):
     for step in range(start, start + steps):
         _synthetic_grads(params, step)
-        if fused:
+        if per_param:
             for p in params:
                 optimizer.step_param(p, optimizer.param_groups[0])
         else:
@@ -227,16 +227,16 @@ def test_batched_and_per_tensor_paths_agree(weights):
 
 
 def test_step_param_uses_the_compact_state_and_equals_step():
-    def run(fused):
+    def run(per_param):
         params = _model()
         optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, weight_decay=0.0, orthograd=True,
                                      foreach=False, state_precision="bf16")
-        _train(params, optimizer, 12, fused=fused)
+        _train(params, optimizer, 12, per_param=per_param)
         return params, optimizer
-    (fused, opt_f), (plain, _) = run(True), run(False)
-    for p, q in zip(fused, plain):
+    (one_by_one, opt_p), (plain, _) = run(True), run(False)
+    for p, q in zip(one_by_one, plain):
         assert torch.equal(p, q)
-    assert opt_f.state[fused[0]]["exp_avg"].dtype == torch.bfloat16
+    assert opt_p.state[one_by_one[0]]["exp_avg"].dtype == torch.bfloat16
 
 
 def test_compact_state_trains_like_fp32_state():
@@ -456,8 +456,8 @@ def test_optimizer_args_set_the_precision():
     assert optimizer.param_groups[0]["state_precision"] == "bf16"
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_the_compact_step_has_no_host_syncs(fused):
+@pytest.mark.parametrize("per_param", [False, True])
+def test_the_compact_step_has_no_host_syncs(per_param):
     from test_automagic_sinkgd import _NoHostSync
     params = _model()
     optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2,
@@ -465,7 +465,7 @@ def test_the_compact_step_has_no_host_syncs(fused):
     for step in range(10):  # through every phase
         _synthetic_grads(params, step)
         with _NoHostSync():
-            if fused:
+            if per_param:
                 for p in params:
                     optimizer.step_param(p, optimizer.param_groups[0])
             else:
