@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -100,3 +101,19 @@ def run_cli(argv: list[str], timeout: int = 300, launcher: list[str] | None = No
     target = [str(REPO / script)] if script else ["-m", "library.builtin.trainer"]
     cmd = (launcher or [sys.executable]) + target + argv
     return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Fixtures shared by the built-in backend's test modules (each imports the ones it uses).
+
+
+@pytest.fixture(autouse=True)
+def offline_single_thread(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny pipeline and a dataset, built once per test module."""
+    root = tmp_path_factory.mktemp("tiny")
+    return build_tiny_pipeline(root / "model"), build_dataset(root / "data")

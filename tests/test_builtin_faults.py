@@ -15,24 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from builtin_fixtures import base_args, build_dataset, build_tiny_pipeline
+from builtin_fixtures import base_args, offline_single_thread, tiny  # noqa: F401 (fixtures)
 from library.builtin import atomic, checkpoint
 from library.builtin.atomic import atomic_dir, atomic_write, clean_stale_temporaries
 from library.builtin.trainer import main
 
 AUTOMAGIC = ["--optimizer_type", "automagic_sinkgd", "--optimizer_args", "warmup_steps=4", "lr_bump=1e-4"]
-
-
-@pytest.fixture(autouse=True)
-def _offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return build_tiny_pipeline(root / "model"), build_dataset(root / "data")
 
 
 @pytest.fixture(scope="module")

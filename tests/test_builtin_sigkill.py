@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from builtin_fixtures import REPO, base_args, build_dataset, build_tiny_pipeline
+from builtin_fixtures import offline_single_thread  # noqa: F401 (fixture)
 from library.builtin import checkpoint
 
 STEPS, EVERY = 6, 2
@@ -54,12 +55,6 @@ def torch_save(obj, f, *args, **kwargs):
 checkpoint.save_file, torch.save = save_file, torch_save
 sys.exit(main(sys.argv[1:]))
 '''
-
-
-@pytest.fixture(autouse=True)
-def _offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
 
 
 def _env(where: str = "nowhere", marker: Path | None = None) -> dict:

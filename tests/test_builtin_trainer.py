@@ -14,20 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from builtin_fixtures import IMAGE_SIZE, base_args, build_dataset, build_tiny_pipeline, run_cli
+from builtin_fixtures import IMAGE_SIZE, base_args, offline_single_thread, run_cli, tiny  # noqa: F401 (fixtures)
 from library.builtin.trainer import main
-
-
-@pytest.fixture(autouse=True)
-def _offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return build_tiny_pipeline(root / "model"), build_dataset(root / "data")
 
 
 def _files(folder: Path) -> list[str]:
