@@ -373,6 +373,14 @@ def _train(params, optimizer, steps, start=0):
         optimizer.step()
 
 
+def _through_a_file(obj):
+    """``obj`` after torch.save and torch.load(weights_only=True): what accelerate's resume does."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("resume_at", [2, 5, 9, 13])  # early warm-up, late warm-up, after, later
 def test_resume_is_bit_identical(dtype, resume_at):
@@ -385,10 +393,7 @@ def test_resume_is_bit_identical(dtype, resume_at):
     first = [torch.nn.Parameter(p.detach().to(dtype)) for p in _model().parameters()]
     optimizer = Automagic_Sinkgd(first, **config)
     _train(first, optimizer, resume_at)
-    buffer = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in first]}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)  # what accelerate's resume does
+    saved = _through_a_file({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in first]})
 
     resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
     optimizer = Automagic_Sinkgd(resumed, **config)

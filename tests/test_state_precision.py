@@ -5,7 +5,6 @@ Momentum in bf16 with stochastic rounding, the lr mask as a 16-bit lattice count
 resume and replica guarantees, the same paths, and the memory it promises.
 """
 
-import io
 import math
 
 import pytest
@@ -22,6 +21,7 @@ from library.automagic_sinkgd import (
     stochastic_round_,
     unpack_bits,
 )
+from test_automagic_sinkgd import _NoHostSync, _synthetic_grads, _through_a_file
 
 
 def _model(seed=0, dtype=torch.float32):
@@ -33,13 +33,6 @@ def _model(seed=0, dtype=torch.float32):
         norm=torch.nn.LayerNorm(13),  # 13: the packed signs of a tensor not a multiple of 8 long
     ))
     return [torch.nn.Parameter(p.detach().to(dtype)) for p in model.parameters()]
-
-
-def _synthetic_grads(params, step):
-    """Gradients independent of the weights, so sign decisions cannot drift between two runs."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    for p in params:
-        p.grad = (torch.randn(p.shape, generator=generator) * (1e-3 * (1 + step % 3))).to(p.dtype)
 
 
 def _train(params, optimizer, steps, start=0, per_param=False):
@@ -321,10 +314,7 @@ def test_resume_is_bit_identical(dtype, resume_at):
     first = _model(dtype=dtype)
     optimizer = Automagic_Sinkgd(first, **config)
     _train(first, optimizer, resume_at)
-    buffer = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in first]}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)  # what accelerate's resume does
+    saved = _through_a_file({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in first]})
 
     resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
     optimizer = Automagic_Sinkgd(resumed, **config)
@@ -346,10 +336,7 @@ def test_a_state_saved_in_one_precision_is_converted_to_the_configured_one(saved
     params = _model()
     optimizer = Automagic_Sinkgd(params, **dict(FULL, state_precision=saved_in))
     _train(params, optimizer, resume_at)
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = _through_a_file(optimizer.state_dict())
     before = {id(p): dict(optimizer.state[p]) for p in params}
 
     converted = Automagic_Sinkgd(params, **dict(FULL, state_precision=loaded_in))
@@ -458,7 +445,6 @@ def test_optimizer_args_set_the_precision():
 
 @pytest.mark.parametrize("per_param", [False, True])
 def test_the_compact_step_has_no_host_syncs(per_param):
-    from test_automagic_sinkgd import _NoHostSync
     params = _model()
     optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2,
                                  state_precision="bf16")
