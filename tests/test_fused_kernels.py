@@ -224,20 +224,7 @@ def test_a_tensor_lr_takes_the_eager_step():
 
 
 def test_fp16_weights_take_the_eager_step():
-    shapes = [(4, 24), (10,)]
-    runs = []
-    for fused in (False, True):
-        params = _params(shapes, torch.float16)
-        optimizer = Automagic_Sinkgd(params, fused=fused, **PHASES)
-        generator = torch.Generator().manual_seed(6)
-        before = kernels.launches.get("bucket_step", 0)
-        for _ in range(4):
-            _grads([params], generator)
-            optimizer.step()
-        assert kernels.launches.get("bucket_step", 0) == before
-        runs.append(params)
-    for p, q in zip(*runs):
-        assert torch.equal(p, q)
+    _assert_takes_the_eager_step([(4, 24), (10,)], torch.float16, seed=6)
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -275,20 +262,7 @@ def test_split_bf16_weights_round_stochastically(monkeypatch):
 def test_compact_state_takes_the_eager_step():
     """state_precision="bf16" (bf16 momentum, uint16 mask codes, packed signs) is not a layout the
     kernels read yet: fused=True must step it exactly as the eager path does."""
-    shapes = [(4, 24), (4, 24), (10,)]
-    runs = []
-    for fused in (False, True):
-        params = _params(shapes)
-        optimizer = Automagic_Sinkgd(params, fused=fused, state_precision="bf16", **PHASES)
-        generator = torch.Generator().manual_seed(9)
-        before = kernels.launches.get("bucket_step", 0)
-        for _ in range(4):
-            _grads([params], generator)
-            optimizer.step()
-        assert kernels.launches.get("bucket_step", 0) == before
-        runs.append(params)
-    for p, q in zip(*runs):
-        assert torch.equal(p, q)
+    _assert_takes_the_eager_step([(4, 24), (4, 24), (10,)], seed=9, state_precision="bf16")
 
 
 def test_low_precision_or_packed_state_is_refused_by_the_kernel():
