@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -249,6 +250,9 @@ def save_assets(out: Path, unet, vae, te, tok_dir: Path) -> None:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    for config in tmp.glob("*/config.json"):  # the folder the parts were loaded from is the builder's own
+        text = config.read_text()
+        config.write_text(re.sub(r'("_name_or_path": )"[^"]*"', r'\1""', text))
     shutil.rmtree(tmp / "tokenizer")
     shutil.copytree(tok_dir, tmp / "tokenizer")
     shutil.rmtree(out, ignore_errors=True)
