@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
+from .errors import warn as _warn_user  # a parameter below is named warn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -47,12 +47,8 @@ def _check_image(path: Path) -> None:
         raise UserError(f"image {str(path)!r} cannot be decoded: {e}") from None
 
 
-def _print_warning(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def scan_dataset(train_data_dir: str, caption_extension: str,
-                 warn: Callable[[str], None] = _print_warning) -> list[Example]:
+                 warn: Callable[[str], None] = _warn_user) -> list[Example]:
     """All examples with repeats applied (kohya's epoch = every image `repeats` times).
 
     Problems that do not stop the run (images without captions) go to `warn` as plain lines."""

@@ -38,7 +38,7 @@ from . import args as cli
 from . import checkpoint, lora, sampling, sd_checkpoint
 from .atomic import atomic_dir, atomic_write, check_writable, clean_stale_temporaries
 from .data import BatchOrder, ImageDataset, collate, scan_dataset
-from .errors import UserError
+from .errors import UserError, warn
 
 # The quick start (embedded model and dataset, none of these flags given): enough for the concept to show in
 # the samples within the time budget of a 2-core CPU, with the lora preset as it is.
@@ -64,11 +64,6 @@ class Setup:
     seed: int
     prompts: list = field(default_factory=list)
     quick_start: bool = False  # the embedded model and dataset, with the demo's defaults and prompts
-
-
-def warn(message: str) -> None:
-    """A warning for the user: one plain line on stderr (no Python warning with a source line)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _wants_full_finetune(script: str, optimizer_args: list[str] | None) -> bool:
