@@ -1201,7 +1201,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         fp32 -> bf16: momentum and x0 rounded to nearest, mask onto the lattice (within half a
         step), signs packed. bf16 -> fp32: momentum, x0 and signs exact, mask decoded.
         """
-        compact_now = state["exp_avg"].dtype == torch.bfloat16 and "lr_mask_codec" in state
+        compact_now = "lr_mask_codec" in state  # kept with a compact state only
         compact_wanted = group["state_precision"] != "fp32"
         if compact_now == compact_wanted:
             return
