@@ -188,7 +188,8 @@ def check_optimizer_choice(argv: list[str]) -> None:
         # A one-element stand-in runs the optimizer's own range checks. Its lr is max_lr, valid
         # whenever the bounds are: the real lrs (per group) are checked when kohya builds it.
         lr = kwargs.get("max_lr", inspect.signature(cls.__init__).parameters["max_lr"].default)
-        cls([torch.zeros(1, 1, requires_grad=True)], lr=lr, **kwargs)
+        # (total_steps comes from the run's max_train_steps when the trainer builds it; any length here)
+        cls([torch.zeros(1, 1, requires_grad=True)], lr=lr, **factory.with_run_length(optimizer_type, kwargs, 1000))
     except (ValueError, TypeError) as error:  # the optimizer's own message, without a traceback
         text = str(error).removeprefix("optimizer_args: ")
         if where.startswith("--optimizer_args"):

@@ -114,9 +114,12 @@ LORA_TARGET_SUFFIXES = (
 # AdamW learning-rate grids (3 points per task, chosen to bracket AdamW's optimum on this
 # benchmark; the table reports every point).
 # (The LoRA grid was first 3e-4 / 1e-3 / 3e-3; its best point was the edge, so it was moved up.)
-ADAMW_GRID = {"lora": (1e-3, 3e-3, 1e-2), "full": (1e-4, 3e-4, 1e-3)}
+ADAMW_GRID = {"lora": (1e-3, 3e-3, 1e-2), "full": (1e-4, 3e-4, 1e-3),
+              "lora_real": (1e-4, 3e-4, 1e-3), "full_real": (3e-7, 1e-6, 3e-6)}
+# (lora_real: k = 20 was picked with a 400-step AdamW probe at k = 8, whose best was 1e-3;
+# full_real: s = 50 from a probe at s = 100, whose best was 1e-6 .. 3e-6 at 400 steps.)
 # Points outside the grid, run to show the grid brackets AdamW's optimum (or that it does not).
-ADAMW_EXTRA = {"lora": (3e-4, 3e-2), "full": ()}
+ADAMW_EXTRA = {"lora": (3e-4, 3e-2), "full": (), "lora_real": (3e-5, 3e-3), "full_real": ()}
 ADAMW_WEIGHT_DECAY = 1e-2  # torch default
 
 # prodigyopt README, section "Diffusion models": safeguard_warmup=True,
@@ -134,11 +137,33 @@ DOCUMENT_PRESETS = {
     "high_performance": dict(lr=3e-5, beta1=0.85, weight_decay=5e-4, warmup_steps=800,
                              full_finetune=False, orthograd=False, stats_update_freq=10),
 }
-PRESET_FOR_TASK = {"lora": "lora", "full": "full"}
+# Real-scale variants of the two tasks. The toy's AdamW optimum sits 30-100x above real SD
+# (1e-2 LoRA, 3e-4 full, against ~1e-4 .. 5e-4 and ~1e-6 .. 5e-6), so these keep the data, the
+# base model and the metric and change only how much one unit of learning rate moves the function:
+#   lora_real: network_alpha = REAL_LORA_K x rank (kohya's scale alpha / rank = K instead of 1/4),
+#     as a wide real model's LoRA, where one step of size lr in A and B changes many more outputs;
+#   full_real: every weight trained as s * W' (W' initialised to W / s, the function unchanged),
+#     so an element-wise step of lr in W' moves W by s * lr.
+# They run 4x the longest preset warm-up (4 x 500 for LoRA, 4 x 1000 for full) with a smaller
+# batch (8 LoRA, 4 full) to fit a 2-core CPU budget, and evaluate at 10 points.
+REAL_LORA_K = 20.0
+REAL_FULL_SCALE = 50.0
+TASKS = {
+    "lora": dict(kind="lora", alpha=LORA_ALPHA, weight_scale=1.0, batch_size=BATCH_SIZE, steps=200),
+    "full": dict(kind="full", alpha=LORA_ALPHA, weight_scale=1.0, batch_size=BATCH_SIZE, steps=200),
+    "lora_real": dict(kind="lora", alpha=REAL_LORA_K * LORA_RANK, weight_scale=1.0, batch_size=8, steps=2000,
+                      eval_every=0.1),
+    "full_real": dict(kind="full", alpha=LORA_ALPHA, weight_scale=REAL_FULL_SCALE, batch_size=4, steps=4000,
+                      eval_every=0.1),
+}
+TOY_TASKS, REAL_TASKS = ("lora", "full"), ("lora_real", "full_real")
+
+PRESET_FOR_TASK = {"lora": "lora", "full": "full", "lora_real": "lora", "full_real": "full"}
 STATE_PRECISIONS = ("bf16",)  # the "precision" run group; fp32 state is the preset's own row
 # presets run on each task: the LoRA-mode presets (full_finetune=False) on the LoRA task, the
 # full fine-tune preset on the full task (a user would not cross them).
-PRESETS_ON_TASK = {"lora": ("lora", "high_performance"), "full": ("full",)}
+PRESETS_ON_TASK = {"lora": ("lora", "high_performance"), "full": ("full",),
+                   "lora_real": ("lora", "high_performance"), "full_real": ("full",)}
 
 # Ablations: (label, kwargs overriding the task's preset, what is switched off)
 ABLATIONS = (
@@ -171,6 +196,30 @@ TUNING = {
 }
 
 
+# Fix candidates on the real-scale tasks (--runs fixes): (label, overrides of the task's preset);
+# "{steps}" / "{half}" are the run's length and the README's warm-up advice (steps // 2).
+FIXES = {
+    "lora_real": (
+        ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
+        ("no post-warm-up decay (decay_floor=1)", dict(decay_floor=1.0)),
+        ("relative_bump=0.05", dict(relative_bump=0.05)),
+        ("mask frozen at lr (lr_bump=0)", dict(lr_bump=0.0)),
+        ("warm-up advice + decay over the run to 0",
+         dict(warmup_steps="{half}", decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
+    ),
+    "full_real": (
+        ("relative_bump=0.2", dict(relative_bump=0.2)),
+        ("warm-up advice + relative_bump=0.2", dict(warmup_steps="{half}", relative_bump=0.2)),
+        ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
+    ),
+}
+
+
+def _fill(over: dict, steps: int) -> dict:
+    return {k: (int(v.format(steps=steps, half=advice_warmup(steps))) if isinstance(v, str) and "{" in v else v)
+            for k, v in over.items()}
+
+
 def doc_warmup(total_steps: int) -> int:
     """The user document's warm-up advice: min(1000, total_steps // 10)."""
     return max(1, min(1000, total_steps // 10))
@@ -192,9 +241,20 @@ def log(msg: str) -> None:
     print(f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def eval_points(steps: int) -> list[int]:
+def eval_points(steps: int, every: float | None = None) -> list[int]:
     fr = (0, 1 / 12, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6, 1)
+    if every:
+        fr = [i * every for i in range(int(round(1 / every)) + 1)]
     return sorted({int(round(steps * f)) for f in fr})
+
+
+def task_eval_points(task: str, steps: int) -> list[int]:
+    return eval_points(steps, TASKS[task].get("eval_every"))
+
+
+def advice_warmup(total_steps: int) -> int:
+    """The README's warm-up advice ("at least half of your planned steps"): total_steps // 2."""
+    return max(1, total_steps // 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -256,6 +316,32 @@ def make_unet(quick: bool):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**(QUICK_MODEL_CONFIG if quick else MODEL_CONFIG))
+
+
+class _Scaled(nn.Module):
+    """W = s * W' (torch.nn.utils.parametrize); right_inverse sets W' = W / s at registration."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, w):
+        return w * self.scale
+
+    def right_inverse(self, w):
+        return w / self.scale
+
+
+def scale_parametrize(model: nn.Module, scale: float) -> list[nn.Parameter]:
+    """Train every parameter of ``model`` as scale * W' (same function, gradients x scale, and an
+    element-wise optimizer step of lr in W' moves W by scale * lr). Returns the W' parameters."""
+    from torch.nn.utils import parametrize
+
+    for module in list(model.modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p is not None:
+                parametrize.register_parametrization(module, name, _Scaled(scale))
+    return [p for n, p in model.named_parameters() if n.endswith(".original")]
 
 
 @torch.no_grad()
@@ -383,7 +469,7 @@ def load_presets() -> tuple[dict, str]:
         return copy.deepcopy(DOCUMENT_PRESETS), f"the design document's preset table (presets module unavailable: {type(e).__name__}: {e})"
 
 
-def build_optimizer(spec: dict, params: list[nn.Parameter]):
+def build_optimizer(spec: dict, params: list[nn.Parameter], steps: int | None = None):
     kind = spec["kind"]
     groups = [{"params": params}]
     if kind == "adamw":
@@ -395,6 +481,8 @@ def build_optimizer(spec: dict, params: list[nn.Parameter]):
     if kind == "automagic":
         kw = dict(spec["kwargs"])
         lr = kw.pop("lr")
+        if steps is not None:  # the run's length, as kohya's hook and the built-in trainer hand it
+            kw.setdefault("total_steps", steps)
         # kohya passes the learning rate as the group's lr; the mask starts at it
         return _import_automagic()(groups, lr=lr, **kw)
     raise ValueError(kind)
@@ -419,27 +507,31 @@ def mean_effective_lr(opt) -> float | None:
 # --------------------------------------------------------------------------------------
 
 def run_one(task: str, spec: dict, seed: int, steps: int, data: Data, base_state: dict, quick: bool) -> dict:
+    cfg = TASKS[task]
     torch.manual_seed(seed)
     model = make_unet(quick)
     model.load_state_dict(base_state)
-    if task == "lora":
+    if cfg["kind"] == "lora":
         model.requires_grad_(False)
-        params = inject_lora(model)
+        params = inject_lora(model, alpha=cfg["alpha"])
+    elif cfg["weight_scale"] != 1.0:
+        params = scale_parametrize(model, cfg["weight_scale"])
     else:
         params = [p for p in model.parameters()]
         for p in params:
             p.requires_grad_(True)
     model.train()
-    opt = build_optimizer(spec, params)
+    opt = build_optimizer(spec, params, steps)
     gen = torch.Generator().manual_seed(10_000 + seed)  # same data stream for every optimizer
-    points = eval_points(steps)
+    points = task_eval_points(task, steps)
+    batch_size = cfg["batch_size"]
     losses, eff_lrs, step_ms, opt_ms, train_losses = [], [], [], [], []
     status = "ok"
     if 0 in points:
         losses.append(val_loss(model, data))
         eff_lrs.append(mean_effective_lr(opt))
     for s in range(1, steps + 1):
-        xt, t, c, noise = data.batch(data.ft_x, data.ft_y, gen, BATCH_SIZE)
+        xt, t, c, noise = data.batch(data.ft_x, data.ft_y, gen, batch_size)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(model(xt, t, c).sample, noise)
@@ -462,11 +554,32 @@ def run_one(task: str, spec: dict, seed: int, steps: int, data: Data, base_state
     while len(losses) < len(points):
         losses.append(float("nan"))
         eff_lrs.append(None)
+    if MASK_PICTURES and spec["kind"] == "automagic" and spec.get("group") in ("automagic", "automagic_advice", "fixes"):
+        draw_mask_picture(model, params, opt, Path(MASK_PICTURES) / f"lr_mask_{task}_{_slug(spec['name'])}_seed{seed}.png",
+                          f"{task}, {spec['name']}, seed {seed}: effective lr per layer after {steps} steps")
     return dict(seed=seed, losses=losses, eff_lr=eff_lrs, status=status,
                 ms_step=statistics.median(step_ms[1:] or step_ms),
                 ms_opt=statistics.median(opt_ms[1:] or opt_ms),
                 train_loss_last50=float(np.mean(train_losses[-50:])) if train_losses else float("nan"),
                 n_params=sum(p.numel() for p in params), n_tensors=len(params))
+
+
+MASK_PICTURES: str | None = None  # --mask-pictures DIR
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def draw_mask_picture(model, params, opt, path: Path, title: str) -> None:
+    """The effective lr per layer the run ended with (library/lr_mask_view.py)."""
+    from library.lr_mask_view import draw_optimizer
+
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_optimizer(opt, [by_id[id(p)] for p in params], path, title)
 
 
 # --------------------------------------------------------------------------------------
@@ -476,6 +589,7 @@ def run_one(task: str, spec: dict, seed: int, steps: int, data: Data, base_state
 def run_specs(task: str, steps: int, presets: dict, what: str) -> list[dict]:
     specs = []
     wu = doc_warmup(steps)
+    real = task in REAL_TASKS
     if what in ("all", "main"):
         for name in PRESETS_ON_TASK[task]:
             kw = presets[name]
@@ -483,11 +597,23 @@ def run_specs(task: str, steps: int, presets: dict, what: str) -> list[dict]:
                               preset=name, kwargs=dict(kw)))
         for name in PRESETS_ON_TASK[task]:
             kw = presets[name]
+            if real:  # the README's advice instead of the document's rule
+                specs.append(dict(name=f"Automagic preset {name} + warm-up advice ({advice_warmup(steps)})",
+                                  kind="automagic", group="automagic_advice", preset=name,
+                                  kwargs=dict(kw, warmup_steps=advice_warmup(steps))))
+                continue
             specs.append(dict(name=f"Automagic preset {name} + doc warm-up ({wu})", kind="automagic",
                               group="automagic_docwu", preset=name, kwargs=dict(kw, warmup_steps=wu)))
         for lr in sorted(ADAMW_GRID[task] + ADAMW_EXTRA[task]):
             specs.append(dict(name=f"AdamW lr={lr:g}", kind="adamw", group="adamw", lr=lr))
         specs.append(dict(name="Prodigy (diffusion settings)", kind="prodigy", group="prodigy"))
+    if what in ("all", "fixes") and task in FIXES:
+        pname = PRESET_FOR_TASK[task]
+        for label, over in FIXES[task]:
+            specs.append(dict(name=f"{pname}: {label}", kind="automagic", group="fixes", preset=pname,
+                              change=label, kwargs=dict(presets[pname], **_fill(over, steps))))
+    if real and what in ("ablations", "ablations_docwu", "tuning"):
+        return specs  # the toy tasks' groups; the real-scale tasks have "fixes"
     if what in ("all", "ablations"):
         pname = PRESET_FOR_TASK[task]
         for label, over, desc in ABLATIONS:
@@ -567,30 +693,35 @@ def machine_desc() -> str:
 
 def run_task(task: str, args, data: Data, base_state: dict) -> dict:
     presets, src = load_presets()
-    specs = [sp for what in args.runs for sp in run_specs(task, args.steps, presets, what)]
+    steps = args.steps or (24 if args.quick else TASKS[task]["steps"])
+    specs = [sp for what in args.runs for sp in run_specs(task, steps, presets, what)]
     if args.only:
-        specs = [s for s in specs if any(o.lower() in s["name"].lower() for o in args.only)]
+        # "=NAME" matches one config exactly, anything else is a substring of the name
+        specs = [s for s in specs if any((o[1:] == s["name"]) if o.startswith("=") else (o.lower() in s["name"].lower())
+                                         for o in args.only)]
     out_path = Path(args.out) / f"convergence_{task}{'_quick' if args.quick else ''}.json"
     prev = []
     if args.resume and out_path.exists():
         prev = json.loads(out_path.read_text())["runs"]
     wanted = {s["name"] for s in specs}
-    result = dict(task=task, steps=args.steps, eval_steps=eval_points(args.steps),
-                  preset_source=src, presets=presets, doc_warmup=doc_warmup(args.steps),
+    cfg = TASKS[task]
+    result = dict(task=task, steps=steps, eval_steps=task_eval_points(task, steps),
+                  preset_source=src, presets=presets, doc_warmup=doc_warmup(steps),
+                  advice_warmup=advice_warmup(steps), weight_scale=cfg["weight_scale"],
                   automagic_impl=AUTOMAGIC_IMPL, automagic_sha256=_impl_hash(),
                   machine=machine_desc(),
                   command=portable_command(shlex.join(["python", Path(sys.argv[0]).as_posix()] + sys.argv[1:])),
                   started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  lora=dict(rank=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_TARGET_SUFFIXES),
-                  batch_size=BATCH_SIZE, train_images=len(data.ft_y), val_samples=len(data.val_y),
+                  lora=dict(rank=LORA_RANK, alpha=cfg["alpha"], targets=LORA_TARGET_SUFFIXES),
+                  batch_size=cfg["batch_size"], train_images=len(data.ft_y), val_samples=len(data.val_y),
                   runs=[r for r in prev if r["name"] not in wanted])  # --resume: keep other configs
     if prev:
         old = json.loads(out_path.read_text())
-        if old.get("steps") != args.steps:
-            raise SystemExit(f"--resume: {out_path} has {old.get('steps')} steps, not {args.steps}")
+        if old.get("steps") != steps:
+            raise SystemExit(f"--resume: {out_path} has {old.get('steps')} steps, not {steps}")
         result["command"] = old.get("command", "") + " ; " + result["command"]
     prev_by_name = {r["name"]: r for r in prev}
-    log(f"task {task}: {len(specs)} configs x {len(args.seeds)} seeds, {args.steps} steps; presets from {src}")
+    log(f"task {task}: {len(specs)} configs x {len(args.seeds)} seeds, {steps} steps; presets from {src}")
     for spec in specs:
         done = prev_by_name.get(spec["name"])
         if done and sorted(r["seed"] for r in done["seeds"]) == sorted(args.seeds):
@@ -601,7 +732,7 @@ def run_task(task: str, args, data: Data, base_state: dict) -> dict:
         t0 = time.perf_counter()
         try:
             for seed in args.seeds:
-                rec["seeds"].append(run_one(task, spec, seed, args.steps, data, base_state, args.quick))
+                rec["seeds"].append(run_one(task, spec, seed, steps, data, base_state, args.quick))
         except ImportError as e:
             log(f"  SKIP {spec['name']}: {e}")
             continue
@@ -626,9 +757,11 @@ def run_task(task: str, args, data: Data, base_state: dict) -> dict:
 GROUP_TITLES = [
     ("automagic", "Automagic_Sinkgd, presets untuned"),
     ("automagic_docwu", "Automagic_Sinkgd, presets + the document's warm-up rule"),
+    ("automagic_advice", "Automagic_Sinkgd, presets + the README's warm-up advice (warmup_steps = steps // 2)"),
     ("adamw", "AdamW grid"),
     ("prodigy", "Prodigy"),
     ("tuning", "Candidate preset changes (not the shipped presets)"),
+    ("fixes", "Fix candidates (opt-in settings, on the task's preset as shipped unless named)"),
     ("ablation", "Ablations of the task's preset (one technique off at a time)"),
     ("ablation_docwu", "Ablations of the task's preset + doc warm-up"),
     ("precision", "The task's preset in a compact optimizer state (vs preset: the fp32-state row)"),
@@ -643,7 +776,7 @@ def _fmt(v: float) -> str:
 def _reference_for(r: dict, runs: list) -> dict | None:
     """The preset run an ablation / candidate change is compared with (same seeds)."""
     want = {"ablation": "automagic", "tuning": "automagic", "ablation_docwu": "automagic_docwu",
-            "precision": "automagic", "precision_docwu": "automagic_docwu"}.get(r["group"])
+            "precision": "automagic", "precision_docwu": "automagic_docwu", "fixes": "automagic"}.get(r["group"])
     if want is None:
         return None
     for x in runs:
@@ -658,12 +791,16 @@ def render_markdown(results: dict) -> str:
         runs = res["runs"]
         adam = [r for r in runs if r["group"] == "adamw" and math.isfinite(r["final_mean"])]
         best_adam = min(adam, key=lambda r: r["final_mean"]) if adam else None
+        prodigy = next((r for r in runs if r["group"] == "prodigy" and math.isfinite(r["final_mean"])), None)
         base = runs[0]["mean_losses"][0] if runs and res["eval_steps"][0] == 0 else float("nan")
         lines += [f"## Task `{task}`", "",
                   f"{res['steps']} steps, batch {res['batch_size']}, {res['train_images']} training images, "
                   f"mean over the seeds listed per row (± = half the range over seeds), "
                   f"held-out loss of the base model {_fmt(base)}. "
-                  f"Presets from: {res['preset_source']}. Doc warm-up = {res['doc_warmup']} steps.",
+                  f"Presets from: {res['preset_source']}. Doc warm-up = {res['doc_warmup']} steps."
+                  + (f" LoRA rank {LORA_RANK}, network_alpha {res['lora']['alpha']:g} (scale alpha / rank"
+                     f" = {res['lora']['alpha'] / LORA_RANK:g})." if "lora" in task else "")
+                  + (f" Every weight trained as {res.get('weight_scale', 1):g} * W'." if res.get("weight_scale", 1) != 1 else ""),
                   f"Machine: {res['machine']}. Command: `{res['command']}`.",
                   "`vs preset`: final loss minus the preset's final loss on the same seeds (negative = better). "
                   "`ms/step` (forward + backward + step, median) and `ms opt.step` were measured on a shared, "
@@ -671,7 +808,8 @@ def render_markdown(results: dict) -> str:
         if best_adam:
             lines += [f"Best AdamW: {best_adam['name']} (final {_fmt(best_adam['final_mean'])}).", ""]
         steps_hdr = " | ".join(f"@{s}" for s in res["eval_steps"][1:-1])
-        hdr = (f"| config | seeds | {steps_hdr} | final | best | final / best AdamW | vs preset | ms/step | ms opt.step |")
+        hdr = (f"| config | seeds | {steps_hdr} | final | best | final / best AdamW | final / Prodigy | vs preset | "
+               f"ms/step | ms opt.step |")
         sep = "|" + "---|" * (hdr.count("|") - 1)
         for group, title in GROUP_TITLES:
             gr = [r for r in runs if r["group"] == group]
@@ -681,6 +819,7 @@ def render_markdown(results: dict) -> str:
             for r in gr:
                 mid = " | ".join(_fmt(v) for v in r["mean_losses"][1:-1])
                 ratio = r["final_mean"] / best_adam["final_mean"] if best_adam else float("nan")
+                vs_prodigy = r["final_mean"] / prodigy["final_mean"] if prodigy else float("nan")
                 fin = _fmt(r["final_mean"]) + (f" ± {r['final_spread']:.4f}" if len(r["seeds"]) > 1 else "")
                 status = {s["status"] for s in r["seeds"]} - {"ok"}
                 name = r["name"] + (f" ({'; '.join(sorted(status))})" if status else "")
@@ -691,6 +830,7 @@ def render_markdown(results: dict) -> str:
                     if same:
                         delta = f"{r['final_mean'] - float(np.mean(same)):+.4f}"
                 lines.append(f"| {name} | {len(r['seeds'])} | {mid} | {fin} | {_fmt(r['best_mean'])} | {ratio:.3f} | "
+                             f"{vs_prodigy:.3f} | "
                              f"{delta} | {r['ms_step']:.1f} | {r['ms_opt']:.2f} |")
             lines.append("")
     return "\n".join(lines) + "\n"
@@ -707,19 +847,22 @@ def render_plot(results: dict, path: Path) -> None:
     for j, task in enumerate(tasks):
         res = results[task]
         x = res["eval_steps"]
-        for i, groups in enumerate((("automagic", "automagic_docwu", "adamw", "prodigy"),
-                                    ("ablation", "ablation_docwu", "tuning", "automagic"))):
+        for i, groups in enumerate((("automagic", "automagic_docwu", "automagic_advice", "adamw", "prodigy"),
+                                    ("ablation", "ablation_docwu", "tuning", "fixes", "automagic"))):
             ax = axes[i][j]
             for r in res["runs"]:
                 if r["group"] not in groups:
                     continue
                 if i == 1 and r["group"] == "automagic" and r.get("preset") != PRESET_FOR_TASK[task]:
                     continue
-                style = {"automagic": "-", "automagic_docwu": "--", "adamw": ":", "prodigy": "-.",
-                         "ablation": "-", "ablation_docwu": "--", "tuning": "-."}[r["group"]]
+                style = {"automagic": "-", "automagic_docwu": "--", "automagic_advice": "--", "adamw": ":",
+                         "prodigy": "-.", "ablation": "-", "ablation_docwu": "--", "tuning": "-.",
+                         "fixes": "-."}[r["group"]]
                 lw = 2.5 if (r["group"] == "automagic" and r.get("preset") == PRESET_FOR_TASK[task]) else 1.2
                 ax.plot(x[1:], r["mean_losses"][1:], style, lw=lw, label=r["name"], marker="o", ms=3)
-            ax.set_title(f"{task}: {'optimizers' if i == 0 else 'ablations and candidate preset changes'}")
+            ax.set_title(f"{task}: {'optimizers' if i == 0 else 'ablations and candidate changes'}")
+            if task in REAL_TASKS:
+                ax.set_ylim(top=min(0.16, ax.get_ylim()[1]))
             ax.set_xlabel("step")
             ax.set_ylabel("held-out denoising MSE")
             ax.grid(alpha=0.3)
@@ -734,7 +877,7 @@ def merge_results(out: Path, sources: list[Path], quick: bool, replace: bool = F
     """Append the configs of other result files (same task and steps) that --out lacks; with
     ``replace``, their configs also replace --out's rows of the same name (a re-run)."""
     suffix = "_quick" if quick else ""
-    for task in ("lora", "full"):
+    for task in TOY_TASKS + REAL_TASKS:
         dst = out / f"convergence_{task}{suffix}.json"
         for src_dir in sources:
             src = src_dir / f"convergence_{task}{suffix}.json"
@@ -761,18 +904,23 @@ def merge_results(out: Path, sources: list[Path], quick: bool, replace: bool = F
 
 
 def write_report(out: Path, quick: bool) -> None:
+    """convergence.md / .png for the toy-scale tasks, convergence_real.md / .png for the real-scale ones."""
     suffix = "_quick" if quick else ""
-    results = {}
-    for task in ("lora", "full"):
-        p = out / f"convergence_{task}{suffix}.json"
-        if p.exists():
-            results[task] = json.loads(p.read_text())
-    if not results:
+    wrote = False
+    for tasks, stem in ((TOY_TASKS, "convergence"), (REAL_TASKS, "convergence_real")):
+        results = {}
+        for task in tasks:
+            p = out / f"convergence_{task}{suffix}.json"
+            if p.exists():
+                results[task] = json.loads(p.read_text())
+        if not results:
+            continue
+        atomic_write_text(out / f"{stem}{suffix}.md", render_markdown(results))
+        render_plot(results, out / f"{stem}{suffix}.png")
+        log(f"wrote {out / f'{stem}{suffix}.md'} and {out / f'{stem}{suffix}.png'}")
+        wrote = True
+    if not wrote:
         log("no results to report")
-        return
-    atomic_write_text(out / f"convergence{suffix}.md", render_markdown(results))
-    render_plot(results, out / f"convergence{suffix}.png")
-    log(f"wrote {out / f'convergence{suffix}.md'} and {out / f'convergence{suffix}.png'}")
 
 
 # --------------------------------------------------------------------------------------
@@ -780,13 +928,15 @@ def write_report(out: Path, quick: bool) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("lora", "full", "both"), default="both")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; 24 with --quick)")
+    p.add_argument("--task", choices=("lora", "full", "both", "lora_real", "full_real", "real"), default="both",
+                   help="both = the toy-scale lora and full; real = lora_real and full_real")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default 200 toy, 2000 lora_real, 4000 full_real; 24 with --quick)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; --seed is an alias)")
     p.add_argument("--seed", type=int, default=None, help="single seed (same as --seeds N)")
-    p.add_argument("--runs", choices=("all", "main", "ablations", "ablations_docwu", "tuning", "precision"),
+    p.add_argument("--runs", choices=("all", "main", "ablations", "ablations_docwu", "tuning", "precision", "fixes"),
                    nargs="+", default=["all"])
-    p.add_argument("--only", nargs="+", default=None, help="run only configs whose name contains one of these")
+    p.add_argument("--only", nargs="+", default=None, help="run only configs whose name contains one of these (=NAME: exactly this name)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run of every config")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--cache-dir", default=None, help="where the pretrained base is cached (default: --out)")
@@ -798,20 +948,21 @@ def parse_args(argv=None):
     p.add_argument("--replace", action="store_true",
                    help="with --merge-from: the merged configs replace rows of the same name (a re-run)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mask-pictures", default=None, metavar="DIR",
+                   help="draw the effective lr per layer at the end of every preset run into DIR")
     p.add_argument("--automagic-impl", default=None, metavar="MODULE:CLASS",
                    help="benchmark another implementation with the same API "
                         "(default library.automagic_sinkgd:Automagic_Sinkgd)")
     a = p.parse_args(argv)
     if a.seeds is None:
         a.seeds = [a.seed if a.seed is not None else 0]
-    if a.steps is None:
-        a.steps = 24 if a.quick else 200
     return a
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    global AUTOMAGIC_IMPL
+    global AUTOMAGIC_IMPL, MASK_PICTURES
+    MASK_PICTURES = args.mask_pictures
     if args.automagic_impl:
         AUTOMAGIC_IMPL = args.automagic_impl
     torch.set_num_threads(args.threads)
@@ -821,7 +972,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         data = Data()
         base_state = get_base_state(data, Path(args.cache_dir) if args.cache_dir else out, args.quick)
-        for task in (("lora", "full") if args.task == "both" else (args.task,)):
+        for task in {"both": TOY_TASKS, "real": REAL_TASKS}.get(args.task, (args.task,)):
             run_task(task, args, data, base_state)
         log(f"total wall time {time.perf_counter() - t0:.0f} s")
     if args.merge_from:

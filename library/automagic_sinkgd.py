@@ -44,6 +44,8 @@ __all__ = [
     "vradam_brake",
     "allora_row_scaling",
     "post_warmup_decay",
+    "post_warmup_decay_rate",
+    "relative_lr_bump",
     "gradient_scaled_decay",
     "stochastic_round_",
     "pack_bits_",
@@ -222,10 +224,31 @@ def allora_row_scaling(weight: Tensor, eta: float) -> Tensor:
     return (row_norms + 1.0 / eta**2).rsqrt()
 
 
-def post_warmup_decay(lr_decay: Tensor, lr_ratio: Union[float, Tensor]) -> Tensor:
+def post_warmup_decay(lr_decay: Tensor, lr_ratio: Union[float, Tensor], floor: float = 0.1) -> Tensor:
     """Automagic's post-warm-up schedule: the linear decay, capped by an outside LR scheduler's
-    ratio group_lr / lr_max (so a scheduler can only lower it) and floored at 0.1."""
-    return lr_decay.clamp_max(lr_ratio).clamp_min(0.1)
+    ratio group_lr / lr_max (so a scheduler can only lower it) and floored (0.1 in the document;
+    ``decay_floor`` opt-in: 0 decays to zero, 1 keeps the rate)."""
+    return lr_decay.clamp_max(lr_ratio).clamp_min(floor)
+
+
+def post_warmup_decay_rate(avg_lr: Tensor, avg_lr_max: Tensor, warmup_steps: int,
+                           horizon: str = "warmup", total_steps: Optional[int] = None) -> Tensor:
+    """Per-step slope of the linear post-warm-up decay, slower if the mask ended below its peak.
+
+    ``horizon="warmup"`` (the document): it reaches 0 after another ``warmup_steps``.
+    ``horizon="run"`` (opt-in): it reaches 0 at ``total_steps``, spreading the decay over the
+    rest of the run, a linear decay to zero as in "Straight to Zero" (Bergsma et al. 2025,
+    arXiv 2502.15938) instead of a long tail at the floor.
+    """
+    steps = warmup_steps if horizon == "warmup" else max(1, total_steps - warmup_steps)
+    return avg_lr / avg_lr_max / steps
+
+
+def relative_lr_bump(lr_bump: float, relative_bump: Optional[float], base_lr: float) -> float:
+    """One mask move: the absolute ``lr_bump`` (the document), or ``relative_bump`` x the group's
+    base lr (opt-in), so the mask's random walk keeps the same size relative to its starting
+    point at any learning-rate scale (Automagic's additive bumps ratchet up when large against lr)."""
+    return lr_bump if relative_bump is None else relative_bump * base_lr
 
 
 def gradient_scaled_decay(abs_grad_mean: Tensor, group_mean: Tensor, group_std: Tensor) -> Tensor:
@@ -492,7 +515,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
                  warmup: bool, early: bool, use_orthograd: bool, post: bool, is_matrix: bool,
                  beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
-                 grad_is_copy: bool) -> Tensor:
+                 grad_is_copy: bool, decay_floor: float = 0.1) -> Tensor:
     """Steps 2-9 of the step (t >= 2) on stacked tensors (B, ...), tensor code only: no host
     reads. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max, lr_decay and ``weight`` (the
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
@@ -538,7 +561,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     rate = finite_f
     if post:
         lr_decay.sub_(decay_rate * finite_f)
-        rate = rate * post_warmup_decay(lr_decay, lr_ratio)
+        rate = rate * post_warmup_decay(lr_decay, lr_ratio, decay_floor)
 
     # 7. effective per-element lr = mask * ALLoRA row factor * VRAdam brake * decay.
     if brake is not None:
@@ -593,7 +616,8 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``) is loaded to
     float32 around the same math and stored back; ``state_seeds`` seed its rounding per tensor,
     and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
-    if group.get("fused") and not phase.first:
+    # The fused kernel floors the decay at the document's 0.1; another decay_floor takes the eager step.
+    if group.get("fused") and not phase.first and (not phase.post or group["decay_floor"] == 0.1):
         kernels = _fused_kernels()
         if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
                                                        group_stats, seed, stack_cache):
@@ -655,7 +679,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        grad_is_copy=grad_is_copy)
+        grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"])
     if params[0].dtype == state_dtype:
         if not _gathers_as_view(params, state_dtype):  # else the math ran on the parameter itself
             _scatter(new_weight, params)
@@ -698,6 +722,10 @@ def _start_lr(lr) -> Union[float, Tensor]:
 _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
+# Settings added after the document (opt-in), with the values that give the document's step.
+_OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None)
+
+
 def _check_range(name: str, value: Any, ok: bool, allowed: str, hint: str = "") -> None:
     if not ok:
         raise ValueError(f"Automagic_Sinkgd: {name}={value!r} is out of range; allowed: {allowed}.{hint}")
@@ -714,6 +742,13 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             ``mask_min_lr`` / ``mask_max_lr`` (read every step; change those during training),
             because LR schedulers such as OneCycleLR write ``min_lr`` / ``max_lr`` keys of their own.
         lr_bump: one up/down move of the mask during warm-up (0 freezes the mask at lr).
+        relative_bump: opt-in; when set, one mask move is relative_bump x the group's lr
+            (overrides lr_bump); None keeps the absolute lr_bump.
+        decay_horizon: "warmup" (default, the document) decays the rate linearly over another
+            warmup_steps after warm-up; "run" (opt-in) over the rest of the run, up to total_steps.
+        decay_floor: floor of the post-warm-up decay, in [0, 1] (0.1 in the document; 1 = no decay).
+        total_steps: the run's planned optimizer steps (needed by decay_horizon="run"); the kohya
+            hook and the built-in trainer fill it from max_train_steps unless it is set.
         eta: ALLoRA strength (LoRA mode matrices); > 0.
         beta1: momentum decay, in [0, 1).
         d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
@@ -751,13 +786,15 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  orthograd: bool = False, stats_update_freq: int = 5, sinkgd_iters: Optional[int] = None,
                  grams: bool = True, vradam: bool = True, allora: bool = True,
                  state_precision: str = "fp32", foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None):
+                 fused: Optional[bool] = None, relative_bump: Optional[float] = None,
+                 decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
                         stats_update_freq=stats_update_freq, sinkgd_iters=sinkgd_iters, grams=grams,
                         vradam=vradam, allora=allora, state_precision=state_precision, fused=fused,
-                        foreach=foreach, mask_min_lr=min_lr, mask_max_lr=max_lr)
+                        foreach=foreach, mask_min_lr=min_lr, mask_max_lr=max_lr, relative_bump=relative_bump,
+                        decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -810,6 +847,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         # The largest lr this group has seen: an outside scheduler can only lower the decay.
         group.setdefault("lr_max", _running_max(group.get("initial_lr", group["lr"]), group["lr"]))
         group.setdefault("group_step", 0)
+        for key, value in _OPT_IN_DEFAULTS.items():  # saved before these existed: the document's step
+            group.setdefault(key, value)
         device = group["params"][0].device if group["params"] else None
         for key in ("grad_abs_mean", "grad_abs_std"):
             if key in group and device is not None:
@@ -883,6 +922,25 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             _check_mask_lattice(min_lr, max_lr, get("lr_bump"), where)
         _check_range("foreach" + where, get("foreach"), get("foreach") is None or isinstance(get("foreach"), bool),
                      "None, True or False")
+        rel = get("relative_bump")
+        _check_range("relative_bump" + where, rel,
+                     rel is None or (isinstance(rel, (int, float)) and not isinstance(rel, bool) and 0 <= rel <= 1),
+                     "None (use lr_bump) or a number in [0, 1]: one mask move as a fraction of the group's lr")
+        # the compact mask is a lattice of lr_bump steps: give it that bump as lr_bump instead
+        _check_range("relative_bump" + where, rel, rel is None or get("state_precision", "fp32") == "fp32",
+                     "None with state_precision other than 'fp32' (set lr_bump = relative_bump x lr instead)")
+        floor = get("decay_floor")
+        _check_range("decay_floor" + where, floor,
+                     isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor <= 1,
+                     "a number in [0, 1] (0.1 in the document; 1 = no decay)")
+        total = get("total_steps")
+        _check_range("total_steps" + where, total,
+                     total is None or (isinstance(total, int) and not isinstance(total, bool) and total >= 1),
+                     "None or an integer >= 1 (the run's planned optimizer steps)")
+        horizon = get("decay_horizon")
+        _check_range("decay_horizon" + where, horizon, horizon in ("warmup", "run"), "'warmup' or 'run'")
+        _check_range("decay_horizon" + where, horizon, horizon != "run" or total is not None,
+                     "'warmup', or 'run' together with total_steps (kohya's max_train_steps)")
 
     # -- state --------------------------------------------------------------------------------
 
@@ -958,8 +1016,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             self._rebase_lr_mask(state, group)
         if t >= warmup:
             if "lr_decay" not in state:
-                # Linear decay over another warmup_steps, slower if the mask ended below its peak.
-                state["decay_rate"] = state["avg_lr"] / state["avg_lr_max"] / warmup
+                state["decay_rate"] = post_warmup_decay_rate(state["avg_lr"], state["avg_lr_max"], warmup,
+                                                             group["decay_horizon"], group["total_steps"])
                 state["lr_decay"] = torch.ones_like(state["avg_lr"])
         return t
 
@@ -1043,9 +1101,13 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
 
     @staticmethod
     def _resolved(group: dict) -> dict:
-        """Group settings with sinkgd_iters resolved from the mode (4 for LoRA, 5 for full)."""
+        """Group settings with sinkgd_iters resolved from the mode (4 for LoRA, 5 for full) and
+        lr_bump from relative_bump when that is set."""
         if group["sinkgd_iters"] is None:
-            return {**group, "sinkgd_iters": 5 if group["full_finetune"] else 4}
+            group = {**group, "sinkgd_iters": 5 if group["full_finetune"] else 4}
+        if group["relative_bump"] is not None:
+            base_lr = group.get("initial_lr", group["lr"])
+            group = {**group, "lr_bump": relative_lr_bump(group["lr_bump"], group["relative_bump"], base_lr)}
         return group
 
     @staticmethod
@@ -1176,7 +1238,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                     continue
                 lr = state["avg_lr"]
                 if "lr_decay" in state:
-                    lr = lr * post_warmup_decay(state["lr_decay"], lr_ratio)
+                    lr = lr * post_warmup_decay(state["lr_decay"], lr_ratio, group["decay_floor"])
                 if group["vradam"]:
                     momentum = state["exp_avg"]
                     momentum = momentum.to(torch.promote_types(momentum.dtype, torch.float32))

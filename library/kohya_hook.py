@@ -42,6 +42,7 @@ from .optimizer_factory import (
 logger = logging.getLogger(__name__)
 
 EFFECTIVE_LR_PREFIX = "lr/automagic_eff/"
+KOHYA_DEFAULT_MAX_TRAIN_STEPS = 1600  # train_util's --max_train_steps default
 _MARK = "__automagic_sinkgd_hook__"  # set on every function we wrap: makes install() idempotent
 
 # Optimizers built through the hook, oldest first (weak: a finished run's optimizer may go away).
@@ -61,7 +62,12 @@ def kohya_build_optimizer(args, trainable_params) -> tuple[str, str, Any]:
         raise OptimizerArgsError("--fused_backward_pass needs --gradient_accumulation_steps 1 (kohya's own rule)")
     check_not_sharded_by_launch(args)
     kwargs = parse_optimizer_args(getattr(args, "optimizer_args", None))
-    name, args_text, optimizer = build_optimizer(args.optimizer_type, trainable_params, args.learning_rate, kwargs)
+    # The run's length as Automagic_Sinkgd's total_steps (unless the user set it). kohya turns
+    # max_train_epochs into max_train_steps only after building the optimizer: this length is
+    # provisional, and the scheduler wrapper below puts in the final one.
+    steps = getattr(args, "max_train_steps", None) or KOHYA_DEFAULT_MAX_TRAIN_STEPS
+    name, args_text, optimizer = build_optimizer(args.optimizer_type, trainable_params, args.learning_rate, kwargs,
+                                                 run_length=steps)
     # kohya's own wording ("use <type> | {kwargs}"), plus the class it resolved to
     logger.info(f"use {args.optimizer_type} | {kwargs} -> {name}")
     _built_optimizers[:] = [ref for ref in _built_optimizers if ref() is not None] + [weakref.ref(optimizer)]
@@ -209,8 +215,31 @@ def patch_trackers(tracking) -> None:
 # --------------------------------------------------------------------------- installation
 
 
+def wrap_get_scheduler_fix(original: Callable) -> Callable:
+    """kohya's ``get_scheduler_fix(args, optimizer, ...)`` runs once ``args.max_train_steps`` is
+    final (after ``max_train_epochs`` is turned into steps): give it to our optimizer as
+    ``total_steps`` unless the user set it."""
+    if getattr(original, _MARK, False):
+        return original
+
+    @functools.wraps(original)
+    def get_scheduler_fix(args, optimizer, *rest, **kwargs):
+        inner = _unwrap(optimizer)
+        steps = getattr(args, "max_train_steps", None)
+        if hasattr(inner, "_run_length") and steps:  # set by follow_run_length: the user gave no total_steps
+            inner._run_length = int(steps)
+            for group in inner.param_groups:
+                group["total_steps"] = int(steps)
+        return original(args, optimizer, *rest, **kwargs)
+
+    setattr(get_scheduler_fix, _MARK, True)
+    return get_scheduler_fix
+
+
 def patch_train_util(train_util) -> None:
     train_util.get_optimizer = wrap_get_optimizer(train_util.get_optimizer)
+    if hasattr(train_util, "get_scheduler_fix"):
+        train_util.get_scheduler_fix = wrap_get_scheduler_fix(train_util.get_scheduler_fix)
     import accelerate.tracking  # already imported by train_util (through accelerate)
 
     patch_trackers(accelerate.tracking)

@@ -196,6 +196,32 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
 
 
+# --------------------------------------------------------------------------- run length
+
+
+def with_run_length(optimizer_type: str | None, kwargs: Mapping[str, Any], max_train_steps: int | None) -> dict:
+    """``kwargs`` plus ``total_steps=max_train_steps`` for Automagic_Sinkgd when the user did not
+    set it: the trainer knows the run's length, which ``decay_horizon="run"`` needs (the
+    document's step does not read it). Other optimizers get ``kwargs`` unchanged."""
+    kwargs = dict(kwargs)
+    if is_automagic(optimizer_type) and "total_steps" not in kwargs and max_train_steps:
+        kwargs["total_steps"] = int(max_train_steps)
+    return kwargs
+
+
+def follow_run_length(optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """Keep the trainer's run length as every group's total_steps, also after a resume (the saved
+    groups would bring back the length of the run that saved them, e.g. when a run is extended).
+    ``optimizer._run_length`` may be updated later (kohya knows the final length only then)."""
+    optimizer._run_length = int(steps)
+
+    def reapply(opt):
+        for group in opt.param_groups:
+            group["total_steps"] = opt._run_length
+
+    optimizer.register_load_state_dict_post_hook(reapply)
+
+
 # --------------------------------------------------------------------------- build
 
 
@@ -205,6 +231,7 @@ def build_optimizer(
     learning_rate: float,
     optimizer_args: Iterable[str] | Mapping[str, Any] | str | None = None,
     report: Callable[[str], None] | None = None,
+    run_length: int | None = None,
 ) -> tuple[str, str, torch.optim.Optimizer]:
     """Build the optimizer the way kohya's ``get_optimizer`` does and return its triple.
 
@@ -214,6 +241,8 @@ def build_optimizer(
     ``name = cls.__module__ + "." + cls.__name__``: kohya stores ``name(args)`` as the
     ``ss_optimizer`` metadata of the saved model. The args string follows a resume: see
     :func:`watch_resumed_settings` (``report`` receives its warning; default: logging).
+    ``run_length`` (the run's max_train_steps) goes to Automagic_Sinkgd as ``total_steps`` unless
+    the user set it (:func:`with_run_length`); the args string keeps the user's own arguments.
     """
     if isinstance(optimizer_args, Mapping):
         kwargs = dict(optimizer_args)
@@ -223,7 +252,10 @@ def build_optimizer(
     check_keywords(cls, kwargs)
     if is_automagic(optimizer_type):
         check_lr_bounds(cls, kwargs)
-    optimizer = cls(trainable_params, lr=learning_rate, **kwargs)
+    filled = with_run_length(optimizer_type, kwargs, run_length)
+    optimizer = cls(trainable_params, lr=learning_rate, **filled)
+    if "total_steps" in filled and "total_steps" not in kwargs:
+        follow_run_length(optimizer, filled["total_steps"])
     if is_automagic(optimizer_type):
         install_shard_guard(optimizer)
     args_text = watch_resumed_settings(optimizer, kwargs, report or logger.warning)
@@ -335,6 +367,8 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
     kept = set(getattr(type(optimizer), "KEPT_ON_LOAD", ()))
     keys = [k for k in (valid_keywords(type(optimizer)) or optimizer.defaults)
             if k not in _RUNTIME_GROUP_KEYS and k not in kept]
+    if "total_steps" not in kwargs:  # the trainer's run length (follow_run_length), not a user setting
+        keys = [k for k in keys if k != "total_steps"]
     keys.append("initial_lr")
 
     def compare(opt, state_dict):

@@ -75,7 +75,33 @@ def _kinds():
     return kinds
 
 
-@pytest.mark.parametrize("task", ["lora", "full"])
+def test_real_scale_full_keeps_the_function_and_scales_the_gradients(conv, data):
+    torch.manual_seed(0)
+    plain = conv.make_unet(quick=True)
+    scaled = conv.make_unet(quick=True)
+    scaled.load_state_dict(plain.state_dict())
+    params = conv.scale_parametrize(scaled, 50.0)
+    assert len(params) == len(list(plain.parameters()))
+    assert math.isclose(conv.val_loss(scaled, data), conv.val_loss(plain, data), rel_tol=1e-5)
+    xt, t, c, noise = data.batch(data.ft_x, data.ft_y, torch.Generator().manual_seed(0), 4)
+    for model in (plain, scaled):
+        torch.nn.functional.mse_loss(model(xt, t, c).sample, noise).backward()
+    # dL/dW' = s * dL/dW, and W' = W / s: an element-wise step of lr moves W by s * lr
+    w, w_scaled = plain.conv_in.weight, scaled.conv_in.parametrizations.weight.original
+    torch.testing.assert_close(w_scaled.grad, 50.0 * w.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w_scaled.detach() * 50.0, w.detach())
+
+
+def test_real_scale_lora_scale_is_k(conv):
+    torch.manual_seed(0)
+    model = conv.make_unet(quick=True)
+    model.requires_grad_(False)
+    conv.inject_lora(model, alpha=conv.TASKS["lora_real"]["alpha"])
+    scales = {m.scale for m in model.modules() if isinstance(m, conv.LoRALinear)}
+    assert scales == {conv.REAL_LORA_K}
+
+
+@pytest.mark.parametrize("task", ["lora", "full", "lora_real", "full_real"])
 def test_runs_and_report(conv, small_data, task, tmp_path):
     data = small_data
     steps = 3
@@ -88,15 +114,34 @@ def test_runs_and_report(conv, small_data, task, tmp_path):
         rec = dict(spec, seeds=[conv.run_one(task, spec, 0, steps, data, base, quick=True)])
         conv.summarize(rec)
         assert rec["seeds"][0]["status"] == "ok"
-        assert len(rec["mean_losses"]) == len(conv.eval_points(steps))
+        assert len(rec["mean_losses"]) == len(conv.task_eval_points(task, steps))
         assert all(math.isfinite(v) for v in rec["mean_losses"])
         assert rec["ms_step"] > 0 and rec["ms_opt"] > 0
         runs.append(rec)
-    res = dict(task=task, steps=steps, eval_steps=conv.eval_points(steps), preset_source="test",
+    res = dict(task=task, steps=steps, eval_steps=conv.task_eval_points(task, steps), preset_source="test",
                doc_warmup=1, machine="test", command="test", batch_size=conv.BATCH_SIZE,
-               train_images=len(data.ft_y), runs=runs)
+               train_images=len(data.ft_y), runs=runs, lora=dict(alpha=conv.TASKS[task]["alpha"]),
+               weight_scale=conv.TASKS[task]["weight_scale"])
     (tmp_path / f"convergence_{task}.json").write_text(json.dumps(res))
     conv.write_report(tmp_path, quick=False)
-    md = (tmp_path / "convergence.md").read_text()
-    assert "AdamW" in md and "final / best AdamW" in md
-    assert (tmp_path / "convergence.png").stat().st_size > 0
+    stem = "convergence_real" if task in conv.REAL_TASKS else "convergence"
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert "AdamW" in md and "final / best AdamW" in md and "final / Prodigy" in md
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+
+
+def test_real_scale_run_list(conv):
+    presets, _ = conv.load_presets()
+    main = conv.run_specs("lora_real", 2000, presets, "main")
+    advice = [s for s in main if s["group"] == "automagic_advice"]
+    assert {s["kwargs"]["warmup_steps"] for s in advice} == {1000}
+    shipped = [s for s in main if s["group"] == "automagic"]
+    assert [s["kwargs"] for s in shipped] == [presets["lora"], presets["high_performance"]]
+    adamw = sorted(s["lr"] for s in main if s["kind"] == "adamw")
+    assert len(adamw) == 5 and adamw[0] < 1e-4 < 5e-4 < adamw[-1]  # the grid brackets real SD LoRA rates
+    fixes = conv.run_specs("lora_real", 2000, presets, "fixes")
+    run = [s["kwargs"] for s in fixes if "total_steps" in s["kwargs"]]
+    assert run and all(k["total_steps"] == 2000 for k in run)
+    for spec in fixes + shipped:  # every config builds, with the run's length handed over as the trainers do
+        opt = conv.build_optimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], 2000)
+        assert opt.param_groups[0]["total_steps"] == 2000

@@ -42,6 +42,7 @@ from .errors import UserError, warn
 
 # The quick start (embedded model and dataset, none of these flags given): enough for the concept to show in
 # the samples within the time budget of a 2-core CPU, with the lora preset as it is.
+MASK_HISTOGRAM_EVERY = 10  # logged steps whose step number is a multiple of this get the mask histograms
 QUICK_START = {"max_train_steps": 300, "train_batch_size": 4, "network_dim": 4, "network_alpha": 4.0, "seed": 42}
 KOHYA_DEFAULTS = {"train_batch_size": 1, "network_dim": 4, "network_alpha": 1.0}
 
@@ -558,10 +559,11 @@ class Run:
         self.model = Model(setup, acc)
         groups, self.group_names = self.model.param_groups()
         try:
-            # optimizer_args follows a --resume: it reads as the settings the loaded state put in effect
+            # optimizer_args follows a --resume: it reads as the settings the loaded state put in effect;
+            # the run's length goes to Automagic_Sinkgd as total_steps unless the user set it
             self.optimizer_name, self.optimizer_args, self.optimizer = build_optimizer(
                 args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [],
-                report=warn if self.main else (lambda message: None))
+                report=warn if self.main else (lambda message: None), run_length=self.max_steps)
         except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
             raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
         self.lr_scheduler = make_lr_scheduler(args, self.optimizer, self.max_steps)
@@ -666,6 +668,19 @@ class Run:
                              refresh=False)
         if self.args.logging_dir:
             self.accelerator.log({"loss/current": values[-1], "loss/average": average, **lrs}, step=done)
+            if done % MASK_HISTOGRAM_EVERY == 0 or done == self.max_steps:
+                self._log_mask_histograms(done)
+
+    def _log_mask_histograms(self, done: int) -> None:
+        """Automagic's mask per param group as a TensorBoard histogram (a sample of each tensor)."""
+        from ..lr_mask_view import mask_histograms
+
+        if not self.main or not hasattr(self.raw_optimizer, "effective_lrs"):
+            return
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        for name, values in zip(self.group_names, mask_histograms(self.raw_optimizer)):
+            if values is not None:
+                writer.add_histogram(f"lr_mask/{name}", values.float().cpu(), done)
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -761,6 +776,18 @@ class Run:
                               or (args.sample_every_n_epochs and epoch_end and epoch % args.sample_every_n_epochs == 0)):
             self._sample(f"step {done}", done)
 
+    def _draw_lr_mask(self) -> Path:
+        """<output_name>_lr_mask.png: the effective lr per layer the Automagic mask ended with."""
+        from ..lr_mask_view import draw, layers_from_state, match_names, shapes_in_state
+
+        state = self.raw_optimizer.state_dict()
+        names = match_names({k: tuple(v.shape) for k, v in self.model.state_weights().items()},
+                            shapes_in_state(state))
+        title = (f"{self.setup.output_name}: effective lr per layer after {self.max_steps} steps "
+                 f"({'full fine-tune' if self.setup.full_finetune else 'LoRA'})")
+        return draw(layers_from_state(state, names), self.setup.output_dir / f"{self.setup.output_name}_lr_mask.png",
+                    title, self.group_names)
+
     def _check_ranks_in_sync(self) -> None:
         """Every process must end with the same weights (DDP averages gradients; a bug here would be silent)."""
         if self.world == 1:
@@ -785,6 +812,8 @@ class Run:
                 curve = sampling.save_loss_curve(setup.output_dir / f"{setup.output_name}_loss.png", self.losses,
                                                  self.lr_history, title)
                 print(f"saved {curve}", flush=True)
+            if hasattr(self.raw_optimizer, "effective_lrs"):
+                print(f"saved {self._draw_lr_mask()}", flush=True)
         if setup.prompts:
             self._sample("after" if self.columns else f"step {self.max_steps}", self.max_steps)
             if self.main:

@@ -1,0 +1,102 @@
+"""The run's length reaches Automagic_Sinkgd as total_steps (what decay_horizon="run" needs)
+from kohya's max_train_steps and from the built-in trainer, unless the user set it."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+
+from library import kohya_hook
+from library.automagic_sinkgd import Automagic_Sinkgd
+from library.kohya_hook import wrap_get_optimizer, wrap_get_scheduler_fix
+from library.optimizer_factory import with_run_length
+
+torch.set_num_threads(1)
+
+
+def test_with_run_length_fills_only_what_the_user_left_out():
+    assert with_run_length("automagic_sinkgd", {"warmup_steps": 9}, 1600) == {"warmup_steps": 9, "total_steps": 1600}
+    assert with_run_length("Automagic_Sinkgd", {"total_steps": 50}, 1600) == {"total_steps": 50}
+    assert with_run_length("AdamW", {"weight_decay": 0.1}, 1600) == {"weight_decay": 0.1}
+    assert with_run_length("automagic_sinkgd", {}, None) == {}
+
+
+def _args(**overrides):
+    values = dict(optimizer_type="automagic_sinkgd", optimizer_args=None, learning_rate=1e-4, use_8bit_adam=False,
+                  use_lion_optimizer=False, fused_backward_pass=False, gradient_accumulation_steps=1,
+                  deepspeed=False, max_train_steps=1600)
+    values.update(overrides)
+    return Namespace(**values)
+
+
+def _groups():
+    return [{"params": list(torch.nn.Linear(6, 4).parameters()), "lr": 1e-4}]
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(kohya_hook, "_built_optimizers", [])
+
+
+def _kohya_scheduler(args, optimizer, num_processes):
+    return ("scheduler", args.max_train_steps)
+
+
+def test_kohya_gets_the_final_max_train_steps():
+    """kohya builds the optimizer with the command line's max_train_steps (1600 by default) and turns
+    --max_train_epochs into steps only afterwards, before it builds the scheduler."""
+    _, args_text, opt = wrap_get_optimizer(lambda a, p: None)(_args(optimizer_args=["decay_horizon='run'"]), _groups())
+    assert type(opt) is Automagic_Sinkgd and opt.param_groups[0]["total_steps"] == 1600
+    assert args_text == "decay_horizon=run"  # kohya's ss_optimizer metadata: the user's own arguments
+    final = _args(max_train_steps=730)
+    assert wrap_get_scheduler_fix(_kohya_scheduler)(final, opt, 1) == ("scheduler", 730)
+    assert [g["total_steps"] for g in opt.param_groups] == [730]
+
+
+def test_kohya_keeps_the_users_total_steps():
+    _, _, opt = wrap_get_optimizer(lambda a, p: None)(_args(optimizer_args=["total_steps=500"]), _groups())
+    wrap_get_scheduler_fix(_kohya_scheduler)(_args(max_train_steps=730), opt, 1)
+    assert opt.param_groups[0]["total_steps"] == 500
+
+
+def test_other_optimizers_are_left_alone():
+    opt = torch.optim.AdamW(_groups(), lr=1e-3)
+    wrap_get_scheduler_fix(_kohya_scheduler)(_args(), opt, 1)
+    assert "total_steps" not in opt.param_groups[0]
+    once = wrap_get_scheduler_fix(_kohya_scheduler)
+    assert wrap_get_scheduler_fix(once) is once  # install() twice wraps once
+
+
+def test_builtin_trainer_hands_its_run_length(tmp_path, monkeypatch):
+    from builtin_fixtures import base_args, build_dataset, build_tiny_pipeline
+    from library.builtin.trainer import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, data = build_tiny_pipeline(tmp_path / "model"), build_dataset(tmp_path / "data")
+    automagic = ["--optimizer_type", "automagic_sinkgd", "--save_state", "--optimizer_args", "warmup_steps=2"]
+    # 8 examples / batch 2 = 4 steps per epoch; --max_train_epochs 2 wins over --max_train_steps 99
+    assert main(base_args(model, data, tmp_path / "a", 99) + automagic + ["--max_train_epochs", "2"]) == 0
+    saved = torch.load(tmp_path / "a" / "tiny-state" / "optimizer.bin", weights_only=True)
+    assert {g["total_steps"] for g in saved["param_groups"]} == {8}
+    assert main(base_args(model, data, tmp_path / "b", 3) + automagic + ["total_steps=40"]) == 0
+    saved = torch.load(tmp_path / "b" / "tiny-state" / "optimizer.bin", weights_only=True)
+    assert {g["total_steps"] for g in saved["param_groups"]} == {40}
+
+
+def test_a_resumed_state_keeps_the_new_run_length():
+    """Extending a run (--resume with a larger max_train_steps) decays over the new length; a
+    total_steps the user set is a saved setting like any other."""
+    from library.optimizer_factory import build_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    _, _, first = build_optimizer("automagic_sinkgd", params, 1e-4, ["decay_horizon='run'"], run_length=100)
+    params[0].grad = torch.randn(4, 3)
+    first.step()
+    saved = first.state_dict()
+    _, _, longer = build_optimizer("automagic_sinkgd", params, 1e-4, ["decay_horizon='run'"], run_length=300)
+    longer.load_state_dict(saved)
+    assert longer.param_groups[0]["total_steps"] == 300
+    _, _, pinned = build_optimizer("automagic_sinkgd", params, 1e-4, ["decay_horizon='run'", "total_steps=100"],
+                                   run_length=300)
+    pinned.load_state_dict(saved)
+    assert pinned.param_groups[0]["total_steps"] == 100
