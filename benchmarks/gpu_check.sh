@@ -5,7 +5,8 @@
 #   2. runs the fused kernels' tests on the GPU (no interpreter: TRITON_INTERPRET is cleared);
 #   3. runs the CUDA benchmark, which writes benchmarks/results/speed_cuda.json.
 # Usage: bash benchmarks/gpu_check.sh [extra benchmark args, e.g. --repeats 10]
-# OUT=<dir> also copies the JSON and the logs there.
+# The logs go beside the JSON (benchmarks/results/gpu_check_*.log), so they are committed with it;
+# COPY_TO=<dir> also copies the JSON and the logs there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,16 +34,16 @@ sets=(lora)
 "$PY" -c "import diffusers" 2>/dev/null && sets+=(sdxl_lora full) || echo "gpu_check: no diffusers: only the SD1.5 LoRA set"
 
 echo "gpu_check: kernel tests on the GPU ($((SECONDS - start)) s so far)"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py 2>&1 | tee /tmp/gpu_check_tests.log
+"$PY" -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py 2>&1 | tee benchmarks/results/gpu_check_tests.log
 tests_rc=${PIPESTATUS[0]}
 
 echo "gpu_check: benchmark, sets ${sets[*]} ($((SECONDS - start)) s so far)"
 "$PY" benchmarks/speed.py --device cuda --sets "${sets[@]}" --repeats 20 \
-  --json benchmarks/results/speed_cuda.json "$@" 2>&1 | tee /tmp/gpu_check_bench.log
+  --json benchmarks/results/speed_cuda.json "$@" 2>&1 | tee benchmarks/results/gpu_check_bench.log
 bench_rc=${PIPESTATUS[0]}
 
-if [[ -n "${OUT:-}" ]]; then
-  cp -f benchmarks/results/speed_cuda.json /tmp/gpu_check_tests.log /tmp/gpu_check_bench.log "$OUT"/ 2>/dev/null
+if [[ -n "${COPY_TO:-}" ]]; then
+  cp -f benchmarks/results/speed_cuda.json benchmarks/results/gpu_check_tests.log benchmarks/results/gpu_check_bench.log "$COPY_TO"/ 2>/dev/null
 fi
 echo "gpu_check: tests rc=$tests_rc, benchmark rc=$bench_rc, $((SECONDS - start)) s"
 exit $((tests_rc || bench_rc))
