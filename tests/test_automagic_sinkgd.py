@@ -373,6 +373,16 @@ def _train(params, optimizer, steps, start=0):
         optimizer.step()
 
 
+def _step_all(optimizer, params, per_param: bool) -> None:
+    """One optimizer step, either as step() or tensor by tensor through step_param (kohya's
+    --fused_backward_pass)."""
+    if per_param:
+        for p in params:
+            optimizer.step_param(p, optimizer.param_groups[0])
+    else:
+        optimizer.step()
+
+
 def _through_a_file(obj):
     """``obj`` after torch.save and torch.load(weights_only=True): what accelerate's resume does."""
     buffer = io.BytesIO()
@@ -422,19 +432,15 @@ class _NoHostSync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_step_has_no_host_syncs(fused):
+@pytest.mark.parametrize("per_param", [False, True])
+def test_step_has_no_host_syncs(per_param):
     params = list(_model().parameters())
     optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2)
     for step in range(10):  # through every phase
         _synthetic_grads(params, step)
         params[0].grad[0, 0] = float("nan") if step == 3 else params[0].grad[0, 0]
         with _NoHostSync():
-            if fused:
-                for p in params:
-                    optimizer.step_param(p, optimizer.param_groups[0])
-            else:
-                optimizer.step()
+            _step_all(optimizer, params, per_param=per_param)
 
 
 def test_a_lone_tensor_is_updated_in_place_and_a_stack_keeps_its_state_buffers():
@@ -526,16 +532,12 @@ def test_transient_memory_is_a_few_times_the_largest_tensor():
 
 
 def test_step_param_equals_step_without_group_statistics():
-    def run(fused):
+    def run(per_param):
         params = list(_model().parameters())
         optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, weight_decay=0.0, orthograd=True, foreach=False)
         for step in range(12):
             _synthetic_grads(params, step)
-            if fused:
-                for p in params:
-                    optimizer.step_param(p, optimizer.param_groups[0])
-            else:
-                optimizer.step()
+            _step_all(optimizer, params, per_param=per_param)
         return params
     for p, q in zip(run(True), run(False)):
         assert torch.equal(p, q)

@@ -181,17 +181,13 @@ def test_a_state_saved_before_the_new_settings_loads_as_the_document():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_no_host_sync_with_the_new_settings(fused):
-    from test_automagic_sinkgd import _NoHostSync
+@pytest.mark.parametrize("per_param", [False, True])
+def test_no_host_sync_with_the_new_settings(per_param):
+    from test_automagic_sinkgd import _NoHostSync, _step_all
 
     params = _params()
     optimizer = Automagic_Sinkgd(params, **CONFIG)
     for step in range(10):  # warm-up, then the decay over the run
         _grads(params, step)
         with _NoHostSync():
-            if fused:
-                for p in params:
-                    optimizer.step_param(p, optimizer.param_groups[0])
-            else:
-                optimizer.step()
+            _step_all(optimizer, params, per_param=per_param)

@@ -21,7 +21,7 @@ from library.automagic_sinkgd import (
     stochastic_round_,
     unpack_bits,
 )
-from test_automagic_sinkgd import _NoHostSync, _synthetic_grads, _through_a_file
+from test_automagic_sinkgd import _NoHostSync, _step_all, _synthetic_grads, _through_a_file
 
 
 def _model(seed=0, dtype=torch.float32):
@@ -38,11 +38,7 @@ def _model(seed=0, dtype=torch.float32):
 def _train(params, optimizer, steps, start=0, per_param=False):
     for step in range(start, start + steps):
         _synthetic_grads(params, step)
-        if per_param:
-            for p in params:
-                optimizer.step_param(p, optimizer.param_groups[0])
-        else:
-            optimizer.step()
+        _step_all(optimizer, params, per_param=per_param)
 
 
 FULL = dict(lr=1e-4, min_lr=1e-6, max_lr=1e-3, lr_bump=2e-5, warmup_steps=8, full_finetune=True,
@@ -451,11 +447,7 @@ def test_the_compact_step_has_no_host_syncs(per_param):
     for step in range(10):  # through every phase
         _synthetic_grads(params, step)
         with _NoHostSync():
-            if per_param:
-                for p in params:
-                    optimizer.step_param(p, optimizer.param_groups[0])
-            else:
-                optimizer.step()
+            _step_all(optimizer, params, per_param=per_param)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
