@@ -391,6 +391,18 @@ def _through_a_file(obj):
     return torch.load(buffer, weights_only=True)
 
 
+def _saved_and_resumed(params, config, steps, train):
+    """Train ``params`` for ``steps`` steps, save weights and optimizer through a file, and load both
+    into fresh parameters and a fresh optimizer, as a resumed run does; returns (params, optimizer)."""
+    optimizer = Automagic_Sinkgd(params, **config)
+    train(params, optimizer, steps)
+    saved = _through_a_file({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in params]})
+    resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    optimizer = Automagic_Sinkgd(resumed, **config)
+    optimizer.load_state_dict(saved["optimizer"])
+    return resumed, optimizer
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("resume_at", [2, 5, 9, 13])  # early warm-up, late warm-up, after, later
 def test_resume_is_bit_identical(dtype, resume_at):
@@ -400,14 +412,8 @@ def test_resume_is_bit_identical(dtype, resume_at):
     optimizer = Automagic_Sinkgd(straight, **config)
     _train(straight, optimizer, total)
 
-    first = [torch.nn.Parameter(p.detach().to(dtype)) for p in _model().parameters()]
-    optimizer = Automagic_Sinkgd(first, **config)
-    _train(first, optimizer, resume_at)
-    saved = _through_a_file({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in first]})
-
-    resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
-    optimizer = Automagic_Sinkgd(resumed, **config)
-    optimizer.load_state_dict(saved["optimizer"])
+    resumed, optimizer = _saved_and_resumed(
+        [torch.nn.Parameter(p.detach().to(dtype)) for p in _model().parameters()], config, resume_at, _train)
     for p in resumed:
         assert optimizer.state[p]["exp_avg"].dtype == torch.float32
         assert optimizer.state[p]["lr_mask"].dtype == torch.float32

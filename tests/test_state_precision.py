@@ -21,7 +21,7 @@ from library.automagic_sinkgd import (
     stochastic_round_,
     unpack_bits,
 )
-from test_automagic_sinkgd import _NoHostSync, _step_all, _synthetic_grads, _through_a_file
+from test_automagic_sinkgd import _NoHostSync, _saved_and_resumed, _step_all, _synthetic_grads, _through_a_file
 
 
 def _model(seed=0, dtype=torch.float32):
@@ -307,14 +307,7 @@ def test_resume_is_bit_identical(dtype, resume_at):
     straight = _model(dtype=dtype)
     _train(straight, Automagic_Sinkgd(straight, **config), total)
 
-    first = _model(dtype=dtype)
-    optimizer = Automagic_Sinkgd(first, **config)
-    _train(first, optimizer, resume_at)
-    saved = _through_a_file({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in first]})
-
-    resumed = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
-    optimizer = Automagic_Sinkgd(resumed, **config)
-    optimizer.load_state_dict(saved["optimizer"])
+    resumed, optimizer = _saved_and_resumed(_model(dtype=dtype), config, resume_at, _train)
     expected = dict(exp_avg=torch.bfloat16, lr_mask=torch.uint16, polarity=torch.uint8,
                     initial_weight=torch.bfloat16, avg_lr=torch.float32)
     for p in resumed:
