@@ -443,8 +443,9 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
     tensors = [s[key] for s in states]
     if len(tensors) == 1:
         if not tensors[0].is_contiguous():
-            # A channels_last or transposed state tensor (made like its parameter, or loaded so)
-            # would reshape into a copy and the in-place updates would be lost: store it dense.
+            # A channels_last or transposed state tensor (loaded so, e.g. from an older version
+            # that made state like its parameter) would reshape into a copy and the in-place
+            # updates would be lost: store it dense.
             states[0][key] = tensors[0] = tensors[0].contiguous()
         return tensors[0].view((1,) + shape)
     known = cache.get(key)
@@ -954,14 +955,16 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         # group["lr"] at step 0 and keep the base in "initial_lr".
         start_lr = _start_lr(group.get("initial_lr", group["lr"]))
         state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-        state["lr_mask"] = torch.empty_like(p, dtype=state_dtype, memory_format=torch.preserve_format).fill_(start_lr)
+        # Dense, whatever the parameter's layout (channels_last, transposed): the step views each
+        # state tensor as its matrix, in place, which only a contiguous tensor allows.
+        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
+        state["lr_mask"] = torch.empty_like(p, dtype=state_dtype, memory_format=torch.contiguous_format).fill_(start_lr)
         state["avg_lr"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
         state["avg_lr_max"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
         if warmup > 1:
-            state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.preserve_format)
+            state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.contiguous_format)
         if group["d_coef"] != 1 and 1 < warmup / 2:
-            state["initial_weight"] = p.detach().clone(memory_format=torch.preserve_format)
+            state["initial_weight"] = p.detach().clone(memory_format=torch.contiguous_format)
         if p.ndim >= 2 and not group["full_finetune"] and group["allora"]:
             state["row_scaling"] = allora_row_scaling(_as_matrix_view(p.detach()).unsqueeze(0),
                                                       group["eta"]).squeeze(0).to(state_dtype)
