@@ -561,19 +561,25 @@ def test_effective_lrs_per_group():
     assert optimizer.state[a]["avg_lr"].item() == pytest.approx(1e-4)
 
 
-def test_a_small_model_learns():
+def _train_small_classifier(steps: int = 150, **settings) -> list[float]:
+    """A conv + linear classifier trained full-batch on a seeded toy task; the loss of each step."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GELU(), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 8 * 8, 10))
     x = torch.randn(256, 1, 8, 8)
     y = (x.mean(dim=(1, 2, 3)) * 20).long().clamp(-5, 4) + 5
     optimizer = Automagic_Sinkgd(model.parameters(), lr=1e-3, min_lr=1e-5, max_lr=1e-2, lr_bump=1e-4,
-                                 warmup_steps=60, full_finetune=True, orthograd=True)
+                                 warmup_steps=60, full_finetune=True, orthograd=True, **settings)
     losses = []
-    for _ in range(150):
+    for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_a_small_model_learns():
+    losses = _train_small_classifier()
     assert losses[-1] < 0.5 * losses[0]
