@@ -38,7 +38,7 @@ echo "gpu_check: kernel tests on the GPU ($((SECONDS - start)) s so far)"
 tests_rc=${PIPESTATUS[0]}
 
 echo "gpu_check: benchmark, sets ${sets[*]} ($((SECONDS - start)) s so far)"
-"$PY" benchmarks/speed.py --device cuda --sets "${sets[@]}" --repeats 20 \
+"$PY" benchmarks/speed.py --device cuda --sets "${sets[@]}" --repeats 20 --state-precision fp32 bf16 \
   --json benchmarks/results/speed_cuda.json "$@" 2>&1 | tee benchmarks/results/gpu_check_bench.log
 bench_rc=${PIPESTATUS[0]}
 

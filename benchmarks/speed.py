@@ -155,6 +155,13 @@ def optimizers_for(shapes, full: bool, device: str = "cpu", fused: bool = False,
                                                                              **common)
         factories["Automagic post-warm-up (fused)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True,
                                                                                   fused=True, **common)
+        for precision in state_precisions:
+            if precision != "fp32":  # the kernels read and write the compact state themselves
+                factories[f"Automagic warm-up (fused, {precision} state)"] = lambda ps, sp=precision: Automagic_Sinkgd(
+                    ps, warmup_steps=10**6, state_precision=sp, fused=True, **common)
+                factories[f"Automagic post-warm-up (fused, {precision} state)"] = (
+                    lambda ps, sp=precision: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True, state_precision=sp,
+                                                              fused=True, **common))
     if device == "cpu":  # one tensor at a time: thousands of launches per step on a GPU
         factories["Automagic warm-up (per-tensor)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6,
                                                                                   foreach=False, **common)
@@ -277,8 +284,9 @@ def fused_launch_counts(shapes, full: bool) -> dict[str, int]:
     """Launches of one fused step per phase, on CPU, with dry kernels (see dry_fused_kernels)."""
     counts = {}
     with dry_fused_kernels():
-        factories = optimizers_for(shapes, full, "cpu", fused=True)
-        for label in ("Automagic warm-up (fused)", "Automagic post-warm-up (fused)"):
+        factories = optimizers_for(shapes, full, "cpu", fused=True, state_precisions=("fp32", "bf16"))
+        for label in ("Automagic warm-up (fused)", "Automagic post-warm-up (fused)",
+                      "Automagic warm-up (fused, bf16 state)", "Automagic post-warm-up (fused, bf16 state)"):
             optimizer = factories[label](make_params(shapes, seed=0))
             for _ in range(4):
                 optimizer.step()

@@ -48,6 +48,10 @@ __all__ = [
     "relative_lr_bump",
     "gradient_scaled_decay",
     "stochastic_round_",
+    "NOISE_PERIOD",
+    "rounding_noise_table",
+    "rounding_noise_offset",
+    "add_rounding_noise_",
     "pack_bits_",
     "unpack_bits",
     "lr_mask_codec",
@@ -259,21 +263,22 @@ def gradient_scaled_decay(abs_grad_mean: Tensor, group_mean: Tensor, group_std: 
 
 
 def stochastic_round_(target: Tensor, value: Tensor, generator: Optional[torch.Generator] = None,
-                      noise: Optional[Tensor] = None) -> Tensor:
+                      noise_offsets: Optional[list[int]] = None) -> Tensor:
     """Stochastic rounding (Gupta et al. 2015, arXiv 1502.02551) of float32 ``value`` into the
     bf16/fp16 ``target``: rounds up with probability equal to the remainder, so updates smaller
     than half an ulp still move the weights on average instead of being rounded away.
 
-    For a bf16 ``target`` the caller may pass ``noise``, uniform int16 of ``value``'s shape (any
-    view of ``target``'s elements), instead of ``generator``; ``value`` is then clobbered.
+    For a bf16 ``target`` the caller may pass ``noise_offsets``, one per row of ``value`` viewed as
+    (len(noise_offsets), -1), instead of ``generator``: the noise is then read from the rounding
+    table (``add_rounding_noise_``) and ``value`` is clobbered.
     """
     if target.dtype == torch.bfloat16:
         # bf16 is the top half of fp32: add 16 uniform random bits below the kept ones, then truncate.
-        if noise is None:
+        if noise_offsets is None:
             bits = value.view(torch.int32) + torch.randint(0, 1 << 16, value.shape, dtype=torch.int32,
                                                            device=value.device, generator=generator)
         else:
-            bits = value.view(torch.int32).add_(noise).add_(1 << 15)  # int16 noise + 32768: 0 .. 65535
+            bits = add_rounding_noise_(value.view(torch.int32).view(len(noise_offsets), -1), noise_offsets)
         bits.bitwise_and_(-(1 << 16))
         return target.copy_(bits.view(torch.float32).view(target.shape))
     nearest = value.to(target.dtype)
@@ -371,17 +376,63 @@ def _encode_lr_mask_scalar(value: Union[float, Tensor], codec: tuple[float, floa
     return min(max(round((value - anchor) / step), 0), _CODE_STEPS) if step > 0 else 0
 
 
-def _state_noise(batch: int, numel: int, seeds: list[int], generator_for: Callable, like: Tensor,
-                 words: Optional[Tensor] = None) -> Tensor:
-    """(B, numel) uniform int16 noise, each stacked tensor from its own seed, so a tensor rounds
-    the same whether it is stepped alone or in a stack. Drawn as int64 words (four per draw),
-    into ``words`` when given."""
-    if words is None:
-        words = torch.empty((batch, (numel + 3) // 4), dtype=torch.int64, device=like.device)
-    for row, seed in zip(words, seeds):
-        row.random_(-(1 << 63), (1 << 63) - 1, generator=generator_for(like, seed))
-    noise = words.view(torch.int16)
-    return noise if noise.shape[1] == numel else noise[:, :numel]
+# Rounding noise of a compact state: counter-based, read from one fixed table instead of drawn
+# from a generator. A CPU generator (mt19937) costs more per element than the whole rounding,
+# and must be reseeded per tensor; the table costs one add per element and nothing to seed, and
+# a kernel reads the same table, so the eager and fused steps round a state identically.
+NOISE_PERIOD = 1 << 16
+_MASK64 = (1 << 64) - 1
+_NOISE_TABLES: dict = {}  # device -> the table twice over, int32 (512 KB)
+
+
+def rounding_noise_table(device: Union[str, torch.device] = "cpu") -> Tensor:
+    """A fixed permutation of 0 .. 65535 (an invertible 16-bit hash: odd multiplies and xor-shifts),
+    stored twice over so any 65536 consecutive entries are one view. Read from a uniformly random
+    offset, every entry is exactly uniform on 0 .. 65535: 16 bits of stochastic-rounding noise."""
+    device = torch.device(device)
+    table = _NOISE_TABLES.get(device)
+    if table is None:
+        x = torch.arange(NOISE_PERIOD, dtype=torch.int64)
+        for multiplier, shift in ((0x9E37, 7), (0x85EB, 9), (0xC2B3, 8)):
+            x = (x * multiplier) & 0xFFFF  # odd multiplier: a bijection modulo 2**16
+            x ^= x >> shift  # a xor-shift of a non-negative 16-bit value: a bijection too
+        table = _NOISE_TABLES[device] = x.to(torch.int32).repeat(2).to(device)
+    return table
+
+
+def rounding_noise_offset(seed: int) -> int:
+    """Where in the table one tensor's noise starts at one step: splitmix64's finaliser of the
+    (tensor, step) seed (Steele et al. 2014, doi 10.1145/2660193.2660195), 16 bits of it."""
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & (NOISE_PERIOD - 1)
+
+
+def offsets_tensor(offsets: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host integers as a tensor on ``device``; to a GPU from pinned memory without blocking (a
+    plain host-to-GPU copy would wait for the GPU: a host sync in the step)."""
+    values = torch.tensor(offsets, dtype=dtype)
+    return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.to(device)
+
+
+def add_rounding_noise_(bits: Tensor, offsets: list[int], gather: Optional[bool] = None) -> Tensor:
+    """``bits`` (B, numel) int32 += table[(offsets[b] + i) mod 65536], in place. On CPU row by row
+    from views of the table (a 65536-periodic row is one broadcast add per full period); on a GPU
+    (or with ``gather``) one gather, rather than a launch per row."""
+    batch, numel = bits.shape
+    table = rounding_noise_table(bits.device)
+    if gather if gather is not None else (bits.device.type != "cpu" and batch > 1):
+        starts = offsets_tensor(offsets, torch.int64, bits.device).unsqueeze(1)
+        index = starts.add(torch.arange(numel, device=bits.device)).bitwise_and_(NOISE_PERIOD - 1)
+        return bits.add_(table[index])
+    periods, tail = divmod(numel, NOISE_PERIOD)
+    for row, offset in zip(bits, offsets):
+        if periods:
+            row[:periods * NOISE_PERIOD].view(periods, NOISE_PERIOD).add_(table[offset:offset + NOISE_PERIOD])
+        if tail:
+            row[periods * NOISE_PERIOD:].add_(table[offset:offset + tail])
+    return bits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,19 +660,20 @@ def _fused_kernels():
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
-                 generator_for: Callable[[Tensor, int], torch.Generator], seed: int,
+                 generator_for: Callable[[Tensor, int], torch.Generator], weight_seeds: list[int],
                  stack_cache: dict, state_seeds: Optional[list[int]] = None,
                  workspace: Optional[Callable[[str, tuple, torch.dtype, torch.device], Tensor]] = None) -> None:
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
-    bf16/fp16 weights, whose update is computed in float32). ``stack_cache`` belongs to this
-    bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``) is loaded to
-    float32 around the same math and stored back; ``state_seeds`` seed its rounding per tensor,
-    and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
+    bf16/fp16 weights, whose update is computed in float32; ``weight_seeds`` seed it per tensor:
+    bf16 from the rounding table, fp16 from a generator seeded by the first). ``stack_cache``
+    belongs to this bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``)
+    is loaded to float32 around the same math and stored back; ``state_seeds`` seed its rounding
+    per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
     # The fused kernel floors the decay at the document's 0.1; another decay_floor takes the eager step.
     if group.get("fused") and not phase.first and (not phase.post or group["decay_floor"] == 0.1):
         kernels = _fused_kernels()
         if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
-                                                       group_stats, seed, stack_cache):
+                                                       group_stats, weight_seeds, state_seeds, stack_cache):
             return
     shape = _matrix_shape(params[0].shape)
     compact = group["state_precision"] != "fp32"
@@ -631,7 +683,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     if workspace is None:
         def workspace(name, buffer_shape, dtype, device):
             return torch.empty(buffer_shape, dtype=dtype, device=device)
-    words_shape = (batch, (numel + 3) // 4)
+    noise_offsets = [rounding_noise_offset(seed) for seed in state_seeds] if compact else None
 
     def state(key: str) -> Optional[Tensor]:
         """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA,
@@ -656,10 +708,8 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             return
         if phase.warmup:
             pack_bits_(state("polarity"), (grad > 0).view(torch.uint8).reshape(batch, numel))
-        noise = _state_noise(batch, numel, state_seeds, generator_for, grad,
-                             workspace("noise", words_shape, torch.int64, grad.device))
         momentum = grad.mul_(1 - group["beta1"]).reshape(batch, numel).to(torch.float32)
-        stochastic_round_(state("exp_avg"), momentum, noise=noise)
+        stochastic_round_(state("exp_avg"), momentum, noise_offsets=noise_offsets)
         return
     if compact:
         codec = states[0]["lr_mask_codec"]
@@ -686,7 +736,10 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             _scatter(new_weight, params)
     else:
         rounded = torch.empty(new_weight.shape, dtype=params[0].dtype, device=new_weight.device)
-        stochastic_round_(rounded, new_weight, generator_for(new_weight, seed))
+        if rounded.dtype == torch.bfloat16:
+            stochastic_round_(rounded, new_weight, noise_offsets=[rounding_noise_offset(s) for s in weight_seeds])
+        else:
+            stochastic_round_(rounded, new_weight, generator_for(new_weight, weight_seeds[0]))
         _scatter(rounded, params)
     if compact:
         del new_weight, grad
@@ -694,9 +747,8 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
             encode_lr_mask_(state("lr_mask"), lr_mask, codec)
             pack_bits_(packed, polarity.reshape(batch, numel))
         del lr_mask, polarity
-        noise = _state_noise(batch, numel, state_seeds, generator_for, exp_avg,
-                             workspace("noise", words_shape, torch.int64, exp_avg.device))
-        stochastic_round_(state("exp_avg"), exp_avg.reshape(batch, numel).to(torch.float32), noise=noise)
+        stochastic_round_(state("exp_avg"), exp_avg.reshape(batch, numel).to(torch.float32),
+                          noise_offsets=noise_offsets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1025,7 +1077,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         return t
 
     def _workspace(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A buffer kept between steps for a compact state's float32 load (and its rounding noise),
+        """A buffer kept between steps for a compact state's float32 load,
         grown to the largest bucket chunk: on CPU a fresh allocation of a large tensor costs a
         page fault per 4 KB, more than the step's own arithmetic on it. Contents are scratch."""
         buffers = self._workspaces
@@ -1177,14 +1229,15 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             yield members[start:start + per_chunk]
 
     def _run_bucket(self, chunk: list, settings: dict, stats: Optional[tuple], group_index: int) -> None:
-        index, _, _, state, phase, is_matrix = chunk[0]
+        _, _, _, _, phase, is_matrix = chunk[0]
+        # Per tensor, so a tensor rounds the same stepped alone (step_param) or in any stack.
+        weight_seeds = [self._rounding_seed(group_index, m[0], m[3]["step"]) for m in chunk]
         state_seeds = None
         if settings["state_precision"] != "fp32":
             state_seeds = [self._rounding_seed(group_index, m[0], m[3]["step"], stream=1) for m in chunk]
         _step_bucket(params=[m[1] for m in chunk], grads=[m[2] for m in chunk], states=[m[3] for m in chunk],
                      group=settings, phase=phase, is_matrix=is_matrix,
-                     group_stats=stats, generator_for=self._generator_for,
-                     seed=self._rounding_seed(group_index, index, state["step"]),
+                     group_stats=stats, generator_for=self._generator_for, weight_seeds=weight_seeds,
                      stack_cache=self._stack_caches.setdefault((id(chunk[0][1]), len(chunk)), {}),
                      state_seeds=state_seeds, workspace=self._workspace if state_seeds is not None else None)
 

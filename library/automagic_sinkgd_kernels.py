@@ -70,6 +70,27 @@ def _grams_direction(g, m, IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr):
 
 
 @triton.jit
+def _round_to_bf16(x, table_ptr, noise_offset, local):
+    """Stochastic rounding (arXiv 1502.02551) of float32 ``x`` to bf16: 16 bits of noise from the
+    rounding table below bf16's bits, then truncation (``core.stochastic_round_`` with
+    ``core.add_rounding_noise_``: element ``local`` of a tensor whose noise starts at ``noise_offset``)."""
+    noise = tl.load(table_ptr + ((noise_offset + local) & 0xFFFF))
+    bits = (x.to(tl.int32, bitcast=True) + noise) & -65536
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
+def _load_lr_mask(lr_mask_ptr, offsets, inside, mask_anchor, mask_step, COMPACT: tl.constexpr):
+    """The float32 mask; a compact state's 16-bit lattice code decoded (``core.decode_lr_mask``)."""
+    if COMPACT:
+        code = tl.load(lr_mask_ptr + offsets, mask=inside, other=0).to(tl.int32) & 0xFFFF
+        mask = code.to(tl.float32) * mask_step + mask_anchor
+    else:
+        mask = tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0)
+    return mask
+
+
+@triton.jit
 def _tile(b, numel, r0, c0, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Offsets (into the stacked buffer) and in-bounds mask of one tile of tensor b."""
     rows = r0 + tl.arange(0, BLOCK_R)
@@ -144,7 +165,7 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
                     x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                     acc_signal += g * (x0 - w)
                 if ORTHO:
-                    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
+                    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                     u = _grams_direction(g, m, IS_MATRIX, GRAMS)
                     acc_uw += u * w
                     acc_ww += w * w
@@ -174,13 +195,17 @@ def _direction_scalars(total, signal, uw, ww, lr_bump, d_coef, momentum_weight,
 
 @triton.jit
 def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr,
-                              row_sq_ptr, b, numel, r_begin, r_end, R, C,
+                              row_sq_ptr, table_ptr, b, numel, r_begin, r_end, R, C,
                               finite, up, down, projection, lerp_weight, min_lr, max_lr,
+                              state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
                               IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                               WARMUP: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
-                              ROW_SUMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                              ROW_SUMS: tl.constexpr, COMPACT: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 1: direction U (+ OrthoGrad) into the scratch buffer, momentum, sign history, mask;
-    returns |m|^2, sum(mask), |U|^2; with ROW_SUMS also SinkGD's first row pass into row_sq."""
+    returns |m|^2, sum(mask), |U|^2; with ROW_SUMS also SinkGD's first row pass into row_sq.
+    COMPACT (``state_precision="bf16"``): momentum bf16 (stored with stochastic rounding), mask
+    16-bit lattice codes, signs 8 per byte, ``packed_bytes`` per tensor (``core._step_bucket``)."""
     zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_mm = zeros
     acc_mask = zeros
@@ -190,24 +215,45 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
             g = _finite_or_zero(tl.load(grad_ptr + offsets, mask=inside, other=0.0))
-            m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0)
+            m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
             if ORTHO:
                 w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                 u = u - w * projection
             # ADOPT (arXiv 2411.02853) momentum, with torch.lerp's two-branch formula
             m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
-            tl.store(exp_avg_ptr + offsets, m, mask=inside)
+            local = rows[:, None] * C + cols[None, :]  # the element's index within its tensor
+            if COMPACT:
+                tl.store(exp_avg_ptr + offsets, _round_to_bf16(m, table_ptr, state_noise_offset, local), mask=inside)
+            else:
+                tl.store(exp_avg_ptr + offsets, m, mask=inside)
             if VRADAM:
                 acc_mm += m * m
             if WARMUP:  # Automagic mask: up where the sign of g held, down where it flipped
-                old = tl.load(polarity_ptr + offsets, mask=inside, other=0) != 0
+                if COMPACT:  # bit j of byte k holds element 8k + j (core.pack_bits_)
+                    byte = tl.load(polarity_ptr + b * packed_bytes + (local >> 3), mask=inside, other=0)
+                    old = ((byte.to(tl.int32) >> (local & 7)) & 1) != 0
+                else:
+                    old = tl.load(polarity_ptr + offsets, mask=inside, other=0) != 0
                 flip = tl.where(finite, (g > 0.0) != old, False)
-                tl.store(polarity_ptr + offsets, (old != flip).to(tl.uint8), mask=inside)
-                mask = tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0) + up
+                new_sign = old != flip
+                if COMPACT:  # 8 neighbours of a row into one byte (rows hold whole bytes: C % 8 == 0)
+                    weighted = tl.where(inside, new_sign, False).to(tl.int32) << (local & 7)
+                    packed = tl.sum(tl.reshape(weighted, [BLOCK_R, BLOCK_C // 8, 8]), axis=2)
+                    byte_cols = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+                    byte_inside = (rows[:, None] < r_end) & (byte_cols[None, :] * 8 < C)
+                    tl.store(polarity_ptr + b * packed_bytes + rows[:, None] * (C // 8) + byte_cols[None, :],
+                             packed.to(tl.uint8), mask=byte_inside)
+                else:
+                    tl.store(polarity_ptr + offsets, new_sign.to(tl.uint8), mask=inside)
+                mask = _load_lr_mask(lr_mask_ptr, offsets, inside, mask_anchor, mask_step, COMPACT) + up
                 mask = tl.where(flip, mask - (up + down), mask)
                 mask = tl.minimum(tl.maximum(mask, min_lr), max_lr)
-                tl.store(lr_mask_ptr + offsets, mask, mask=inside)
+                if COMPACT:  # to the nearest lattice code (core.encode_lr_mask_: truncation of x + 0.5)
+                    code = (mask * mask_inverse + mask_bias).to(tl.int32)
+                    tl.store(lr_mask_ptr + offsets, code.to(tl.int16), mask=inside)
+                else:
+                    tl.store(lr_mask_ptr + offsets, mask, mask=inside)
                 acc_mask += tl.where(inside, mask, 0.0)
             if KEEP_NORM:
                 acc_uu_after += u * u
@@ -271,9 +317,9 @@ def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr
 
 @triton.jit
 def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr, row_scaling_ptr,
-                  b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, seed,
-                  SINKGD: tl.constexpr, DECAY: tl.constexpr,
-                  HAS_ROW_SCALING: tl.constexpr, ROUND_BF16: tl.constexpr,
+                  table_ptr, b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
+                  mask_anchor, mask_step, SINKGD: tl.constexpr, DECAY: tl.constexpr,
+                  HAS_ROW_SCALING: tl.constexpr, ROUND_BF16: tl.constexpr, COMPACT: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 3: w = w * (1 - decay) - mask * rate * diag(r) U diag(c), r and c from SinkGD's buffers
     of 1 / norm^2 (r also times sqrt(rows), the target row norm)."""
@@ -293,11 +339,11 @@ def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr,
             w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             if DECAY:
                 w = w * weight_factor
-            w = w - update * tl.load(lr_mask_ptr + offsets, mask=inside, other=0.0)
-            if ROUND_BF16:  # stochastic rounding (arXiv 1502.02551): noise below bf16's bits, truncate
-                noise = (tl.randint(seed, offsets.to(tl.int32)) & 0xFFFF).to(tl.int32)
-                bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
-                tl.store(weight_out_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=inside)
+            w = w - update * _load_lr_mask(lr_mask_ptr, offsets, inside, mask_anchor, mask_step, COMPACT)
+            if ROUND_BF16:
+                local = rows2[:, None] * C + cols[None, :]
+                tl.store(weight_out_ptr + offsets, _round_to_bf16(w, table_ptr, weight_noise_offset, local),
+                         mask=inside)
             else:
                 tl.store(weight_out_ptr + offsets, w, mask=inside)
 
@@ -308,20 +354,29 @@ def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr,
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["lr_ratio", "seed"])
+@triton.jit(do_not_specialize=["lr_ratio"])
 def _bucket_step_kernel(
         grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, x0_ptr, weight_out_ptr,
         avg_lr_ptr, avg_lr_max_ptr, row_scaling_ptr, lr_decay_ptr, decay_rate_ptr,
-        group_mean_ptr, group_std_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr,
-        R, C, lr_ratio, seed,
+        group_mean_ptr, group_std_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr, table_ptr, noise_offsets_ptr,
+        R, C, lr_ratio,
         momentum_weight, lr_bump, d_coef, min_lr, max_lr, weight_decay, sqrt_rows,
+        mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr, WARMUP: tl.constexpr,
         SIGNAL: tl.constexpr, DECAY: tl.constexpr, HAS_STATS: tl.constexpr, ORTHO: tl.constexpr,
         KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
-        SINKGD_ITERS: tl.constexpr, ROUND_BF16: tl.constexpr,
+        SINKGD_ITERS: tl.constexpr, ROUND_BF16: tl.constexpr, COMPACT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     numel = R * C
+    # Rounding-table offsets of this tensor's weights and momentum (noise_offsets is (2, B) int32,
+    # read only where something is rounded).
+    weight_noise_offset = 0
+    state_noise_offset = 0
+    if ROUND_BF16:
+        weight_noise_offset = tl.load(noise_offsets_ptr + b)
+    if COMPACT:
+        state_noise_offset = tl.load(noise_offsets_ptr + tl.num_programs(0) + b)
     sinkgd: tl.constexpr = IS_MATRIX and SINKGD_ITERS > 0
     total, abs_sum, signal, uw, ww, uu = _pass_reductions(
         grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, 0, R, C, IS_MATRIX, GRAMS, DECAY and HAS_STATS,
@@ -329,9 +384,10 @@ def _bucket_step_kernel(
     finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
         total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
     mm, mask_sum, uu_after = _pass_direction_and_state(
-        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, b, numel, 0, R, R, C,
-        finite, up, down, projection, lerp_weight, min_lr, max_lr, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO,
-        KEEP_NORM, sinkgd, BLOCK_R, BLOCK_C)
+        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, table_ptr, b, numel,
+        0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr, state_noise_offset, mask_anchor,
+        mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO,
+        KEEP_NORM, sinkgd, COMPACT, BLOCK_R, BLOCK_C)
     lr_decay = 1.0
     if POST:
         lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
@@ -353,8 +409,8 @@ def _bucket_step_kernel(
             _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
         tl.debug_barrier()
     _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_sq_ptr, col_sq_ptr, row_scaling_ptr,
-                  b, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, seed, sinkgd, DECAY,
-                  HAS_ROW_SCALING, ROUND_BF16, BLOCK_R, BLOCK_C)
+                  table_ptr, b, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
+                  mask_anchor, mask_step, sinkgd, DECAY, HAS_ROW_SCALING, ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -381,12 +437,13 @@ def _split_reductions_kernel(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, sums_ptr
 
 @triton.jit
 def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr,
-                        lr_decay_ptr, decay_rate_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM,
+                        lr_decay_ptr, decay_rate_ptr, sums_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM,
                         lr_bump, d_coef, momentum_weight, min_lr, max_lr,
+                        mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
                         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                         WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
                         KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Large tensors, launch 2: pass 1 over one block of rows; its sums into sums[b, 6:9]; the
     first block also steps lr_decay (read by launch 3 after this one ends)."""
     b = tl.program_id(0).to(tl.int64)
@@ -394,13 +451,16 @@ def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight
     r_begin = block * ROWS_PER_PROGRAM
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
     base = sums_ptr + b * 9
+    state_noise_offset = 0
+    if COMPACT:
+        state_noise_offset = tl.load(noise_offsets_ptr + tl.num_programs(0) + b)
     finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
         tl.load(base + 0), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4), lr_bump, d_coef,
         momentum_weight, SIGNAL, ORTHO)
     mm, mask_sum, uu_after = _pass_direction_and_state(
-        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, b, R * C,
-        r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr, IS_MATRIX, GRAMS,
-        VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, BLOCK_R, BLOCK_C)
+        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, table_ptr, b, R * C,
+        r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
+        state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, BLOCK_R, BLOCK_C)
     tl.atomic_add(base + 6, mm)
     tl.atomic_add(base + 7, mask_sum)
     tl.atomic_add(base + 8, uu_after)
@@ -409,14 +469,15 @@ def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight
             tl.store(lr_decay_ptr + b, _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f))
 
 
-@triton.jit(do_not_specialize=["lr_ratio", "seed"])
+@triton.jit(do_not_specialize=["lr_ratio"])
 def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr,
                           row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
-                          group_std_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio, seed, weight_decay, sqrt_rows,
+                          group_std_ptr, sums_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
+                          weight_decay, sqrt_rows, mask_anchor, mask_step,
                           VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr,
                           HAS_STATS: tl.constexpr, KEEP_NORM: tl.constexpr, POST: tl.constexpr,
                           HAS_ROW_SCALING: tl.constexpr, SINKGD: tl.constexpr, ROUND_BF16: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Large tensors, last launch: the weights of one block of rows; the first
     block stores avg_lr and avg_lr_max (no other block reads them: each computes avg_lr itself)."""
     b = tl.program_id(0).to(tl.int64)
@@ -425,6 +486,9 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, 
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
     numel = R * C
     base = sums_ptr + b * 9
+    weight_noise_offset = 0
+    if ROUND_BF16:
+        weight_noise_offset = tl.load(noise_offsets_ptr + b)
     total = tl.load(base + 0)
     finite_f = tl.where(total - total == 0.0, 1.0, 0.0)
     lr_decay = 1.0
@@ -439,8 +503,9 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, 
             tl.store(avg_lr_ptr + b, avg_lr)
             tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
     _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr, row_scaling_ptr,
-                  b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, seed, SINKGD, DECAY,
-                  HAS_ROW_SCALING, ROUND_BF16, BLOCK_R, BLOCK_C)
+                  table_ptr, b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows,
+                  weight_noise_offset, mask_anchor, mask_step, SINKGD, DECAY, HAS_ROW_SCALING,
+                  ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -487,10 +552,14 @@ def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Option
     if p.dtype not in (torch.float32, torch.bfloat16):
         return f"{p.dtype} weights (float32 and bfloat16 only; float16's rounding stays eager)"
     state = states[0]
-    if state["exp_avg"].dtype != torch.float32 or state["lr_mask"].dtype != torch.float32:
-        return "a low-precision optimizer state (not handled by the kernels yet)"
-    if "polarity" in state and (state["polarity"].dtype != torch.bool or state["polarity"].shape != p.shape):
-        return "a packed sign history (not handled by the kernels yet)"
+    compact = "lr_mask_codec" in state
+    layout = ((torch.bfloat16, torch.uint16, torch.uint8) if compact else (torch.float32, torch.float32, torch.bool))
+    if (state["exp_avg"].dtype, state["lr_mask"].dtype) != layout[:2] or (
+            "polarity" in state and state["polarity"].dtype != layout[2]):
+        return (f"a state of {state['exp_avg'].dtype} momentum and a {state['lr_mask'].dtype} mask "
+                "(the kernels read state_precision 'fp32' and 'bf16' layouts)")
+    if compact and "polarity" in state and p.ndim >= 2 and core._matrix_shape(p.shape)[1] % 8:
+        return "packed signs of a matrix whose rows are not a whole number of bytes (columns % 8 != 0)"
     if p.numel() > _SPLIT_NUMEL and p.ndim < 2:
         return f"vectors of more than {_SPLIT_NUMEL} elements (split by rows only)"
     if p.numel() * len(params) >= 2**31:
@@ -515,10 +584,15 @@ def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor
                 use_orthograd: bool, post: bool, is_matrix: bool, beta1: float, lr_bump: float, d_coef: float,
                 min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
                 vradam: bool, grad_is_copy: bool, weight_out: Optional[torch.Tensor] = None,
-                seed: int = 0) -> torch.Tensor:
-    """``core._bucket_math`` in one launch (for large tensors 3 + 2 * sinkgd_iters - 1): same arguments and in-place updates, plus ``weight_out``
-    (a bf16 stack that receives the stochastically rounded weights; default: ``weight`` itself,
-    float32) and the rounding ``seed``. Returns the stack holding the new weights."""
+                noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None
+                ) -> torch.Tensor:
+    """``core._bucket_math`` in one launch (for large tensors 3 + 2 * sinkgd_iters - 1): same
+    arguments and in-place updates, plus ``weight_out`` (a bf16 stack that receives the
+    stochastically rounded weights; default: ``weight`` itself, float32) and ``noise_offsets``,
+    (2, B) int32 rounding-table offsets of each tensor's weights and momentum. With ``codec`` (a
+    compact state: ``core.lr_mask_codec``) ``exp_avg`` is bf16, ``lr_mask`` uint16 codes and
+    ``polarity`` (B, ceil(numel / 8)) packed bytes, read and written as ``core._step_bucket`` does.
+    Returns the stack holding the new weights."""
     batch = grad.shape[0]
     rows, cols = (grad.shape[1], grad.shape[2]) if is_matrix else (1, grad[0].numel())
     weight_out = weight if weight_out is None else weight_out
@@ -531,22 +605,39 @@ def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor
     decay = early and weight_decay > 0
     has_stats = decay and group_mean is not None
     any_ = grad  # stands in for the pointers a phase does not read
+    compact = codec is not None
+    rounds = compact or weight_out.dtype == torch.bfloat16
+    if rounds and noise_offsets is None:
+        raise ValueError("bucket_math: bf16 weights or a compact state need noise_offsets")
+    table = core.rounding_noise_table(grad.device) if rounds else any_
+    noise_offsets = noise_offsets if rounds else any_
+    anchor, step = codec if compact else (0.0, 0.0)
+    inverse = 1.0 / step if step > 0 else 0.0
+    # (mask_anchor, mask_step, mask_inverse, mask_bias): decode = anchor + step * code, encode as
+    # core.encode_lr_mask_ computes it
+    mask_codec = (anchor, step, inverse, 0.5 - anchor * inverse)
+    packed_bytes = polarity.shape[-1] if compact and polarity is not None else 0
+    if compact:
+        exp_avg, lr_mask = exp_avg.view(torch.bfloat16), lr_mask.view(torch.int16)  # uint16 as int16 bits
+    if polarity is not None:
+        polarity = polarity.view(torch.uint8)
     block_r, block_c = _blocks(rows, cols)
     if rows * cols > _SPLIT_NUMEL:
         rows_per_program = max(block_r, _SPLIT_PROGRAM_NUMEL // cols // block_r * block_r)
         grid = (batch, triton.cdiv(rows, rows_per_program))
         sums = torch.zeros((batch, 9), dtype=torch.float32, device=grad.device)
-        polarity_u8 = polarity.view(torch.uint8) if warmup else any_
+        polarity_u8 = polarity if warmup else any_
         _split_reductions_kernel[grid](
             grad, exp_avg, weight, initial_weight if signal else any_, sums, rows, cols, rows_per_program,
             IS_MATRIX=is_matrix, GRAMS=grams, ABS_SUM=has_stats, SIGNAL=signal, ORTHO=use_orthograd,
             KEEP_NORM=use_orthograd and sinkgd_iters <= 0, BLOCK_R=block_r, BLOCK_C=block_c)
         _split_state_kernel[grid](
             grad, exp_avg, lr_mask, polarity_u8, weight, scratch, row_sq, lr_decay if post else any_,
-            decay_rate if post else any_, sums, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1,
-            min_lr, max_lr, IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal,
+            decay_rate if post else any_, sums, table, noise_offsets, rows, cols, rows_per_program, lr_bump,
+            d_coef, 1.0 - beta1, min_lr, max_lr, *mask_codec, packed_bytes,
+            IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal,
             ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, ROW_SUMS=sinkgd,
-            BLOCK_R=block_r, BLOCK_C=block_c)
+            COMPACT=compact, BLOCK_R=block_r, BLOCK_C=block_c)
         if sinkgd:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
             cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
             col_grid = (batch, triton.cdiv(cols, cols_per_program))
@@ -561,34 +652,37 @@ def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor
         _split_weights_kernel[grid](
             scratch, lr_mask, weight, weight_out, row_sq, col_sq,
             row_scaling if row_scaling is not None else any_, avg_lr, avg_lr_max, lr_decay if post else any_,
-            group_mean if has_stats else any_, group_std if has_stats else any_, sums, rows, cols,
-            rows_per_program, float(lr_ratio), int(seed) & 0x7FFF_FFFF, weight_decay, float(rows) ** 0.5,
+            group_mean if has_stats else any_, group_std if has_stats else any_, sums, table, noise_offsets,
+            rows, cols, rows_per_program, float(lr_ratio), weight_decay, float(rows) ** 0.5, anchor, step,
             VRADAM=vradam, WARMUP=warmup, DECAY=decay, HAS_STATS=has_stats,
             KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
-            SINKGD=sinkgd, ROUND_BF16=weight_out.dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_C=block_c)
+            SINKGD=sinkgd, ROUND_BF16=weight_out.dtype == torch.bfloat16, COMPACT=compact,
+            BLOCK_R=block_r, BLOCK_C=block_c)
         _counted("split_reductions", "split_state", "split_weights")
         return weight_out
     _bucket_step_kernel[(batch,)](
-        grad, exp_avg, lr_mask, polarity.view(torch.uint8) if warmup else any_, weight,
+        grad, exp_avg, lr_mask, polarity if warmup else any_, weight,
         initial_weight if signal else any_, weight_out, avg_lr, avg_lr_max,
         row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
         decay_rate if post else any_, group_mean if decay and group_mean is not None else any_,
-        group_std if decay and group_mean is not None else any_, scratch, row_sq, col_sq,
-        rows, cols, float(lr_ratio), int(seed) & 0x7FFF_FFFF,
-        1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5,
+        group_std if decay and group_mean is not None else any_, scratch, row_sq, col_sq, table, noise_offsets,
+        rows, cols, float(lr_ratio),
+        1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5, *mask_codec, packed_bytes,
         IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
         HAS_STATS=decay and group_mean is not None, ORTHO=use_orthograd,
         KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
         SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=weight_out.dtype == torch.bfloat16,
-        BLOCK_R=block_r, BLOCK_C=block_c)
+        COMPACT=compact, BLOCK_R=block_r, BLOCK_C=block_c)
     _counted("bucket_step")
     return weight_out
 
 
 def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
-                phase, is_matrix: bool, group_stats: Optional[tuple], seed: int, stack_cache: dict) -> bool:
+                phase, is_matrix: bool, group_stats: Optional[tuple], weight_seeds: list[int],
+                state_seeds: Optional[list[int]], stack_cache: dict) -> bool:
     """``core._step_bucket`` for t >= 2 with the fused kernel; False (nothing done) where the bucket
-    is not one the kernel takes, so the caller runs the eager step."""
+    is not one the kernel takes, so the caller runs the eager step. The seeds are the eager step's
+    (per tensor, weights and a compact state's momentum), so both round from the same noise."""
     if phase.first or unsupported_reason(params, states) is not None:
         return False
     lr_ratio = group["lr"] / group["lr_max"]
@@ -612,6 +706,12 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         return False
     grad_is_copy = not core._gathers_as_view(grads, torch.float32)
     bf16 = weight.dtype == torch.bfloat16
+    codec = states[0].get("lr_mask_codec")
+    noise_offsets = None  # fp32 weights and state round nothing: no table, no per-step host tensor
+    if bf16 or codec is not None:
+        offsets = [[core.rounding_noise_offset(seed) for seed in weight_seeds],
+                   [core.rounding_noise_offset(seed) for seed in state_seeds] if state_seeds else [0] * len(params)]
+        noise_offsets = core.offsets_tensor(offsets, torch.int32, grad.device)
     new_weight = bucket_math(
         grad, stacks["exp_avg"], stacks["lr_mask"], stacks["polarity"], weight, stacks["initial_weight"],
         stacks["avg_lr"], stacks["avg_lr_max"], stacks["row_scaling"], stacks["lr_decay"], stacks["decay_rate"],
@@ -620,7 +720,7 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        grad_is_copy=grad_is_copy, weight_out=weight if bf16 else None, seed=seed)
+        grad_is_copy=grad_is_copy, weight_out=weight if bf16 else None, noise_offsets=noise_offsets, codec=codec)
     if not core._gathers_as_view(params):  # else the kernel wrote into the parameter itself
         core._scatter(new_weight, params)
     return True

@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from library.automagic_sinkgd import (
+    NOISE_PERIOD,
     Automagic_Sinkgd,
+    add_rounding_noise_,
     automagic_mask_update_,
     decode_lr_mask,
     encode_lr_mask_,
     lr_mask_codec,
     pack_bits_,
     prodigy_bumps,
+    rounding_noise_offset,
+    rounding_noise_table,
     stochastic_round_,
     unpack_bits,
 )
@@ -49,23 +53,52 @@ FULL = dict(lr=1e-4, min_lr=1e-6, max_lr=1e-3, lr_bump=2e-5, warmup_steps=8, ful
 # ------------------------------------------------------------------ storage primitives
 
 
+def test_rounding_noise_table_is_a_permutation_read_at_seeded_offsets():
+    table = rounding_noise_table()
+    assert table.dtype == torch.int32 and table.numel() == 2 * NOISE_PERIOD
+    # every 16-bit value exactly once, so noise read at a uniform offset is exactly uniform
+    assert torch.equal(table[:NOISE_PERIOD].sort().values, torch.arange(NOISE_PERIOD, dtype=torch.int32))
+    assert torch.equal(table[:NOISE_PERIOD], table[NOISE_PERIOD:])
+    # not a ramp: neighbouring entries are unrelated (a correlation near 0, not near 1)
+    pairs = torch.stack([table[:NOISE_PERIOD - 1], table[1:NOISE_PERIOD]]).double()
+    assert abs(torch.corrcoef(pairs)[0, 1].item()) < 0.02
+    # offsets: deterministic per seed, spread over the whole period for consecutive seeds
+    offsets = [rounding_noise_offset(seed) for seed in range(4096)]
+    assert offsets == [rounding_noise_offset(seed) for seed in range(4096)]
+    assert all(0 <= o < NOISE_PERIOD for o in offsets) and len(set(offsets)) > 3900
+    # the same noise whichever way it is added: a period-spanning row, its tail, and a stack
+    bits = torch.zeros(3, NOISE_PERIOD + 1000, dtype=torch.int32)
+    add_rounding_noise_(bits, offsets[:3])
+    for row, offset in zip(bits, offsets[:3]):
+        expected = table[(torch.arange(row.numel()) + offset) % NOISE_PERIOD]
+        assert torch.equal(row, expected)
+    # the one-gather form (a GPU's) adds the same noise as the row-by-row form (a CPU's)
+    gathered = add_rounding_noise_(torch.zeros_like(bits), offsets[:3], gather=True)
+    assert torch.equal(gathered, bits)
+
+
 def test_stochastic_rounding_of_the_state_is_unbiased():
-    generator = torch.Generator().manual_seed(0)
     # bf16 neighbours of 1.0 are 1 and 1 + 2**-7: a third of the way up, and a tiny 1e-4 step
     for value in (1.0 + 2**-7 / 3, 1.0 + 1e-4, -(1.0 + 2**-7 / 3)):
-        source = torch.full((1, 1 << 16), value)
+        low = abs(value) // 2**-7 * 2**-7 * math.copysign(1, value)
+        high = (abs(value) // 2**-7 + 1) * 2**-7 * math.copysign(1, value)
+        # one full period of the table: every noise value once, so the mean is exact to 2**-16 ulp
+        source = torch.full((1, NOISE_PERIOD), value)
         target = torch.empty(source.shape, dtype=torch.bfloat16)
-        noise = torch.empty(source.shape, dtype=torch.int16).random_(-(1 << 15), 1 << 15, generator=generator)
-        stochastic_round_(target, source.clone(), noise=noise)
-        assert set(target.float().unique().tolist()) <= {abs(value) // 2**-7 * 2**-7 * math.copysign(1, value),
-                                                         (abs(value) // 2**-7 + 1) * 2**-7 * math.copysign(1, value)}
-        # std of the mean of 65536 draws is ~2e-5 ulp-units: 1e-3 of an ulp is far beyond noise
-        assert abs(target.double().mean().item() - value) < 2**-7 * 1e-2
+        stochastic_round_(target, source.clone(), noise_offsets=[rounding_noise_offset(7)])
+        assert set(target.float().unique().tolist()) <= {low, high}
+        assert abs(target.double().mean().item() - value) < 2**-7 * 2**-15
+        # one element over 4096 steps (offsets from consecutive seeds): unbiased over time too
+        over_time = torch.empty(4096, dtype=torch.bfloat16)
+        for step in range(4096):
+            stochastic_round_(over_time[step:step + 1], torch.tensor([value]),
+                              noise_offsets=[rounding_noise_offset(step)])
+        # binomial std of the mean over 4096 draws is <= 0.008 ulp: 0.05 ulp is far outside it
+        assert abs(over_time.double().mean().item() - value) < 2**-7 * 0.05
     # a value bf16 holds exactly never moves, whatever the noise
-    exact = torch.full((1, 4096), 0.375)
+    exact = torch.full((3, 4096), 0.375)
     target = torch.empty(exact.shape, dtype=torch.bfloat16)
-    noise = torch.empty(exact.shape, dtype=torch.int16).random_(-(1 << 15), 1 << 15, generator=generator)
-    assert torch.equal(stochastic_round_(target, exact.clone(), noise=noise).float(), exact)
+    assert torch.equal(stochastic_round_(target, exact.clone(), noise_offsets=[1, 2, 3]).float(), exact)
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 13, 64, 1001])
