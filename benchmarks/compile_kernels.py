@@ -25,10 +25,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from library import automagic_sinkgd_kernels as kernels  # noqa: E402
 
-POINTERS = dict(polarity_ptr="*u8", weight_ptr="*bf16", x0_ptr="*bf16", weight_out_ptr="*bf16",
+POINTERS = dict(polarity_ptr="*u8", grad_table_ptr="*i64", weight_table_ptr="*i64", x0_ptr="*bf16",
                 table_ptr="*i32", noise_offsets_ptr="*i32")
 COMPACT_POINTERS = dict(exp_avg_ptr="*bf16", lr_mask_ptr="*i16")  # bf16 momentum, 16-bit mask codes
-SCALARS = dict(R="i32", C="i32", ROWS_PER_PROGRAM="i32", COLS_PER_PROGRAM="i32", packed_bytes="i32",
+SCALARS = dict(B="i32", R="i32", C="i32", ROWS_PER_PROGRAM="i32", COLS_PER_PROGRAM="i32", packed_bytes="i32",
                **{n: "fp32" for n in ("lr_ratio", "momentum_weight", "lr_bump", "d_coef", "min_lr", "max_lr",
                                       "weight_decay", "sqrt_rows", "mask_anchor", "mask_step", "mask_inverse",
                                       "mask_bias")})
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         iters = 4 if flags["IS_MATRIX"] and not flags["KEEP_NORM"] else 0
         block_r, block_c = kernels._blocks(16 if flags["IS_MATRIX"] else 1, 320)
         constexprs = dict(flags, SINKGD_ITERS=iters, SINKGD=iters > 0, ROW_SUMS=iters > 0, ROUND_BF16=True,
-                          ABS_SUM=flags["HAS_STATS"], COMPACT=compact, BLOCK_R=block_r, BLOCK_C=block_c)
+                          BF16=True, ABS_SUM=flags["HAS_STATS"], COMPACT=compact, BLOCK_R=block_r, BLOCK_C=block_c)
         phase = phase + (", bf16 state" if compact else "")
         launched = [kernels._bucket_step_kernel]
         if flags["IS_MATRIX"]:

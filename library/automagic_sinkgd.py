@@ -658,6 +658,12 @@ def _fused_kernels():
     return _KERNELS[0]
 
 
+def _fused_phase(group: dict, phase: _Phase) -> bool:
+    """Whether the fused kernels are asked for and cover this phase: from t = 2 (ADOPT's first
+    step is eager), and after warm-up only with the document's 0.1 decay floor, which they use."""
+    return bool(group.get("fused")) and not phase.first and (not phase.post or group["decay_floor"] == 0.1)
+
+
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
                  generator_for: Callable[[Tensor, int], torch.Generator], weight_seeds: list[int],
@@ -669,8 +675,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     belongs to this bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``)
     is loaded to float32 around the same math and stored back; ``state_seeds`` seed its rounding
     per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
-    # The fused kernel floors the decay at the document's 0.1; another decay_floor takes the eager step.
-    if group.get("fused") and not phase.first and (not phase.post or group["decay_floor"] == 0.1):
+    if _fused_phase(group, phase):
         kernels = _fused_kernels()
         if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
                                                        group_stats, weight_seeds, state_seeds, stack_cache):
@@ -1209,9 +1214,22 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 self._refresh_group_stats(group_index, group, grads)
             stats = self._group_stats(group)
             for members in buckets.values():
+                if self._fused_takes(members, settings):  # the kernels bound their own buffers
+                    self._run_bucket(members, settings, stats, group_index)
+                    continue
                 for chunk in self._chunks(members, group["foreach"]):
                     self._run_bucket(chunk, settings, stats, group_index)
         return loss
+
+    @staticmethod
+    def _fused_takes(members: list, settings: dict) -> bool:
+        """Whether the fused kernels step this whole bucket (tables of addresses, no stacked copies
+        of gradients or weights, so no chunks); host checks only."""
+        if not _fused_phase(settings, members[0][4]):
+            return False
+        kernels = _fused_kernels()
+        return kernels is not None and kernels.takes_bucket(
+            [m[1] for m in members], [m[2] for m in members], [m[3] for m in members], settings)
 
     def _chunks(self, members: list, foreach: Optional[bool]) -> Iterable[list]:
         """Split a bucket so a stacked copy is no larger than the largest tensor (or a small floor);

@@ -154,13 +154,14 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
     for r0 in range(r_begin, r_end, BLOCK_R):
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
-            g_raw = tl.load(grad_ptr + offsets, mask=inside, other=0.0)
+            local = rows[:, None] * C + cols[None, :]  # within the tensor: grad and weight are its own
+            g_raw = tl.load(grad_ptr + local, mask=inside, other=0.0).to(tl.float32)
             acc_sum += g_raw  # a NaN/Inf survives the sum (the eager test, in the same spirit)
             g = _finite_or_zero(g_raw)
             if ABS_SUM:
                 acc_abs += tl.abs(g)
             if SIGNAL or ORTHO:
-                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
                 if SIGNAL:  # Prodigy (arXiv 2306.06101): c = -<g, x - x0>
                     x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                     acc_signal += g * (x0 - w)
@@ -195,7 +196,7 @@ def _direction_scalars(total, signal, uw, ww, lr_bump, d_coef, momentum_weight,
 
 @triton.jit
 def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr,
-                              row_sq_ptr, table_ptr, b, numel, r_begin, r_end, R, C,
+                              row_sq_ptr, table_ptr, b, slot, numel, r_begin, r_end, R, C,
                               finite, up, down, projection, lerp_weight, min_lr, max_lr,
                               state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
                               IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
@@ -214,15 +215,15 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
         row_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
-            g = _finite_or_zero(tl.load(grad_ptr + offsets, mask=inside, other=0.0))
+            local = rows[:, None] * C + cols[None, :]  # the element's index within its tensor
+            g = _finite_or_zero(tl.load(grad_ptr + local, mask=inside, other=0.0).to(tl.float32))
             m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
             if ORTHO:
-                w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
                 u = u - w * projection
             # ADOPT (arXiv 2411.02853) momentum, with torch.lerp's two-branch formula
             m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
-            local = rows[:, None] * C + cols[None, :]  # the element's index within its tensor
             if COMPACT:
                 tl.store(exp_avg_ptr + offsets, _round_to_bf16(m, table_ptr, state_noise_offset, local), mask=inside)
             else:
@@ -259,10 +260,10 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
                 acc_uu_after += u * u
             if ROW_SUMS:
                 row_acc += tl.sum(u * u, axis=1)
-            tl.store(scratch_ptr + offsets, u, mask=inside)
+            tl.store(scratch_ptr + slot * numel + local, u, mask=inside)
         if ROW_SUMS:
             rows = r0 + tl.arange(0, BLOCK_R)
-            tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(row_acc, 1.1754943508222875e-38),
+            tl.store(row_sq_ptr + slot * R + rows, 1.0 / tl.maximum(row_acc, 1.1754943508222875e-38),
                      mask=rows < r_end)
     return (tl.sum(tl.sum(acc_mm, axis=1), axis=0), tl.sum(tl.sum(acc_mask, axis=1), axis=0),
             tl.sum(tl.sum(acc_uu_after, axis=1), axis=0))
@@ -316,50 +317,65 @@ def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr
 
 
 @triton.jit
-def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr, row_scaling_ptr,
-                  table_ptr, b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
+def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_ptr, col_ptr, row_scaling_ptr,
+                  table_ptr, b, slot, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
                   mask_anchor, mask_step, SINKGD: tl.constexpr, DECAY: tl.constexpr,
                   HAS_ROW_SCALING: tl.constexpr, ROUND_BF16: tl.constexpr, COMPACT: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 3: w = w * (1 - decay) - mask * rate * diag(r) U diag(c), r and c from SinkGD's buffers
-    of 1 / norm^2 (r also times sqrt(rows), the target row norm)."""
+    of 1 / norm^2 (r also times sqrt(rows), the target row norm), written into the weights in
+    place (bf16 ones rounded stochastically)."""
     for r0 in range(r_begin, r_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_factor = tl.zeros([BLOCK_R], dtype=tl.float32) + rate
         if SINKGD:
-            row_scale = tl.sqrt(tl.load(row_ptr + b * R + rows, mask=rows < r_end, other=0.0)) * sqrt_rows
+            row_scale = tl.sqrt(tl.load(row_ptr + slot * R + rows, mask=rows < r_end, other=0.0)) * sqrt_rows
             row_factor = row_scale * rate
         if HAS_ROW_SCALING:  # ALLoRA (arXiv 2410.09692) per-row factor
             row_factor = row_factor * tl.load(row_scaling_ptr + b * R + rows, mask=rows < r_end, other=0.0)
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows2, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
-            update = tl.load(scratch_ptr + offsets, mask=inside, other=0.0) * row_factor[:, None]
+            local = rows2[:, None] * C + cols[None, :]
+            update = tl.load(scratch_ptr + slot * numel + local, mask=inside, other=0.0) * row_factor[:, None]
             if SINKGD:
-                update = update * tl.sqrt(tl.load(col_ptr + b * C + cols, mask=cols < C, other=0.0))[None, :]
-            w = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                update = update * tl.sqrt(tl.load(col_ptr + slot * C + cols, mask=cols < C, other=0.0))[None, :]
+            w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
             if DECAY:
                 w = w * weight_factor
             w = w - update * _load_lr_mask(lr_mask_ptr, offsets, inside, mask_anchor, mask_step, COMPACT)
             if ROUND_BF16:
-                local = rows2[:, None] * C + cols[None, :]
-                tl.store(weight_out_ptr + offsets, _round_to_bf16(w, table_ptr, weight_noise_offset, local),
-                         mask=inside)
+                tl.store(weight_ptr + local, _round_to_bf16(w, table_ptr, weight_noise_offset, local), mask=inside)
             else:
-                tl.store(weight_out_ptr + offsets, w, mask=inside)
+                tl.store(weight_ptr + local, w, mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------
-# The kernels. One program per stacked tensor (everything in one launch), or, for large tensors,
-# 3 + 2 * iters - 1 launches of one program per block of rows (columns for SinkGD's column passes).
+# The kernels. The gradients and weights of a bucket are read where they are, through tables of
+# their addresses (no stacked copies, nothing copied back); the state is the optimizer's stacks.
+# A small tensor is one program of one launch per bucket: each program steps tensors pid,
+# pid + programs, ... with its own U buffer slot, so U takes (programs x numel) whatever the
+# bucket's size. A large tensor takes 3 + 2 * iters - 1 launches of one program per block of rows
+# (columns for SinkGD's column passes), a U buffer per tensor.
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tensor_address(table_ptr, b, BF16: tl.constexpr):
+    """Tensor b's data, from the table of addresses (an int64 per tensor)."""
+    address = tl.load(table_ptr + b)
+    if BF16:
+        pointer = address.to(tl.pointer_type(tl.bfloat16))
+    else:
+        pointer = address.to(tl.pointer_type(tl.float32))
+    return pointer
 
 
 @triton.jit(do_not_specialize=["lr_ratio"])
 def _bucket_step_kernel(
-        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, x0_ptr, weight_out_ptr,
+        grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr, x0_ptr,
         avg_lr_ptr, avg_lr_max_ptr, row_scaling_ptr, lr_decay_ptr, decay_rate_ptr,
         group_mean_ptr, group_std_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr, table_ptr, noise_offsets_ptr,
-        R, C, lr_ratio,
+        B, R, C, lr_ratio,
         momentum_weight, lr_bump, d_coef, min_lr, max_lr, weight_decay, sqrt_rows,
         mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr, WARMUP: tl.constexpr,
@@ -367,65 +383,71 @@ def _bucket_step_kernel(
         KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
         SINKGD_ITERS: tl.constexpr, ROUND_BF16: tl.constexpr, COMPACT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    slot = pid.to(tl.int64)  # this program's rows of the U, row and column buffers
     numel = R * C
-    # Rounding-table offsets of this tensor's weights and momentum (noise_offsets is (2, B) int32,
-    # read only where something is rounded).
-    weight_noise_offset = 0
-    state_noise_offset = 0
-    if ROUND_BF16:
-        weight_noise_offset = tl.load(noise_offsets_ptr + b)
-    if COMPACT:
-        state_noise_offset = tl.load(noise_offsets_ptr + tl.num_programs(0) + b)
     sinkgd: tl.constexpr = IS_MATRIX and SINKGD_ITERS > 0
-    total, abs_sum, signal, uw, ww, uu = _pass_reductions(
-        grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, 0, R, C, IS_MATRIX, GRAMS, DECAY and HAS_STATS,
-        SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
-    finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
-        total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
-    mm, mask_sum, uu_after = _pass_direction_and_state(
-        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, table_ptr, b, numel,
-        0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr, state_noise_offset, mask_anchor,
-        mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO,
-        KEEP_NORM, sinkgd, COMPACT, BLOCK_R, BLOCK_C)
-    lr_decay = 1.0
-    if POST:
-        lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
-        tl.store(lr_decay_ptr + b, lr_decay)
-    avg_lr, rate, weight_factor = _rate_scalars(
-        b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, weight_decay,
-        avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
-        KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
-    if WARMUP:
-        tl.store(avg_lr_ptr + b, avg_lr)
-        tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
-    if sinkgd:  # SinkGD's remaining half-steps, the U buffer read from L2 for small matrices
-        tl.debug_barrier()  # row sums written by other threads of this program
-        _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
-        for _ in range(SINKGD_ITERS - 1):
+    for tensor in range(pid, B, tl.num_programs(0)):
+        b = tl.zeros([], dtype=tl.int64) + tensor  # 64-bit offsets into the stacked state
+        tl.debug_barrier()  # the previous tensor's last pass has read this program's buffers
+        grad_ptr = _tensor_address(grad_table_ptr, b, ROUND_BF16)  # gradients come in the weights' dtype
+        weight_ptr = _tensor_address(weight_table_ptr, b, ROUND_BF16)
+        # Rounding-table offsets of this tensor's weights and momentum (noise_offsets is (2, B)
+        # int32, read only where something is rounded).
+        weight_noise_offset = 0
+        state_noise_offset = 0
+        if ROUND_BF16:
+            weight_noise_offset = tl.load(noise_offsets_ptr + b)
+        if COMPACT:
+            state_noise_offset = tl.load(noise_offsets_ptr + B + b)
+        total, abs_sum, signal, uw, ww, uu = _pass_reductions(
+            grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, 0, R, C, IS_MATRIX, GRAMS, DECAY and HAS_STATS,
+            SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
+        finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
+            total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
+        mm, mask_sum, uu_after = _pass_direction_and_state(
+            grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, table_ptr, b,
+            slot, numel, 0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr, state_noise_offset,
+            mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO,
+            KEEP_NORM, sinkgd, COMPACT, BLOCK_R, BLOCK_C)
+        lr_decay = 1.0
+        if POST:
+            lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
+            tl.store(lr_decay_ptr + b, lr_decay)
+        avg_lr, rate, weight_factor = _rate_scalars(
+            b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, weight_decay,
+            avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
+            KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
+        if WARMUP:
+            tl.store(avg_lr_ptr + b, avg_lr)
+            tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
+        if sinkgd:  # SinkGD's remaining half-steps, the U buffer read from L2 for small matrices
+            tl.debug_barrier()  # row sums written by other threads of this program
+            _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, slot, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
+            for _ in range(SINKGD_ITERS - 1):
+                tl.debug_barrier()
+                _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, slot, numel, R, C, 0, R, BLOCK_R, BLOCK_C)
+                tl.debug_barrier()
+                _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, slot, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
             tl.debug_barrier()
-            _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, R, BLOCK_R, BLOCK_C)
-            tl.debug_barrier()
-            _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
-        tl.debug_barrier()
-    _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_sq_ptr, col_sq_ptr, row_scaling_ptr,
-                  table_ptr, b, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
-                  mask_anchor, mask_step, sinkgd, DECAY, HAS_ROW_SCALING, ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
+        _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_sq_ptr, col_sq_ptr, row_scaling_ptr,
+                      table_ptr, b, slot, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
+                      mask_anchor, mask_step, sinkgd, DECAY, HAS_ROW_SCALING, ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
-def _split_reductions_kernel(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM,
+def _split_reductions_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, x0_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM,
                              IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ABS_SUM: tl.constexpr,
                              SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Large tensors, launch 1: pass 0 over one block of rows, summed across blocks by atomics
     into sums[b, 0:6]."""
     b = tl.program_id(0).to(tl.int64)
     r_begin = tl.program_id(1) * ROWS_PER_PROGRAM
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
     total, abs_sum, signal, uw, ww, uu = _pass_reductions(
-        grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, R * C, r_begin, r_end, C, IS_MATRIX, GRAMS, ABS_SUM,
-        SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
+        _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, _tensor_address(weight_table_ptr, b, BF16), x0_ptr,
+        b, R * C, r_begin, r_end, C, IS_MATRIX, GRAMS, ABS_SUM, SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
     base = sums_ptr + b * 9
     tl.atomic_add(base + 0, total)
     tl.atomic_add(base + 1, abs_sum)
@@ -436,14 +458,14 @@ def _split_reductions_kernel(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, sums_ptr
 
 
 @triton.jit
-def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr,
-                        lr_decay_ptr, decay_rate_ptr, sums_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM,
-                        lr_bump, d_coef, momentum_weight, min_lr, max_lr,
+def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr, scratch_ptr,
+                        row_sq_ptr, lr_decay_ptr, decay_rate_ptr, sums_ptr, table_ptr, noise_offsets_ptr,
+                        R, C, ROWS_PER_PROGRAM, lr_bump, d_coef, momentum_weight, min_lr, max_lr,
                         mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
                         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                         WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
                         KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
-                        COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        COMPACT: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Large tensors, launch 2: pass 1 over one block of rows; its sums into sums[b, 6:9]; the
     first block also steps lr_decay (read by launch 3 after this one ends)."""
     b = tl.program_id(0).to(tl.int64)
@@ -458,9 +480,11 @@ def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight
         tl.load(base + 0), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4), lr_bump, d_coef,
         momentum_weight, SIGNAL, ORTHO)
     mm, mask_sum, uu_after = _pass_direction_and_state(
-        grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, table_ptr, b, R * C,
+        _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, lr_mask_ptr, polarity_ptr,
+        _tensor_address(weight_table_ptr, b, BF16), scratch_ptr, row_sq_ptr, table_ptr, b, b, R * C,
         r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
-        state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, BLOCK_R, BLOCK_C)
+        state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
+        IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, BLOCK_R, BLOCK_C)
     tl.atomic_add(base + 6, mm)
     tl.atomic_add(base + 7, mask_sum)
     tl.atomic_add(base + 8, uu_after)
@@ -470,7 +494,7 @@ def _split_state_kernel(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight
 
 
 @triton.jit(do_not_specialize=["lr_ratio"])
-def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr,
+def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, col_ptr,
                           row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
                           group_std_ptr, sums_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
                           weight_decay, sqrt_rows, mask_anchor, mask_step,
@@ -502,8 +526,8 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, 
         if block == 0:
             tl.store(avg_lr_ptr + b, avg_lr)
             tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
-    _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, weight_out_ptr, row_ptr, col_ptr, row_scaling_ptr,
-                  table_ptr, b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows,
+    _pass_weights(scratch_ptr, lr_mask_ptr, _tensor_address(weight_table_ptr, b, ROUND_BF16), row_ptr, col_ptr,
+                  row_scaling_ptr, table_ptr, b, b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows,
                   weight_noise_offset, mask_anchor, mask_step, SINKGD, DECAY, HAS_ROW_SCALING,
                   ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
 
@@ -562,8 +586,8 @@ def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Option
         return "packed signs of a matrix whose rows are not a whole number of bytes (columns % 8 != 0)"
     if p.numel() > _SPLIT_NUMEL and p.ndim < 2:
         return f"vectors of more than {_SPLIT_NUMEL} elements (split by rows only)"
-    if p.numel() * len(params) >= 2**31:
-        return "a bucket of 2**31 elements or more (32-bit rounding offsets)"
+    if p.numel() >= 2**31:
+        return "a tensor of 2**31 elements or more (32-bit offsets within a tensor)"
     return None
 
 
@@ -576,41 +600,39 @@ def _counted(*names: str) -> None:
 launches: dict[str, int] = {}
 
 
-def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor, polarity: Optional[torch.Tensor],
-                weight: torch.Tensor, initial_weight: Optional[torch.Tensor], avg_lr: torch.Tensor,
-                avg_lr_max: torch.Tensor, row_scaling: Optional[torch.Tensor], lr_decay: Optional[torch.Tensor],
-                decay_rate: Optional[torch.Tensor], group_mean: Optional[torch.Tensor],
+_SCRATCH_NUMEL = 1 << 21  # U buffer of the one-program kernel: at most 8 MB, whatever the bucket
+
+
+def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor,
+                polarity: Optional[torch.Tensor], weight_table: torch.Tensor, initial_weight: Optional[torch.Tensor],
+                avg_lr: torch.Tensor, avg_lr_max: torch.Tensor, row_scaling: Optional[torch.Tensor],
+                lr_decay: Optional[torch.Tensor], decay_rate: Optional[torch.Tensor], group_mean: Optional[torch.Tensor],
                 group_std: Optional[torch.Tensor], lr_ratio: float, *, warmup: bool, early: bool,
                 use_orthograd: bool, post: bool, is_matrix: bool, beta1: float, lr_bump: float, d_coef: float,
                 min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
-                vradam: bool, grad_is_copy: bool, weight_out: Optional[torch.Tensor] = None,
-                noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None
-                ) -> torch.Tensor:
-    """``core._bucket_math`` in one launch (for large tensors 3 + 2 * sinkgd_iters - 1): same
-    arguments and in-place updates, plus ``weight_out`` (a bf16 stack that receives the
-    stochastically rounded weights; default: ``weight`` itself, float32) and ``noise_offsets``,
-    (2, B) int32 rounding-table offsets of each tensor's weights and momentum. With ``codec`` (a
-    compact state: ``core.lr_mask_codec``) ``exp_avg`` is bf16, ``lr_mask`` uint16 codes and
-    ``polarity`` (B, ceil(numel / 8)) packed bytes, read and written as ``core._step_bucket`` does.
-    Returns the stack holding the new weights."""
-    batch = grad.shape[0]
-    rows, cols = (grad.shape[1], grad.shape[2]) if is_matrix else (1, grad[0].numel())
-    weight_out = weight if weight_out is None else weight_out
-    # U's buffer: the gradient stack when it is this step's copy, else one bucket-sized temporary.
-    scratch = grad if grad_is_copy else torch.empty_like(grad)
+                vradam: bool, shape: tuple[int, ...], weight_dtype: torch.dtype,
+                noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None) -> None:
+    """``core._bucket_math`` in one launch per bucket (for large tensors 3 + 2 * sinkgd_iters - 1):
+    the same state stacks, updated in place, but the gradients and weights as (B,) int64 tables of
+    their addresses (contiguous tensors of ``shape`` and ``weight_dtype``, read and written where
+    they are: bf16 weights rounded stochastically). ``noise_offsets``: (2, B) int32 rounding-table
+    offsets of each tensor's weights and momentum, needed for bf16 weights or a compact state. With
+    ``codec`` (a compact state: ``core.lr_mask_codec``) ``exp_avg`` is bf16, ``lr_mask`` uint16
+    codes and ``polarity`` (B, ceil(numel / 8)) packed bytes, as ``core._step_bucket`` keeps them."""
+    batch = grad_table.shape[0]
+    rows, cols = (shape[0], shape[1]) if is_matrix else (1, shape[0])
+    device = exp_avg.device
     sinkgd = is_matrix and sinkgd_iters > 0
-    row_sq = torch.empty((batch, rows) if sinkgd else (1,), dtype=torch.float32, device=grad.device)
-    col_sq = torch.empty((batch, cols) if sinkgd else (1,), dtype=torch.float32, device=grad.device)
     signal = warmup and early and d_coef != 1 and initial_weight is not None
     decay = early and weight_decay > 0
     has_stats = decay and group_mean is not None
-    any_ = grad  # stands in for the pointers a phase does not read
+    bf16 = weight_dtype == torch.bfloat16
     compact = codec is not None
-    rounds = compact or weight_out.dtype == torch.bfloat16
-    if rounds and noise_offsets is None:
+    if (bf16 or compact) and noise_offsets is None:
         raise ValueError("bucket_math: bf16 weights or a compact state need noise_offsets")
-    table = core.rounding_noise_table(grad.device) if rounds else any_
-    noise_offsets = noise_offsets if rounds else any_
+    any_ = avg_lr  # stands in for the pointers a phase does not read
+    table = core.rounding_noise_table(device) if bf16 or compact else any_
+    noise_offsets = noise_offsets if bf16 or compact else any_
     anchor, step = codec if compact else (0.0, 0.0)
     inverse = 1.0 / step if step > 0 else 0.0
     # (mask_anchor, mask_step, mask_inverse, mask_bias): decode = anchor + step * code, encode as
@@ -622,71 +644,119 @@ def bucket_math(grad: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor
     if polarity is not None:
         polarity = polarity.view(torch.uint8)
     block_r, block_c = _blocks(rows, cols)
-    if rows * cols > _SPLIT_NUMEL:
-        rows_per_program = max(block_r, _SPLIT_PROGRAM_NUMEL // cols // block_r * block_r)
-        grid = (batch, triton.cdiv(rows, rows_per_program))
-        sums = torch.zeros((batch, 9), dtype=torch.float32, device=grad.device)
-        polarity_u8 = polarity if warmup else any_
-        _split_reductions_kernel[grid](
-            grad, exp_avg, weight, initial_weight if signal else any_, sums, rows, cols, rows_per_program,
-            IS_MATRIX=is_matrix, GRAMS=grams, ABS_SUM=has_stats, SIGNAL=signal, ORTHO=use_orthograd,
-            KEEP_NORM=use_orthograd and sinkgd_iters <= 0, BLOCK_R=block_r, BLOCK_C=block_c)
-        _split_state_kernel[grid](
-            grad, exp_avg, lr_mask, polarity_u8, weight, scratch, row_sq, lr_decay if post else any_,
-            decay_rate if post else any_, sums, table, noise_offsets, rows, cols, rows_per_program, lr_bump,
-            d_coef, 1.0 - beta1, min_lr, max_lr, *mask_codec, packed_bytes,
-            IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal,
-            ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, ROW_SUMS=sinkgd,
-            COMPACT=compact, BLOCK_R=block_r, BLOCK_C=block_c)
-        if sinkgd:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
-            cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
-            col_grid = (batch, triton.cdiv(cols, cols_per_program))
-            for half_step in range(2 * sinkgd_iters - 1):
-                if half_step % 2 == 0:
-                    _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
-                                                        BLOCK_R=block_r, BLOCK_C=block_c)
-                else:
-                    _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
-                                                    BLOCK_R=block_r, BLOCK_C=block_c)
-            _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
-        _split_weights_kernel[grid](
-            scratch, lr_mask, weight, weight_out, row_sq, col_sq,
-            row_scaling if row_scaling is not None else any_, avg_lr, avg_lr_max, lr_decay if post else any_,
-            group_mean if has_stats else any_, group_std if has_stats else any_, sums, table, noise_offsets,
-            rows, cols, rows_per_program, float(lr_ratio), weight_decay, float(rows) ** 0.5, anchor, step,
-            VRADAM=vradam, WARMUP=warmup, DECAY=decay, HAS_STATS=has_stats,
-            KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
-            SINKGD=sinkgd, ROUND_BF16=weight_out.dtype == torch.bfloat16, COMPACT=compact,
-            BLOCK_R=block_r, BLOCK_C=block_c)
-        _counted("split_reductions", "split_state", "split_weights")
-        return weight_out
-    _bucket_step_kernel[(batch,)](
-        grad, exp_avg, lr_mask, polarity if warmup else any_, weight,
-        initial_weight if signal else any_, weight_out, avg_lr, avg_lr_max,
+    numel = rows * cols
+    if numel > _SPLIT_NUMEL:
+        # One U buffer per tensor: a chunk of tensors at a time, up to _SCRATCH_NUMEL elements.
+        per_chunk = max(1, _SCRATCH_NUMEL // numel)
+        for start in range(0, batch, per_chunk):
+            end = min(batch, start + per_chunk)
+            _split_launches(
+                grad_table[start:end], exp_avg[start:end], lr_mask[start:end],
+                polarity[start:end] if warmup else any_, weight_table[start:end],
+                initial_weight[start:end] if signal else any_, avg_lr[start:end], avg_lr_max[start:end],
+                row_scaling[start:end] if row_scaling is not None else any_,
+                lr_decay[start:end] if post else any_, decay_rate[start:end] if post else any_,
+                group_mean if has_stats else any_, group_std if has_stats else any_, table,
+                noise_offsets[:, start:end].contiguous() if bf16 or compact else any_,
+                rows, cols, lr_ratio, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec, packed_bytes,
+                dict(IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
+                     HAS_STATS=has_stats, ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0,
+                     POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact),
+                sinkgd_iters if sinkgd else 0, bf16, block_r, block_c)
+        return
+    programs = min(batch, max(1, _SCRATCH_NUMEL // numel))
+    scratch = torch.empty((programs, numel), dtype=torch.float32, device=device)
+    row_sq = torch.empty((programs, rows) if sinkgd else (1,), dtype=torch.float32, device=device)
+    col_sq = torch.empty((programs, cols) if sinkgd else (1,), dtype=torch.float32, device=device)
+    _bucket_step_kernel[(programs,)](
+        grad_table, exp_avg, lr_mask, polarity if warmup else any_, weight_table,
+        initial_weight if signal else any_, avg_lr, avg_lr_max,
         row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
-        decay_rate if post else any_, group_mean if decay and group_mean is not None else any_,
-        group_std if decay and group_mean is not None else any_, scratch, row_sq, col_sq, table, noise_offsets,
-        rows, cols, float(lr_ratio),
+        decay_rate if post else any_, group_mean if has_stats else any_,
+        group_std if has_stats else any_, scratch, row_sq, col_sq, table, noise_offsets,
+        batch, rows, cols, float(lr_ratio),
         1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5, *mask_codec, packed_bytes,
         IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
-        HAS_STATS=decay and group_mean is not None, ORTHO=use_orthograd,
+        HAS_STATS=has_stats, ORTHO=use_orthograd,
         KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
-        SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=weight_out.dtype == torch.bfloat16,
-        COMPACT=compact, BLOCK_R=block_r, BLOCK_C=block_c)
+        SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=bf16, COMPACT=compact,
+        BLOCK_R=block_r, BLOCK_C=block_c)
     _counted("bucket_step")
-    return weight_out
+
+
+def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initial_weight, avg_lr, avg_lr_max,
+                    row_scaling, lr_decay, decay_rate, group_mean, group_std, table, noise_offsets,
+                    rows, cols, lr_ratio, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec,
+                    packed_bytes, flags, sinkgd_iters, bf16, block_r, block_c) -> None:
+    """The split kernels' launches for one chunk of large tensors (its own U buffer and sums)."""
+    batch = grad_table.shape[0]
+    device = exp_avg.device
+    scratch = torch.empty((batch, rows * cols), dtype=torch.float32, device=device)
+    row_sq = torch.empty((batch, rows) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
+    col_sq = torch.empty((batch, cols) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
+    rows_per_program = max(block_r, _SPLIT_PROGRAM_NUMEL // cols // block_r * block_r)
+    grid = (batch, triton.cdiv(rows, rows_per_program))
+    sums = torch.zeros((batch, 9), dtype=torch.float32, device=device)
+    f = flags
+    _split_reductions_kernel[grid](
+        grad_table, exp_avg, weight_table, initial_weight, sums, rows, cols, rows_per_program,
+        IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"],
+        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c)
+    _split_state_kernel[grid](
+        grad_table, exp_avg, lr_mask, polarity, weight_table, scratch, row_sq, lr_decay, decay_rate, sums,
+        table, noise_offsets, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1, min_lr, max_lr,
+        *mask_codec, packed_bytes, IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], VRADAM=f["VRADAM"],
+        WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
+        ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c)
+    if sinkgd_iters:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
+        cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
+        col_grid = (batch, triton.cdiv(cols, cols_per_program))
+        for half_step in range(2 * sinkgd_iters - 1):
+            if half_step % 2 == 0:
+                _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
+                                                    BLOCK_R=block_r, BLOCK_C=block_c)
+            else:
+                _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
+                                                BLOCK_R=block_r, BLOCK_C=block_c)
+        _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
+    _split_weights_kernel[grid](
+        scratch, lr_mask, weight_table, row_sq, col_sq, row_scaling, avg_lr, avg_lr_max, lr_decay,
+        group_mean, group_std, sums, table, noise_offsets, rows, cols, rows_per_program, float(lr_ratio),
+        weight_decay, float(rows) ** 0.5, mask_codec[0], mask_codec[1],
+        VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"], HAS_STATS=f["HAS_STATS"],
+        KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"], SINKGD=sinkgd_iters > 0,
+        ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c)
+    _counted("split_reductions", "split_state", "split_weights")
+
+
+def _address_table(tensors: list[torch.Tensor], cache: dict, key: str) -> torch.Tensor:
+    """(B,) int64 addresses of the tensors, on their device; uploaded again only when an address
+    changed (parameters never move; gradients usually come back to the same blocks)."""
+    addresses = [t.data_ptr() for t in tensors]
+    cached = cache.get(key)
+    if cached is None or cached[0] != addresses:
+        cached = cache[key] = (addresses, core.offsets_tensor(addresses, torch.int64, tensors[0].device))
+    return cached[1]
+
+
+def takes_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> bool:
+    """Whether the fused kernels step this bucket (else the eager step runs): a supported layout
+    (``unsupported_reason``), a float lr, and gradients the kernels can read where they are
+    (contiguous, in the weights' dtype)."""
+    if unsupported_reason(params, states) is not None or torch.is_tensor(group["lr"]):
+        return False  # a tensor lr: a kernel argument would read it on the host each step
+    dtype = params[0].dtype
+    return all(p.is_contiguous() for p in params) and all(g.is_contiguous() and g.dtype == dtype for g in grads)
 
 
 def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
                 phase, is_matrix: bool, group_stats: Optional[tuple], weight_seeds: list[int],
                 state_seeds: Optional[list[int]], stack_cache: dict) -> bool:
-    """``core._step_bucket`` for t >= 2 with the fused kernel; False (nothing done) where the bucket
-    is not one the kernel takes, so the caller runs the eager step. The seeds are the eager step's
-    (per tensor, weights and a compact state's momentum), so both round from the same noise."""
-    if phase.first or unsupported_reason(params, states) is not None:
-        return False
-    lr_ratio = group["lr"] / group["lr_max"]
-    if torch.is_tensor(lr_ratio):  # a tensor lr: a kernel argument would read it on the host each step
+    """``core._step_bucket`` for t >= 2 with the fused kernels, the whole bucket at once; False
+    (nothing done) where the bucket is not one they take, so the caller runs the eager step. The
+    seeds are the eager step's (per tensor, weights and a compact state's momentum), so both round
+    from the same noise."""
+    if phase.first or not takes_bucket(params, grads, states, group):
         return False
     shape = core._matrix_shape(params[0].shape)
 
@@ -700,27 +770,23 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
     stacks = dict(exp_avg=state("exp_avg"), lr_mask=state("lr_mask"), polarity=state("polarity"),
                   initial_weight=state("initial_weight"), avg_lr=state("avg_lr"), avg_lr_max=state("avg_lr_max"),
                   row_scaling=state("row_scaling"), lr_decay=state("lr_decay"), decay_rate=state("decay_rate"))
-    grad = core._gather(grads, shape, torch.float32)
-    weight = core._gather(params, shape)  # in the weights' own dtype: the kernel converts
-    if not all(t.is_contiguous() for t in (grad, weight, *(v for v in stacks.values() if v is not None))):
+    if not all(t.is_contiguous() for t in stacks.values() if t is not None):
         return False
-    grad_is_copy = not core._gathers_as_view(grads, torch.float32)
-    bf16 = weight.dtype == torch.bfloat16
+    bf16 = params[0].dtype == torch.bfloat16
     codec = states[0].get("lr_mask_codec")
     noise_offsets = None  # fp32 weights and state round nothing: no table, no per-step host tensor
     if bf16 or codec is not None:
         offsets = [[core.rounding_noise_offset(seed) for seed in weight_seeds],
                    [core.rounding_noise_offset(seed) for seed in state_seeds] if state_seeds else [0] * len(params)]
-        noise_offsets = core.offsets_tensor(offsets, torch.int32, grad.device)
-    new_weight = bucket_math(
-        grad, stacks["exp_avg"], stacks["lr_mask"], stacks["polarity"], weight, stacks["initial_weight"],
+        noise_offsets = core.offsets_tensor(offsets, torch.int32, params[0].device)
+    bucket_math(
+        _address_table(grads, stack_cache, "grad_addresses"), stacks["exp_avg"], stacks["lr_mask"],
+        stacks["polarity"], _address_table(params, stack_cache, "weight_addresses"), stacks["initial_weight"],
         stacks["avg_lr"], stacks["avg_lr_max"], stacks["row_scaling"], stacks["lr_decay"], stacks["decay_rate"],
-        *(group_stats or (None, None)), lr_ratio,
+        *(group_stats or (None, None)), group["lr"] / group["lr_max"],
         warmup=phase.warmup, early=phase.early, use_orthograd=phase.orthograd, post=phase.post,
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        grad_is_copy=grad_is_copy, weight_out=weight if bf16 else None, noise_offsets=noise_offsets, codec=codec)
-    if not core._gathers_as_view(params):  # else the kernel wrote into the parameter itself
-        core._scatter(new_weight, params)
+        shape=shape, weight_dtype=params[0].dtype, noise_offsets=noise_offsets, codec=codec)
     return True

@@ -218,6 +218,18 @@ def test_one_launch_per_bucket_per_step():
     assert kernels.launches["bucket_step"] - before == 3
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_few_programs_loop_over_a_whole_bucket(monkeypatch, precision):
+    """A bucket is one launch however many tensors it holds: with the U buffer capped at two
+    tensors' worth, two programs step five (4, 24) matrices, three (24, 8) and three vectors,
+    each program reusing its buffer slot, and the result is the eager step's."""
+    monkeypatch.setattr(kernels, "_SCRATCH_NUMEL", 2 * 96)
+    shapes = [(4, 24)] * 5 + [(24, 8)] * 3 + [(10,)] * 3
+    before = kernels.launches.get("bucket_step", 0)
+    _lockstep(shapes, steps=10, resync=precision != "fp32", state_precision=precision, **PHASES)
+    assert kernels.launches["bucket_step"] - before == 9 * 3  # one launch per bucket per step
+
+
 # ------------------------------------------------------------------ where the eager step runs instead
 
 
