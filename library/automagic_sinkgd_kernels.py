@@ -1,14 +1,17 @@
 """Fused Triton kernels for the Automagic_Sinkgd step (opt-in: ``Automagic_Sinkgd(..., fused=True)``).
 
-One launch steps a whole bucket of same-shape tensors (the stacked buffers the eager path already
-keeps): one program per tensor walks its matrix in tiles, so a small LoRA matrix (16 x 320 ..
-16 x 10240) stays in the L2 cache across the passes SinkGD needs, and the per-tensor scalars
-(finite flag, Prodigy signal, VRAdam brake, mask mean, decay) never leave the program.
+One launch steps a whole bucket of same-shape tensors: gradients and weights are read and written
+where they are, through tables of their addresses, and the state is the optimizer's stacks (fp32,
+or the compact ``state_precision="bf16"`` layout). One program walks a tensor's matrix in tiles,
+so a small LoRA matrix (16 x 320 .. 16 x 10240) stays in the L2 cache across the passes SinkGD
+needs and the per-tensor scalars (finite flag, Prodigy signal, VRAdam brake, mask mean, decay)
+never leave the program; a few programs loop over the bucket's tensors, each with its own slot
+of a bounded U buffer.
 
 The math is the eager path's (``library.automagic_sinkgd._bucket_math``, the reference), in the
 same order; ``tests/test_fused_kernels.py`` compares the two in every phase. Passes per program:
   0. reductions over the raw gradient (finite flag, mean |g|), <g, x0 - x> and OrthoGrad's dots;
-  1. elementwise: Grams direction (+ OrthoGrad projection) written to a scratch buffer, momentum,
+  1. elementwise: Grams direction (+ OrthoGrad projection) written to the U buffer, momentum,
      sign history and mask; reductions: ||m||^2, mask mean, the first SinkGD row sums of U**2;
   2. SinkGD: 2 * iters - 1 more mat-vec passes over U**2 (per-row / per-column scalings kept in
      two small per-tensor buffers);
