@@ -30,7 +30,7 @@ POINTERS = dict(polarity_ptr="*u8", grad_table_ptr="*i64", weight_table_ptr="*i6
 COMPACT_POINTERS = dict(exp_avg_ptr="*bf16", lr_mask_ptr="*i16")  # bf16 momentum, 16-bit mask codes
 SCALARS = dict(B="i32", R="i32", C="i32", ROWS_PER_PROGRAM="i32", COLS_PER_PROGRAM="i32", packed_bytes="i32",
                **{n: "fp32" for n in ("lr_ratio", "momentum_weight", "lr_bump", "d_coef", "min_lr", "max_lr",
-                                      "weight_decay", "sqrt_rows", "mask_anchor", "mask_step", "mask_inverse",
+                                      "weight_decay", "sqrt_rows", "decay_floor", "mask_anchor", "mask_step", "mask_inverse",
                                       "mask_bias")})
 PHASES = {  # the flag sets step_bucket passes: early warm-up, post-warm-up, vectors, OrthoGrad without SinkGD
     "early warm-up": dict(IS_MATRIX=True, GRAMS=True, VRADAM=True, WARMUP=True, SIGNAL=True, DECAY=True,

@@ -49,6 +49,8 @@ __all__ = [
     "gradient_scaled_decay",
     "stochastic_round_",
     "NOISE_PERIOD",
+    "NOISE_PERIOD_STRIDE",
+    "noise_index",
     "rounding_noise_table",
     "rounding_noise_offset",
     "add_rounding_noise_",
@@ -416,22 +418,30 @@ def offsets_tensor(offsets: list, dtype: torch.dtype, device: torch.device) -> T
     return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.to(device)
 
 
+NOISE_PERIOD_STRIDE = 0x9E37  # each further period of a tensor starts this far on in the table
+
+
+def noise_index(offset: Union[int, Tensor], i: Tensor) -> Tensor:
+    """Where element i of a tensor whose noise starts at ``offset`` reads the table: consecutive
+    entries, the start moved on by NOISE_PERIOD_STRIDE every 65536 elements so that elements one
+    period apart (a column of a 512-, 1024-, ... wide matrix) do not round with the same noise."""
+    return (i + offset + (i >> 16) * NOISE_PERIOD_STRIDE) & (NOISE_PERIOD - 1)
+
+
 def add_rounding_noise_(bits: Tensor, offsets: list[int], gather: Optional[bool] = None) -> Tensor:
-    """``bits`` (B, numel) int32 += table[(offsets[b] + i) mod 65536], in place. On CPU row by row
-    from views of the table (a 65536-periodic row is one broadcast add per full period); on a GPU
-    (or with ``gather``) one gather, rather than a launch per row."""
+    """``bits`` (B, numel) int32 += table[noise_index(offsets[b], i)], in place. On CPU row by row,
+    each period of 65536 elements from one view of the table; on a GPU (or with ``gather``) one
+    gather, rather than a launch per row and period."""
     batch, numel = bits.shape
     table = rounding_noise_table(bits.device)
     if gather if gather is not None else (bits.device.type != "cpu" and batch > 1):
         starts = offsets_tensor(offsets, torch.int64, bits.device).unsqueeze(1)
-        index = starts.add(torch.arange(numel, device=bits.device)).bitwise_and_(NOISE_PERIOD - 1)
-        return bits.add_(table[index])
-    periods, tail = divmod(numel, NOISE_PERIOD)
+        return bits.add_(table[noise_index(starts, torch.arange(numel, device=bits.device))])
     for row, offset in zip(bits, offsets):
-        if periods:
-            row[:periods * NOISE_PERIOD].view(periods, NOISE_PERIOD).add_(table[offset:offset + NOISE_PERIOD])
-        if tail:
-            row[periods * NOISE_PERIOD:].add_(table[offset:offset + tail])
+        for start in range(0, numel, NOISE_PERIOD):
+            length = min(NOISE_PERIOD, numel - start)
+            first = (offset + (start >> 16) * NOISE_PERIOD_STRIDE) & (NOISE_PERIOD - 1)
+            row[start:start + length].add_(table[first:first + length])
     return bits
 
 
@@ -660,8 +670,8 @@ def _fused_kernels():
 
 def _fused_phase(group: dict, phase: _Phase) -> bool:
     """Whether the fused kernels are asked for and cover this phase: from t = 2 (ADOPT's first
-    step is eager), and after warm-up only with the document's 0.1 decay floor, which they use."""
-    return bool(group.get("fused")) and not phase.first and (not phase.post or group["decay_floor"] == 0.1)
+    step is eager)."""
+    return bool(group.get("fused")) and not phase.first
 
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
@@ -864,6 +874,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._positions: dict[int, tuple[int, int]] = {}
         self._chunk_numel: Optional[int] = None
         self._stack_caches: dict[tuple, dict] = {}  # per bucket chunk, see _stacked_state
+        self._stack_owner: dict[int, tuple] = {}  # parameter id -> the chunk whose stacks hold its state
         self._counts_cache: dict[int, tuple] = {}  # per group, see _element_counts
         self._workspaces: dict[tuple, Tensor] = {}  # a compact state's float32 loads, see _workspace
 
@@ -1072,6 +1083,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             freed |= state.pop("polarity", None) is not None
         if freed:
             self._stack_caches.clear()  # they would keep the freed buffers alive
+            self._stack_owner.clear()
         if t < warmup and "lr_mask_codec" in state:
             self._rebase_lr_mask(state, group)
         if t >= warmup:
@@ -1223,12 +1235,15 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
 
     @staticmethod
     def _fused_takes(members: list, settings: dict) -> bool:
-        """Whether the fused kernels step this whole bucket (tables of addresses, no stacked copies
-        of gradients or weights, so no chunks); host checks only."""
-        if not _fused_phase(settings, members[0][4]):
+        """Whether the fused kernels step this whole bucket in one launch (tables of addresses, no
+        stacked copies of gradients or weights, so no chunks); host checks only. Large tensors
+        (split kernels) and foreach=False keep their chunks, which bound the state's stacking."""
+        if not _fused_phase(settings, members[0][4]) or settings["foreach"] is False:
             return False
         kernels = _fused_kernels()
-        return kernels is not None and kernels.takes_bucket(
+        if kernels is None or members[0][1].numel() > kernels._SPLIT_NUMEL:
+            return False
+        return kernels.takes_bucket(
             [m[1] for m in members], [m[2] for m in members], [m[3] for m in members], settings)
 
     def _chunks(self, members: list, foreach: Optional[bool]) -> Iterable[list]:
@@ -1246,9 +1261,24 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         for start in range(0, len(members), per_chunk):
             yield members[start:start + per_chunk]
 
+    def _stack_cache_for(self, chunk: list) -> dict:
+        """The stacked-state cache of this chunk. A tensor belongs to one chunk's stacks at a time:
+        when it moves (the eager first step's chunks, then the fused step's whole bucket; a
+        bucket that changed members), the caches it was in are dropped, so they stop holding a
+        second copy of its state."""
+        key = (id(chunk[0][1]), len(chunk))
+        for member in chunk:
+            previous = self._stack_owner.get(id(member[1]))
+            if previous != key:
+                if previous is not None:
+                    self._stack_caches.pop(previous, None)
+                self._stack_owner[id(member[1])] = key
+        return self._stack_caches.setdefault(key, {})
+
     def _run_bucket(self, chunk: list, settings: dict, stats: Optional[tuple], group_index: int) -> None:
         _, _, _, _, phase, is_matrix = chunk[0]
-        # Per tensor, so a tensor rounds the same stepped alone (step_param) or in any stack.
+        # Per tensor, so a bf16 tensor rounds the same stepped alone (step_param) or in any stack
+        # (fp16 weights round from a generator seeded by a chunk's first tensor).
         weight_seeds = [self._rounding_seed(group_index, m[0], m[3]["step"]) for m in chunk]
         state_seeds = None
         if settings["state_precision"] != "fp32":
@@ -1256,7 +1286,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         _step_bucket(params=[m[1] for m in chunk], grads=[m[2] for m in chunk], states=[m[3] for m in chunk],
                      group=settings, phase=phase, is_matrix=is_matrix,
                      group_stats=stats, generator_for=self._generator_for, weight_seeds=weight_seeds,
-                     stack_cache=self._stack_caches.setdefault((id(chunk[0][1]), len(chunk)), {}),
+                     stack_cache=self._stack_cache_for(chunk),
                      state_seeds=state_seeds, workspace=self._workspace if state_seeds is not None else None)
 
     @torch.no_grad()

@@ -77,7 +77,7 @@ def _round_to_bf16(x, table_ptr, noise_offset, local):
     """Stochastic rounding (arXiv 1502.02551) of float32 ``x`` to bf16: 16 bits of noise from the
     rounding table below bf16's bits, then truncation (``core.stochastic_round_`` with
     ``core.add_rounding_noise_``: element ``local`` of a tensor whose noise starts at ``noise_offset``)."""
-    noise = tl.load(table_ptr + ((noise_offset + local) & 0xFFFF))
+    noise = tl.load(table_ptr + ((local + noise_offset + (local >> 16) * 0x9E37) & 0xFFFF))  # core.noise_index
     bits = (x.to(tl.int32, bitcast=True) + noise) & -65536
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
@@ -279,7 +279,8 @@ def _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f):
 
 
 @triton.jit
-def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, weight_decay,
+def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor,
+                  weight_decay,
                   avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr,
                   VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr, HAS_STATS: tl.constexpr,
                   KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
@@ -295,8 +296,8 @@ def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr
     if VRADAM:  # VRAdam (arXiv 2505.13196)
         brake = 1.0 / (1.0 + tl.minimum(3.0 * mm, 10.0))
     rate = finite_f
-    if POST:  # the linear decay, capped by an outside scheduler's ratio, floored at 0.1
-        rate = rate * tl.maximum(tl.minimum(lr_decay, lr_ratio), 0.1)
+    if POST:  # the linear decay, capped by an outside scheduler's ratio, floored (0.1 by default)
+        rate = rate * tl.maximum(tl.minimum(lr_decay, lr_ratio), decay_floor)
     rate = rate * brake
     if KEEP_NORM:  # OrthoGrad's norm restore, only when SinkGD does not rescale anyway
         norm_before = tl.sqrt(uu)
@@ -378,7 +379,7 @@ def _bucket_step_kernel(
         grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr, x0_ptr,
         avg_lr_ptr, avg_lr_max_ptr, row_scaling_ptr, lr_decay_ptr, decay_rate_ptr,
         group_mean_ptr, group_std_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr, table_ptr, noise_offsets_ptr,
-        B, R, C, lr_ratio,
+        B, R, C, lr_ratio, decay_floor,
         momentum_weight, lr_bump, d_coef, min_lr, max_lr, weight_decay, sqrt_rows,
         mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr, WARMUP: tl.constexpr,
@@ -416,9 +417,10 @@ def _bucket_step_kernel(
         lr_decay = 1.0
         if POST:
             lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
+            tl.debug_barrier()  # every thread has read the old value before one stores the new
             tl.store(lr_decay_ptr + b, lr_decay)
         avg_lr, rate, weight_factor = _rate_scalars(
-            b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, weight_decay,
+            b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor, weight_decay,
             avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
             KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
         if WARMUP:
@@ -432,7 +434,7 @@ def _bucket_step_kernel(
                 _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, slot, numel, R, C, 0, R, BLOCK_R, BLOCK_C)
                 tl.debug_barrier()
                 _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, slot, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
-            tl.debug_barrier()
+        tl.debug_barrier()  # U (and SinkGD's scalings) complete before the weights pass reads them
         _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_sq_ptr, col_sq_ptr, row_scaling_ptr,
                       table_ptr, b, slot, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
                       mask_anchor, mask_step, sinkgd, DECAY, HAS_ROW_SCALING, ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
@@ -493,14 +495,16 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
     tl.atomic_add(base + 8, uu_after)
     if POST:
         if block == 0:
-            tl.store(lr_decay_ptr + b, _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f))
+            lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
+            tl.debug_barrier()  # every thread has read the old value before one stores the new
+            tl.store(lr_decay_ptr + b, lr_decay)
 
 
 @triton.jit(do_not_specialize=["lr_ratio"])
 def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, col_ptr,
                           row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
                           group_std_ptr, sums_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
-                          weight_decay, sqrt_rows, mask_anchor, mask_step,
+                          decay_floor, weight_decay, sqrt_rows, mask_anchor, mask_step,
                           VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr,
                           HAS_STATS: tl.constexpr, KEEP_NORM: tl.constexpr, POST: tl.constexpr,
                           HAS_ROW_SCALING: tl.constexpr, SINKGD: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -523,7 +527,7 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, c
         lr_decay = tl.load(lr_decay_ptr + b)
     avg_lr, rate, weight_factor = _rate_scalars(
         b, numel, R, finite_f, tl.load(base + 6), tl.load(base + 7), tl.load(base + 1), tl.load(base + 5),
-        tl.load(base + 8), lr_decay, lr_ratio, weight_decay, avg_lr_ptr, row_scaling_ptr, group_mean_ptr,
+        tl.load(base + 8), lr_decay, lr_ratio, decay_floor, weight_decay, avg_lr_ptr, row_scaling_ptr, group_mean_ptr,
         group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS, KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
     if WARMUP:
         if block == 0:
@@ -603,7 +607,10 @@ def _counted(*names: str) -> None:
 launches: dict[str, int] = {}
 
 
-_SCRATCH_NUMEL = 1 << 21  # U buffer of the one-program kernel: at most 8 MB, whatever the bucket
+# U buffer of the one-program kernel (and of a chunk of split tensors): at most 32 MB whatever the
+# bucket, enough for about 50 programs side by side on (16, 10240) LoRA matrices, more on smaller
+# ones (each program steps its share of the bucket's tensors in turn). Not tuned on a GPU yet.
+_SCRATCH_NUMEL = 1 << 23
 
 
 def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor,
@@ -613,7 +620,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
                 group_std: Optional[torch.Tensor], lr_ratio: float, *, warmup: bool, early: bool,
                 use_orthograd: bool, post: bool, is_matrix: bool, beta1: float, lr_bump: float, d_coef: float,
                 min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
-                vradam: bool, shape: tuple[int, ...], weight_dtype: torch.dtype,
+                vradam: bool, shape: tuple[int, ...], weight_dtype: torch.dtype, decay_floor: float = 0.1,
                 noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None) -> None:
     """``core._bucket_math`` in one launch per bucket (for large tensors 3 + 2 * sinkgd_iters - 1):
     the same state stacks, updated in place, but the gradients and weights as (B,) int64 tables of
@@ -661,7 +668,8 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
                 lr_decay[start:end] if post else any_, decay_rate[start:end] if post else any_,
                 group_mean if has_stats else any_, group_std if has_stats else any_, table,
                 noise_offsets[:, start:end].contiguous() if bf16 or compact else any_,
-                rows, cols, lr_ratio, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec, packed_bytes,
+                rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec,
+                packed_bytes,
                 dict(IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
                      HAS_STATS=has_stats, ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0,
                      POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact),
@@ -677,7 +685,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
         decay_rate if post else any_, group_mean if has_stats else any_,
         group_std if has_stats else any_, scratch, row_sq, col_sq, table, noise_offsets,
-        batch, rows, cols, float(lr_ratio),
+        batch, rows, cols, float(lr_ratio), decay_floor,
         1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5, *mask_codec, packed_bytes,
         IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
         HAS_STATS=has_stats, ORTHO=use_orthograd,
@@ -689,8 +697,8 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
 
 def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initial_weight, avg_lr, avg_lr_max,
                     row_scaling, lr_decay, decay_rate, group_mean, group_std, table, noise_offsets,
-                    rows, cols, lr_ratio, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec,
-                    packed_bytes, flags, sinkgd_iters, bf16, block_r, block_c) -> None:
+                    rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay,
+                    mask_codec, packed_bytes, flags, sinkgd_iters, bf16, block_r, block_c) -> None:
     """The split kernels' launches for one chunk of large tensors (its own U buffer and sums)."""
     batch = grad_table.shape[0]
     device = exp_avg.device
@@ -725,7 +733,7 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
     _split_weights_kernel[grid](
         scratch, lr_mask, weight_table, row_sq, col_sq, row_scaling, avg_lr, avg_lr_max, lr_decay,
         group_mean, group_std, sums, table, noise_offsets, rows, cols, rows_per_program, float(lr_ratio),
-        weight_decay, float(rows) ** 0.5, mask_codec[0], mask_codec[1],
+        decay_floor, weight_decay, float(rows) ** 0.5, mask_codec[0], mask_codec[1],
         VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"], HAS_STATS=f["HAS_STATS"],
         KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"], SINKGD=sinkgd_iters > 0,
         ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c)
@@ -777,6 +785,8 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         return False
     bf16 = params[0].dtype == torch.bfloat16
     codec = states[0].get("lr_mask_codec")
+    if codec is not None and not state_seeds:
+        return False  # a compact state must round from its own (tensor, step) seeds
     noise_offsets = None  # fp32 weights and state round nothing: no table, no per-step host tensor
     if bf16 or codec is not None:
         offsets = [[core.rounding_noise_offset(seed) for seed in weight_seeds],
@@ -791,5 +801,6 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        shape=shape, weight_dtype=params[0].dtype, noise_offsets=noise_offsets, codec=codec)
+        shape=shape, weight_dtype=params[0].dtype, decay_floor=float(group["decay_floor"]),
+        noise_offsets=noise_offsets, codec=codec)
     return True

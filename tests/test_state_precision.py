@@ -12,6 +12,7 @@ import torch
 
 from library.automagic_sinkgd import (
     NOISE_PERIOD,
+    NOISE_PERIOD_STRIDE,
     Automagic_Sinkgd,
     add_rounding_noise_,
     automagic_mask_update_,
@@ -70,8 +71,11 @@ def test_rounding_noise_table_is_a_permutation_read_at_seeded_offsets():
     bits = torch.zeros(3, NOISE_PERIOD + 1000, dtype=torch.int32)
     add_rounding_noise_(bits, offsets[:3])
     for row, offset in zip(bits, offsets[:3]):
-        expected = table[(torch.arange(row.numel()) + offset) % NOISE_PERIOD]
+        i = torch.arange(row.numel())
+        expected = table[(offset + i + (i // NOISE_PERIOD) * NOISE_PERIOD_STRIDE) % NOISE_PERIOD]
         assert torch.equal(row, expected)
+        # elements one period apart read different noise (a column of a 1024-wide matrix, say)
+        assert (row[:1000] != row[NOISE_PERIOD:NOISE_PERIOD + 1000]).float().mean() > 0.99
     # the one-gather form (a GPU's) adds the same noise as the row-by-row form (a CPU's)
     gathered = add_rounding_noise_(torch.zeros_like(bits), offsets[:3], gather=True)
     assert torch.equal(gathered, bits)
