@@ -1279,7 +1279,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         _, _, _, _, phase, is_matrix = chunk[0]
         # Per tensor, so a bf16 tensor rounds the same stepped alone (step_param) or in any stack
         # (fp16 weights round from a generator seeded by a chunk's first tensor).
-        weight_seeds = [self._rounding_seed(group_index, m[0], m[3]["step"]) for m in chunk]
+        weight_seeds = ([self._rounding_seed(group_index, m[0], m[3]["step"]) for m in chunk]
+                        if chunk[0][1].element_size() == 2 else [])  # only 16-bit weights are rounded
         state_seeds = None
         if settings["state_precision"] != "fp32":
             state_seeds = [self._rounding_seed(group_index, m[0], m[3]["step"], stream=1) for m in chunk]

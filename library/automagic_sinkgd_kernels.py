@@ -789,7 +789,7 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         return False  # a compact state must round from its own (tensor, step) seeds
     noise_offsets = None  # fp32 weights and state round nothing: no table, no per-step host tensor
     if bf16 or codec is not None:
-        offsets = [[core.rounding_noise_offset(seed) for seed in weight_seeds],
+        offsets = [[core.rounding_noise_offset(seed) for seed in weight_seeds] if bf16 else [0] * len(params),
                    [core.rounding_noise_offset(seed) for seed in state_seeds] if state_seeds else [0] * len(params)]
         noise_offsets = core.offsets_tensor(offsets, torch.int32, params[0].device)
     bucket_math(
