@@ -378,11 +378,12 @@ def _encode_lr_mask_scalar(value: Union[float, Tensor], codec: tuple[float, floa
     return min(max(round((value - anchor) / step), 0), _CODE_STEPS) if step > 0 else 0
 
 
-# Rounding noise of a compact state: counter-based, read from one fixed table instead of drawn
-# from a generator. A CPU generator (mt19937) costs more per element than the whole rounding,
+# Rounding noise of a compact state and of bf16 weights: counter-based, read from one fixed table
+# instead of drawn from a generator. A CPU generator (mt19937) costs more per element than the whole rounding,
 # and must be reseeded per tensor; the table costs one add per element and nothing to seed, and
 # a kernel reads the same table, so the eager and fused steps round a state identically.
 NOISE_PERIOD = 1 << 16
+NOISE_PERIOD_STRIDE = 0x9E37  # each further period of a tensor starts this far on in the table
 _MASK64 = (1 << 64) - 1
 _NOISE_TABLES: dict = {}  # device -> the table twice over, int32 (512 KB)
 
@@ -418,10 +419,7 @@ def offsets_tensor(offsets: list, dtype: torch.dtype, device: torch.device) -> T
     return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.to(device)
 
 
-NOISE_PERIOD_STRIDE = 0x9E37  # each further period of a tensor starts this far on in the table
-
-
-def noise_index(offset: Union[int, Tensor], i: Tensor) -> Tensor:
+def noise_index(offset: Union[int, Tensor], i: Union[int, Tensor]) -> Union[int, Tensor]:
     """Where element i of a tensor whose noise starts at ``offset`` reads the table: consecutive
     entries, the start moved on by NOISE_PERIOD_STRIDE every 65536 elements so that elements one
     period apart (a column of a 512-, 1024-, ... wide matrix) do not round with the same noise."""
@@ -440,7 +438,7 @@ def add_rounding_noise_(bits: Tensor, offsets: list[int], gather: Optional[bool]
     for row, offset in zip(bits, offsets):
         for start in range(0, numel, NOISE_PERIOD):
             length = min(NOISE_PERIOD, numel - start)
-            first = (offset + (start >> 16) * NOISE_PERIOD_STRIDE) & (NOISE_PERIOD - 1)
+            first = noise_index(offset, start)  # the period's first entry; the rest follow it
             row[start:start + length].add_(table[first:first + length])
     return bits
 
