@@ -524,6 +524,18 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
     return stacked
 
 
+def _bucket_stack(states: list[dict], key: str, params: list[Tensor], shape: tuple[int, ...],
+                  cache: dict) -> Optional[Tensor]:
+    """A bucket's state ``key`` stacked (None where it has none): (B, *shape) for per-element
+    state, (B,) for per-tensor scalars, (B, rows) for ALLoRA, (B, bytes) for packed bits."""
+    if key not in states[0]:
+        return None
+    own_shape = states[0][key].shape
+    # By key, not by shape: a 0-d parameter's per-element state is 0-d like its scalars.
+    per_element = key not in _PER_TENSOR_STATE and own_shape == params[0].shape
+    return _stacked_state(states, key, shape if per_element else tuple(own_shape), cache)
+
+
 def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
     """Write a stack (a copy, see ``_gathers_as_view``) back into its tensors."""
     if _share_shape(tensors):  # one reshape instead of a view per tensor
@@ -699,14 +711,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     noise_offsets = [rounding_noise_offset(seed) for seed in state_seeds] if compact else None
 
     def state(key: str) -> Optional[Tensor]:
-        """(B, *shape) for per-element state, (B,) for per-tensor scalars, (B, rows) for ALLoRA,
-        (B, bytes) for packed bits."""
-        if key not in states[0]:
-            return None
-        own_shape = states[0][key].shape
-        # By key, not by shape: a 0-d parameter's per-element state is 0-d like its scalars.
-        per_element = key not in _PER_TENSOR_STATE and own_shape == params[0].shape
-        return _stacked_state(states, key, shape if per_element else tuple(own_shape), stack_cache)
+        return _bucket_stack(states, key, params, shape, stack_cache)
 
     grad = _gather(grads, shape, state_dtype)
     grad_is_copy = not _gathers_as_view(grads, state_dtype)

@@ -771,16 +771,9 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         return False
     shape = core._matrix_shape(params[0].shape)
 
-    def state(key: str) -> Optional[torch.Tensor]:
-        if key not in states[0]:
-            return None
-        own_shape = states[0][key].shape
-        per_element = key not in core._PER_TENSOR_STATE and own_shape == params[0].shape  # 0-d params
-        return core._stacked_state(states, key, shape if per_element else tuple(own_shape), stack_cache)
-
-    stacks = dict(exp_avg=state("exp_avg"), lr_mask=state("lr_mask"), polarity=state("polarity"),
-                  initial_weight=state("initial_weight"), avg_lr=state("avg_lr"), avg_lr_max=state("avg_lr_max"),
-                  row_scaling=state("row_scaling"), lr_decay=state("lr_decay"), decay_rate=state("decay_rate"))
+    stacks = {key: core._bucket_stack(states, key, params, shape, stack_cache)
+              for key in ("exp_avg", "lr_mask", "polarity", "initial_weight", "avg_lr", "avg_lr_max",
+                          "row_scaling", "lr_decay", "decay_rate")}
     if not all(t.is_contiguous() for t in stacks.values() if t is not None):
         return False
     bf16 = params[0].dtype == torch.bfloat16
