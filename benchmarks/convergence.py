@@ -202,15 +202,20 @@ FIXES = {
     "lora_real": (
         ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
         ("no post-warm-up decay (decay_floor=1)", dict(decay_floor=1.0)),
+        ("the document's decay (over warmup_steps, floor 0.1)", dict(decay_horizon="warmup", decay_floor=0.1)),
         ("relative_bump=0.05", dict(relative_bump=0.05)),
-        ("mask frozen at lr (lr_bump=0)", dict(lr_bump=0.0)),
+        ("relative_bump=0.5", dict(relative_bump=0.5)),
+        ("mask frozen at lr (relative_bump=0)", dict(relative_bump=0.0)),
         ("warm-up advice + decay over the run to 0",
          dict(warmup_steps="{half}", decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
     ),
     "full_real": (
-        ("relative_bump=0.2", dict(relative_bump=0.2)),
-        ("warm-up advice + relative_bump=0.2", dict(warmup_steps="{half}", relative_bump=0.2)),
+        # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)
+        ("relative_bump=0.2, fp32 state", dict(relative_bump=0.2, state_precision="fp32")),
+        ("warm-up advice + relative_bump=0.2, fp32 state",
+         dict(warmup_steps="{half}", relative_bump=0.2, state_precision="fp32")),
         ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
+        ("no post-warm-up decay (decay_floor=1)", dict(decay_floor=1.0)),
     ),
 }
 
@@ -218,6 +223,15 @@ FIXES = {
 def _fill(over: dict, steps: int) -> dict:
     return {k: (int(v.format(steps=steps, half=advice_warmup(steps))) if isinstance(v, str) and "{" in v else v)
             for k, v in over.items()}
+
+
+def compact_state_kwargs(preset: dict, precision: str) -> dict:
+    """The preset with a compact state. A compact mask is a lattice of absolute lr_bump steps, so a
+    relative bump becomes the same absolute move (relative_bump x lr) as lr_bump."""
+    kw = dict(preset, state_precision=precision)
+    if kw.get("relative_bump") is not None:
+        kw["lr_bump"] = kw.pop("relative_bump") * kw["lr"]
+    return kw
 
 
 def doc_warmup(total_steps: int) -> int:
@@ -632,7 +646,9 @@ def run_specs(task: str, steps: int, presets: dict, what: str) -> list[dict]:
         pname = PRESET_FOR_TASK[task]
         for precision in STATE_PRECISIONS:
             specs.append(dict(name=f"{pname} preset, {precision} state", kind="automagic", group="precision",
-                              preset=pname, kwargs=dict(presets[pname], state_precision=precision)))
+                              preset=pname, kwargs=compact_state_kwargs(presets[pname], precision)))
+            if real:
+                continue  # the real-scale runs already reach every phase
             specs.append(dict(name=f"{pname}+doc warm-up, {precision} state", kind="automagic",
                               group="precision_docwu", preset=pname,
                               kwargs=dict(presets[pname], warmup_steps=wu, state_precision=precision)))
