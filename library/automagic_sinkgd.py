@@ -250,6 +250,15 @@ def post_warmup_decay_rate(avg_lr: Tensor, avg_lr_max: Tensor, warmup_steps: int
     return avg_lr / avg_lr_max / steps
 
 
+def warmup_length(warmup_steps: Union[int, float], total_steps: Optional[int]) -> int:
+    """The warm-up in steps: an integer count (the document), or a share in (0, 1) of the run's
+    total_steps (opt-in, as kohya reads its own --lr_warmup_steps), so that the phase split
+    follows the run length: a 300-step run leaves warm-up, a 5000-step run adapts longer."""
+    if isinstance(warmup_steps, float):
+        return max(1, round(warmup_steps * total_steps))
+    return warmup_steps
+
+
 def relative_lr_bump(lr_bump: float, relative_bump: Optional[float], base_lr: float) -> float:
     """One mask move: the absolute ``lr_bump`` (the document), or ``relative_bump`` x the group's
     base lr (opt-in), so the mask's random walk keeps the same size relative to its starting
@@ -824,7 +833,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         beta1: momentum decay, in [0, 1).
         d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
         weight_decay: decoupled, gradient-aware weight decay strength (first half of warm-up).
-        warmup_steps: steps during which the mask adapts; >= 1.
+        warmup_steps: steps during which the mask adapts: an integer >= 1, or a share in (0, 1)
+            of total_steps (opt-in, kohya's --lr_warmup_steps convention; the kohya hook and the
+            built-in trainer use 0.25 when neither your arguments nor the preset set it).
         full_finetune: False = LoRA mode (4 SinkGD iterations, ALLoRA), True = 5 iterations.
         orthograd: apply OrthoGrad to matrix updates after warm-up.
         stats_update_freq: refresh the group's gradient statistics every N steps; >= 1.
@@ -975,8 +986,12 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         _check_range("d_coef" + where, get("d_coef"), get("d_coef") >= 1, "d_coef >= 1 (1 disables it)")
         _check_range("weight_decay" + where, get("weight_decay"), get("weight_decay") >= 0, "weight_decay >= 0")
         warmup = get("warmup_steps")
-        _check_range("warmup_steps" + where, warmup, isinstance(warmup, int) and warmup >= 1,
-                     "an integer >= 1")
+        share = isinstance(warmup, float) and 0 < warmup < 1
+        _check_range("warmup_steps" + where, warmup,
+                     share or (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 1),
+                     "an integer >= 1 (steps), or a number in (0, 1): that share of total_steps")
+        _check_range("warmup_steps" + where, warmup, not share or get("total_steps") is not None,
+                     "a share in (0, 1) together with total_steps (kohya's max_train_steps), or an integer >= 1")
         freq = get("stats_update_freq")
         _check_range("stats_update_freq" + where, freq, isinstance(freq, int) and freq >= 1,
                      "an integer >= 1")
@@ -1021,7 +1036,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             return self._init_compact_state(p, group)
         state = self.state[p]
         state_dtype = torch.promote_types(p.dtype, torch.float32)
-        warmup = group["warmup_steps"]
+        warmup = warmup_length(group["warmup_steps"], group["total_steps"])
         # The mask starts at the group's base lr: kohya's schedulers with warm-up put 0 into
         # group["lr"] at step 0 and keep the base in "initial_lr".
         start_lr = _start_lr(group.get("initial_lr", group["lr"]))
@@ -1045,7 +1060,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         """The layout of ``state_precision="bf16"`` (see the class docstring); per-tensor scalars
         stay float32."""
         state = self.state[p]
-        warmup = group["warmup_steps"]
+        warmup = warmup_length(group["warmup_steps"], group["total_steps"])
         start_lr = _start_lr(group.get("initial_lr", group["lr"]))
         codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
         state["step"] = 0
@@ -1078,7 +1093,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         """Advance the tensor's own step counter; free state its next phases no longer need."""
         state["step"] += 1
         t = state["step"]
-        warmup = group["warmup_steps"]
+        warmup = warmup_length(group["warmup_steps"], group["total_steps"])
         freed = False
         if t >= warmup / 2:
             freed = state.pop("initial_weight", None) is not None
@@ -1220,7 +1235,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
                 t = self._advance_phase(state, group)
                 is_matrix = p.ndim >= 2
-                phase = _Phase(t, group["warmup_steps"], group["orthograd"], is_matrix)
+                phase = _Phase(t, warmup_length(group["warmup_steps"], group["total_steps"]), group["orthograd"], is_matrix)
                 needs_stats |= phase.early and group["weight_decay"] > 0
                 key = (_matrix_shape(p.shape), p.dtype, p.device, phase.key(),
                        "row_scaling" in state, "initial_weight" in state, "polarity" in state)
@@ -1317,7 +1332,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             group["group_step"] = t
             group["lr_max"] = _running_max(group["lr_max"], group["lr"])
             gather[:] = [t, None, None, None]
-        phase = _Phase(t, group["warmup_steps"], group["orthograd"], p.ndim >= 2)
+        phase = _Phase(t, warmup_length(group["warmup_steps"], group["total_steps"]), group["orthograd"], p.ndim >= 2)
         if phase.early and group["weight_decay"] > 0 and self._stats_due(group):
             flat = grad.reshape(-1)
             sums = self._finite_sums(torch.linalg.vector_norm(flat, 1).view(1),

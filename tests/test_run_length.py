@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from library import kohya_hook
-from library.automagic_sinkgd import Automagic_Sinkgd
+from library.automagic_sinkgd import Automagic_Sinkgd, warmup_length
 from library.kohya_hook import wrap_get_optimizer, wrap_get_scheduler_fix
 from library.optimizer_factory import with_run_length
 
@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 
 def test_with_run_length_fills_only_what_the_user_left_out():
     assert with_run_length("automagic_sinkgd", {"warmup_steps": 9}, 1600) == {"warmup_steps": 9, "total_steps": 1600}
-    assert with_run_length("Automagic_Sinkgd", {"total_steps": 50}, 1600) == {"total_steps": 50}
+    assert with_run_length("Automagic_Sinkgd", {"total_steps": 50}, 1600) == {"total_steps": 50, "warmup_steps": 0.25}
+    assert with_run_length("automagic_sinkgd", {}, 1600) == {"total_steps": 1600, "warmup_steps": 0.25}
     assert with_run_length("AdamW", {"weight_decay": 0.1}, 1600) == {"weight_decay": 0.1}
     assert with_run_length("automagic_sinkgd", {}, None) == {}
 
@@ -100,3 +101,58 @@ def test_a_resumed_state_keeps_the_new_run_length():
                                    run_length=300)
     pinned.load_state_dict(saved)
     assert pinned.param_groups[0]["total_steps"] == 100
+
+
+def test_kohya_run_without_a_warmup_gets_a_quarter_of_the_final_length():
+    """No warmup_steps from the user or a preset: the phase split follows kohya's final
+    max_train_steps (a 300-step run leaves warm-up; the class default 500 never would)."""
+    _, args_text, opt = wrap_get_optimizer(lambda a, p: None)(_args(optimizer_args=None), _groups())
+    assert args_text == ""  # ss_optimizer metadata: only the user's own arguments
+    wrap_get_scheduler_fix(_kohya_scheduler)(_args(max_train_steps=300), opt, 1)
+    group = opt.param_groups[0]
+    assert group["warmup_steps"] == 0.25 and warmup_length(group["warmup_steps"], group["total_steps"]) == 75
+    _, _, pinned = wrap_get_optimizer(lambda a, p: None)(_args(optimizer_args=["warmup_steps=500"]), _groups())
+    assert pinned.param_groups[0]["warmup_steps"] == 500
+
+
+def _trajectory(steps: int, step_param: bool = False, **kwargs) -> list:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4)),
+              torch.nn.Parameter(torch.randn(5))]
+    opt = Automagic_Sinkgd(params, lr=1e-3, orthograd=True, stats_update_freq=1, **kwargs)
+    grads = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=grads)
+            if step_param:
+                opt.step_param(p, opt.param_groups[0])
+        if not step_param:
+            opt.step()
+    return [p.detach().clone() for p in params] + [opt.state[params[0]]["lr_decay"].clone()]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(foreach=False), dict(state_precision="bf16"),
+                                     dict(step_param=True), dict(decay_horizon="run", decay_floor=0.0)])
+def test_a_warmup_share_is_that_many_steps_in_every_phase(options):
+    """warmup_steps=0.25 of total_steps=16 steps exactly as warmup_steps=4: the phases, the
+    decay's slope, the state each phase frees, on the stacked, one-tensor, compact-state and
+    fused-backward paths."""
+    share = _trajectory(16, warmup_steps=0.25, total_steps=16, **options)
+    steps = _trajectory(16, warmup_steps=4, total_steps=16, **options)
+    assert all(torch.equal(a, b) for a, b in zip(share, steps))
+    other = _trajectory(16, warmup_steps=0.5, total_steps=16, **options)  # the share is read, not ignored
+    assert not torch.equal(share[0], other[0])
+
+
+def test_warmup_length():
+    assert warmup_length(500, None) == 500 and warmup_length(0.25, 730) == 182
+    assert warmup_length(0.001, 100) == 1  # never 0: the first step is a warm-up step
+
+
+@pytest.mark.parametrize("value, total, message", [
+    (0.25, None, "together with total_steps"), (1.5, 100, "share of total_steps"),
+    (0.0, 100, "share of total_steps"), (True, 100, "share of total_steps"), (0, 100, "share of total_steps")])
+def test_a_bad_warmup_is_a_clear_error(value, total, message):
+    with pytest.raises(ValueError, match="warmup_steps") as error:
+        Automagic_Sinkgd(_groups()[0]["params"], lr=1e-4, warmup_steps=value, total_steps=total)
+    assert message in str(error.value)
