@@ -220,6 +220,7 @@ FIXES = {
          dict(warmup_steps="{half}", relative_bump=0.2, state_precision="fp32")),
         ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
         ("no post-warm-up decay (decay_floor=1)", dict(decay_floor=1.0)),
+        ("warmup_steps=0.25 (a quarter of the run)", dict(warmup_steps=0.25)),
     ),
 }
 
