@@ -202,7 +202,7 @@ def test_env_var_script_choice_and_user_config(fake_sd_scripts, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert result["argv0"].endswith("fine_tune.py") and result["cwd"] == str(tmp_path)
     assert result["group_lrs"][0] == 3e-4 and result["defaults"]["beta1"] == 0.8
-    assert result["defaults"]["full_finetune"] is True and result["defaults"]["warmup_steps"] == 1000
+    assert result["defaults"]["full_finetune"] is True and result["defaults"]["warmup_steps"] == 0.25
 
 
 def test_other_optimizers_reach_kohya_unchanged(fake_sd_scripts, tmp_path):
