@@ -214,6 +214,20 @@ def automagic_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Ten
     return lr_mask.add_(up).addcmul_(flips, up + down, value=-1.0).clamp_(min_lr, max_lr)
 
 
+def rprop_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Tensor,
+                       min_lr: float, max_lr: float) -> Tensor:
+    """Rprop's multiplicative step-size rule (Riedmiller & Braun 1993) on the mask (in place):
+    multiply an element's lr by (1 + up) while its gradient keeps its sign, divide it by
+    (1 + down) when the sign flips, clamp to [min_lr, max_lr]. A move is relative to the element's
+    own lr, so the steps it takes to reach a rate grow with the log of the distance, not the
+    distance: the same adaptation time at any LoRA alpha or weight scale. ``flips`` (1.0 / 0.0)
+    is used up as scratch."""
+    grow = _per_tensor(1.0 + up, lr_mask)
+    shrink = _per_tensor(1.0 / (1.0 + down), lr_mask)
+    # factor = grow where the sign held, shrink where it flipped
+    return lr_mask.mul_(flips.mul_(shrink - grow).add_(grow)).clamp_(min_lr, max_lr)
+
+
 def vradam_brake(exp_avg: Tensor) -> Tensor:
     """VRAdam (arXiv 2505.13196): velocity-regularised step, 1 / (1 + min(3 * ||m||^2, 10)) per tensor."""
     return 1.0 / (1.0 + (3.0 * _batched_sq_norm(exp_avg)).clamp_max(10.0))
@@ -596,7 +610,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
                  warmup: bool, early: bool, use_orthograd: bool, post: bool, is_matrix: bool,
                  beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
-                 grad_is_copy: bool, decay_floor: float = 0.1) -> Tensor:
+                 grad_is_copy: bool, decay_floor: float = 0.1, mask_rule: str = "additive") -> Tensor:
     """Steps 2-9 of the step (t >= 2) on stacked tensors (B, ...), tensor code only: no host
     reads. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max, lr_decay and ``weight`` (the
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
@@ -625,7 +639,8 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
             signal = prodigy_signal(grad, weight, initial_weight)
         up, down = prodigy_bumps(lr_bump, d_coef, signal, batch, lr_mask)
         flips = sign_flips_(grad, polarity, keep=finite)
-        automagic_mask_update_(lr_mask, flips, up * finite_f, down * finite_f, min_lr, max_lr)
+        mask_update_ = rprop_mask_update_ if mask_rule == "multiplicative" else automagic_mask_update_
+        mask_update_(lr_mask, flips, up * finite_f, down * finite_f, min_lr, max_lr)
         del flips
         avg_lr.copy_(lr_mask.reshape(batch, -1).mean(dim=1))
         avg_lr_max.copy_(torch.maximum(avg_lr_max, avg_lr))
@@ -690,7 +705,7 @@ def _fused_kernels():
 def _fused_phase(group: dict, phase: _Phase) -> bool:
     """Whether the fused kernels are asked for and cover this phase: from t = 2 (ADOPT's first
     step is eager)."""
-    return bool(group.get("fused")) and not phase.first
+    return bool(group.get("fused")) and not phase.first and group.get("mask_rule", "additive") == "additive"
 
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
@@ -757,7 +772,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"])
+        grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"], mask_rule=group["mask_rule"])
     if params[0].dtype == state_dtype:
         if not _gathers_as_view(params, state_dtype):  # else the math ran on the parameter itself
             _scatter(new_weight, params)
@@ -803,7 +818,9 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 
 
 # Settings added after the document (opt-in), with the values that give the document's step.
-_OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None)
+_OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
+                        mask_rule="additive")
+MASK_RULES = ("additive", "multiplicative")
 
 
 def _check_range(name: str, value: Any, ok: bool, allowed: str, hint: str = "") -> None:
@@ -828,7 +845,13 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             warmup_steps after warm-up; "run" (opt-in) over the rest of the run, up to total_steps.
         decay_floor: floor of the post-warm-up decay, in [0, 1] (0.1 in the document; 1 = no decay).
         total_steps: the run's planned optimizer steps (needed by decay_horizon="run"); the kohya
-            hook and the built-in trainer fill it from max_train_steps unless it is set.
+            hook and the built-in trainer fill it from max_train_steps unless it is set. A resumed
+            run with another total_steps re-plans the post-warm-up decay to end at the new length
+            (a warm-up that has ended stays ended).
+        mask_rule: "additive" (default, the document: one move adds or subtracts lr_bump) or
+            "multiplicative" (opt-in, Rprop's rule: one move multiplies or divides the element's lr
+            by 1 + relative_bump, so the mask reaches a rate 100x away as fast as one 10x away;
+            needs relative_bump and state_precision="fp32"; eager step only).
         eta: ALLoRA strength (LoRA mode matrices); > 0.
         beta1: momentum decay, in [0, 1).
         d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
@@ -869,14 +892,16 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  grams: bool = True, vradam: bool = True, allora: bool = True,
                  state_precision: str = "fp32", foreach: Optional[bool] = None,
                  fused: Optional[bool] = None, relative_bump: Optional[float] = None,
-                 decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None):
+                 decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None,
+                 mask_rule: str = "additive"):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
                         stats_update_freq=stats_update_freq, sinkgd_iters=sinkgd_iters, grams=grams,
                         vradam=vradam, allora=allora, state_precision=state_precision, fused=fused,
                         foreach=foreach, mask_min_lr=min_lr, mask_max_lr=max_lr, relative_bump=relative_bump,
-                        decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps)
+                        decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps,
+                        mask_rule=mask_rule)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -891,6 +916,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         self._stack_owner: dict[int, tuple] = {}  # parameter id -> the chunk whose stacks hold its state
         self._counts_cache: dict[int, tuple] = {}  # per group, see _element_counts
         self._workspaces: dict[tuple, Tensor] = {}  # a compact state's float32 loads, see _workspace
+        self._replanned = False  # the decay re-planned for a new total_steps (warned once)
 
     def __getstate__(self) -> dict:
         pickled = super().__getstate__()
@@ -1024,6 +1050,15 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         _check_range("total_steps" + where, total,
                      total is None or (isinstance(total, int) and not isinstance(total, bool) and total >= 1),
                      "None or an integer >= 1 (the run's planned optimizer steps)")
+        rule = get("mask_rule", "additive")
+        _check_range("mask_rule" + where, rule, rule in MASK_RULES, " or ".join(repr(r) for r in MASK_RULES))
+        if rule == "multiplicative":
+            _check_range("relative_bump" + where, rel, rel is not None and rel > 0,
+                         "a number in (0, 1] with mask_rule='multiplicative': one move multiplies the "
+                         "element's lr by 1 + relative_bump (e.g. 0.05)")
+            _check_range("mask_rule" + where, rule, precision == "fp32",
+                         "'additive' with state_precision='bf16' (its 16-bit mask is a lattice of lr_bump "
+                         "steps); 'multiplicative' needs state_precision='fp32'")
         horizon = get("decay_horizon")
         _check_range("decay_horizon" + where, horizon, horizon in ("warmup", "run"), "'warmup' or 'run'")
         _check_range("decay_horizon" + where, horizon, horizon != "run" or total is not None,
@@ -1089,11 +1124,21 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             encode_lr_mask_(state["lr_mask"], mask, codec)
             state["lr_mask_codec"] = codec
 
+    @staticmethod
+    def _warmup_of(state: dict, group: dict) -> int:
+        """This tensor's warm-up in steps: the planned one, or, once it has ended, the length it
+        ended at. A resumed run with a longer total_steps moves a share-based warm-up's end, but
+        a warm-up that has ended has freed its sign history: it must stay ended."""
+        ended = state.get("warmup_ended")
+        return ended if ended is not None else warmup_length(group["warmup_steps"], group["total_steps"])
+
     def _advance_phase(self, state: dict, group: dict) -> int:
         """Advance the tensor's own step counter; free state its next phases no longer need."""
         state["step"] += 1
         t = state["step"]
-        warmup = warmup_length(group["warmup_steps"], group["total_steps"])
+        if "lr_decay" in state and "warmup_ended" not in state:  # saved before the end was recorded
+            state["warmup_ended"] = min(warmup_length(group["warmup_steps"], group["total_steps"]), t - 1)
+        warmup = self._warmup_of(state, group)
         freed = False
         if t >= warmup / 2:
             freed = state.pop("initial_weight", None) is not None
@@ -1109,7 +1154,27 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state["decay_rate"] = post_warmup_decay_rate(state["avg_lr"], state["avg_lr_max"], warmup,
                                                              group["decay_horizon"], group["total_steps"])
                 state["lr_decay"] = torch.ones_like(state["avg_lr"])
+                state["warmup_ended"] = warmup
+                state["decay_total"] = group["total_steps"]
+            elif group["decay_horizon"] == "run" and state.get("decay_total") != group["total_steps"]:
+                self._replan_decay(state, group, t, warmup)
         return t
+
+    def _replan_decay(self, state: dict, group: dict, t: int, warmup: int) -> None:
+        """A run extended (or shortened) on resume: the decay over the rest of the run follows the
+        new total_steps, as if the run had been planned at that length from the end of warm-up
+        (kohya's own schedulers follow a new --max_train_steps the same way). In place, so the
+        stacked views of the state stay valid."""
+        rate = post_warmup_decay_rate(state["avg_lr"], state["avg_lr_max"], warmup, "run", group["total_steps"])
+        state["decay_rate"].copy_(rate)
+        state["lr_decay"].copy_(1.0 - rate * (t - warmup))  # where the new plan stands before this step
+        if not self._replanned:
+            import warnings
+            warnings.warn(f"Automagic_Sinkgd: total_steps changed from {state.get('decay_total')} to "
+                          f"{group['total_steps']} after warm-up: the post-warm-up decay now ends at step "
+                          f"{group['total_steps']}.", RuntimeWarning, stacklevel=2)
+            self._replanned = True
+        state["decay_total"] = group["total_steps"]
 
     def _workspace(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A buffer kept between steps for a compact state's float32 load,
@@ -1196,8 +1261,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         if group["sinkgd_iters"] is None:
             group = {**group, "sinkgd_iters": 5 if group["full_finetune"] else 4}
         if group["relative_bump"] is not None:
-            base_lr = group.get("initial_lr", group["lr"])
-            group = {**group, "lr_bump": relative_lr_bump(group["lr_bump"], group["relative_bump"], base_lr)}
+            if group["mask_rule"] == "multiplicative":  # a move relative to the element's own lr
+                group = {**group, "lr_bump": group["relative_bump"]}
+            else:
+                base_lr = group.get("initial_lr", group["lr"])
+                group = {**group, "lr_bump": relative_lr_bump(group["lr_bump"], group["relative_bump"], base_lr)}
         return group
 
     @staticmethod
@@ -1235,7 +1303,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
                 t = self._advance_phase(state, group)
                 is_matrix = p.ndim >= 2
-                phase = _Phase(t, warmup_length(group["warmup_steps"], group["total_steps"]), group["orthograd"], is_matrix)
+                phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], is_matrix)
                 needs_stats |= phase.early and group["weight_decay"] > 0
                 key = (_matrix_shape(p.shape), p.dtype, p.device, phase.key(),
                        "row_scaling" in state, "initial_weight" in state, "polarity" in state)
@@ -1332,7 +1400,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             group["group_step"] = t
             group["lr_max"] = _running_max(group["lr_max"], group["lr"])
             gather[:] = [t, None, None, None]
-        phase = _Phase(t, warmup_length(group["warmup_steps"], group["total_steps"]), group["orthograd"], p.ndim >= 2)
+        phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], p.ndim >= 2)
         if phase.early and group["weight_decay"] > 0 and self._stats_due(group):
             flat = grad.reshape(-1)
             sums = self._finite_sums(torch.linalg.vector_norm(flat, 1).view(1),

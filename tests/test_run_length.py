@@ -84,9 +84,9 @@ def test_builtin_trainer_hands_its_run_length(tmp_path, monkeypatch):
     assert {g["total_steps"] for g in saved["param_groups"]} == {40}
 
 
-def test_a_resumed_state_keeps_the_new_run_length():
-    """Extending a run (--resume with a larger max_train_steps) decays over the new length; a
-    total_steps the user set is a saved setting like any other."""
+def test_a_user_set_total_steps_is_a_saved_setting():
+    """The trainer's run length follows a resume; a total_steps the user set is a saved setting
+    like any other."""
     from library.optimizer_factory import build_optimizer
 
     params = [torch.nn.Parameter(torch.randn(4, 3))]
@@ -101,6 +101,105 @@ def test_a_resumed_state_keeps_the_new_run_length():
                                    run_length=300)
     pinned.load_state_dict(saved)
     assert pinned.param_groups[0]["total_steps"] == 100
+
+
+# The lora preset's schedule: a quarter of the run in warm-up, then a decay to 0 at the run's end.
+LORA_SCHEDULE = ["warmup_steps=0.25", "decay_horizon='run'", "decay_floor=0.0", "relative_bump=0.2", "max_lr=1e-3"]
+
+
+def _kohya_built(steps: int, params: list) -> Automagic_Sinkgd:
+    """The optimizer as kohya builds it through the hook: get_optimizer with the command line's
+    length, then get_scheduler_fix with the final one."""
+    _, _, opt = wrap_get_optimizer(lambda a, p: None)(
+        _args(optimizer_args=LORA_SCHEDULE, max_train_steps=steps), [{"params": params, "lr": 1e-4}])
+    wrap_get_scheduler_fix(_kohya_scheduler)(_args(max_train_steps=steps), opt, 1)
+    return opt
+
+
+def _train(opt, params, steps: int, grads: torch.Generator) -> None:
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=grads)
+        opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:Automagic_Sinkgd. total_steps changed")
+def test_extending_a_run_on_resume_follows_the_new_length():
+    """Train N = 40 steps (warm-up 10, decay to 0 at step 40), resume with 3N: the run keeps
+    training, its decay now ends at 3N, and the warm-up that ended stays ended."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))]
+    grads = torch.Generator().manual_seed(1)
+    first = _kohya_built(40, params)
+    _train(first, params, 40, grads)
+    saved, at_40 = first.state_dict(), [p.detach().clone() for p in params]
+    assert float(first.state[params[0]]["lr_decay"]) <= 0.05  # this run's decay is (almost) spent
+
+    longer = _kohya_built(120, params)
+    longer.load_state_dict(saved)
+    _train(longer, params, 20, grads)  # to step 60 = 1.5 N
+    state = longer.state[params[0]]
+    assert state["step"] == 60 and state["warmup_ended"] == 10 and "polarity" not in state
+    rate = float(state["avg_lr"] / state["avg_lr_max"]) / (120 - 10)
+    # after step t the decay stands at 1 - (t - W + 1) x rate, on the new plan
+    assert float(state["lr_decay"]) == pytest.approx(1 - (60 - 10 + 1) * rate, rel=1e-5)
+    assert float(longer.effective_lrs()[0]) > 0
+    assert all(not torch.equal(p, q) for p, q in zip(params, at_40))  # the extension trained
+
+
+@pytest.mark.filterwarnings("ignore:Automagic_Sinkgd. total_steps changed")
+def test_a_longer_run_that_moves_the_warmup_end_past_the_saved_step_does_not_restart_it():
+    """8 steps (a share-based warm-up of 2), resumed at 40 steps (a warm-up of 10 > 8): the sign
+    history was freed at step 2, so the warm-up must not restart (it crashed in sign_flips_)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4))]
+    grads = torch.Generator().manual_seed(1)
+    first = _kohya_built(8, params)
+    _train(first, params, 8, grads)
+    longer = _kohya_built(40, params)
+    longer.load_state_dict(first.state_dict())
+    before = params[0].detach().clone()
+    _train(longer, params, 4, grads)
+    assert longer.state[params[0]]["warmup_ended"] == 2 and not torch.equal(before, params[0])
+
+
+def test_an_unchanged_length_resumes_bit_for_bit():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4))]
+    start = params[0].detach().clone()
+    straight = _kohya_built(40, params)
+    _train(straight, params, 40, torch.Generator().manual_seed(1))
+    end = params[0].detach().clone()
+    with torch.no_grad():
+        params[0].copy_(start)
+    grads = torch.Generator().manual_seed(1)
+    first = _kohya_built(40, params)
+    _train(first, params, 25, grads)
+    second = _kohya_built(40, params)
+    second.load_state_dict(first.state_dict())
+    _train(second, params, 15, grads)
+    assert torch.equal(params[0], end)
+
+
+def test_builtin_trainer_extends_a_run(tmp_path, monkeypatch):
+    """The built-in trainer: 8 steps with --save_state, then --resume with --max_train_steps 24
+    (the warm-up share's end moves past the saved step): no crash, and the LoRA keeps training."""
+    from safetensors.torch import load_file
+
+    from builtin_fixtures import base_args, build_dataset, build_tiny_pipeline
+    from library.builtin.trainer import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, data = build_tiny_pipeline(tmp_path / "model"), build_dataset(tmp_path / "data")
+    automagic = ["--optimizer_type", "automagic_sinkgd", "--learning_rate", "1e-4", "--save_state",
+                 "--optimizer_args", *LORA_SCHEDULE]
+    assert main(base_args(model, data, tmp_path / "a", 8) + automagic) == 0
+    assert main(base_args(model, data, tmp_path / "b", 24) + automagic
+                + ["--resume", str(tmp_path / "a" / "tiny-state")]) == 0
+    a, b = load_file(str(tmp_path / "a" / "tiny.safetensors")), load_file(str(tmp_path / "b" / "tiny.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_up" in k)
+    saved = torch.load(tmp_path / "b" / "tiny-state" / "optimizer.bin", weights_only=True)
+    assert {g["total_steps"] for g in saved["param_groups"]} == {24}
 
 
 def test_kohya_run_without_a_warmup_gets_a_quarter_of_the_final_length():

@@ -1,0 +1,490 @@
+#!/usr/bin/env python
+"""Robustness matrix: does one preset beat tuned AdamW and Prodigy at every LoRA scale, model
+weight scale and run length a user trains with?
+
+Every cell is a (task family, scale, run length) a kohya user can meet. Each optimizer's value in
+a cell is its final held-out loss divided by the best final loss of an AdamW learning-rate search
+in that cell (lower is better; 1.00 = as good as tuned AdamW). The AdamW search walks a
+half-decade grid (x sqrt(10)) from a start point until the best point has a worse point on both
+sides, so the best is never at an edge of what was tried.
+
+Task families (all CPU-sized, no downloads):
+
+* ``digits``: the convergence benchmark's image-diffusion task (benchmarks/convergence.py: SD-style
+  cross-attention U-Net, epsilon prediction on sklearn's digits, LoRA on the transformer blocks'
+  Linears, classes 7-9 held out of the base model), with the smaller U-Net (channels 16, 24)
+  pretrained here on classes 0-6;
+* ``charlm``: a byte-level causal transformer (2 blocks, width 64) pretrained on the English
+  prose of CPython's bundled pydoc topics, LoRA-tuned on Python source code of standard-library
+  modules, evaluated on the code of other modules: different data, different loss (next-byte
+  cross-entropy);
+* ``digits_full``: the digits task, every U-Net weight trained, at weight scale 1 and as
+  ``s x W'`` (W' = W / s, the same function; an element-wise step of lr in W' moves W by s x lr,
+  as a large model's weights respond to a step more than the toy's).
+
+LoRA scales: kohya's ``alpha / rank`` with alpha = 1 (kohya's default), alpha = rank, and alpha =
+16 x rank. Run lengths: a short and a long run per family (``--lengths``).
+
+Optimizers in each cell: AdamW (the search), Prodigy with kohya's usual settings (d_coef 1,
+safeguard_warmup, use_bias_correction, weight_decay 0.01), the shipped presets (read from
+``configs/*.toml``, ``total_steps`` = the run length as kohya's hook passes it), and candidate
+preset changes (``CANDIDATES``). Results are cached per (cell, optimizer, seed) in the JSON, so an
+interrupted or extended run continues where it stopped.
+
+Usage::
+
+    python benchmarks/robustness.py                       # the whole matrix, 2 seeds
+    python benchmarks/robustness.py --families charlm --seeds 0
+    python benchmarks/robustness.py --only "preset lora"   # one optimizer row, every cell
+    python benchmarks/robustness.py --report-only          # table + heatmap from the JSON
+
+Outputs in ``--out`` (default benchmarks/results/robustness): ``robustness.json``,
+``robustness.md`` (the matrix per optimizer), ``robustness.png`` (heatmaps).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import convergence as conv  # noqa: E402
+
+OUT_DEFAULT = REPO_ROOT / "benchmarks" / "results" / "robustness"
+LORA_RANK = 8
+ALPHAS = {"alpha=1": lambda r: 1.0, "alpha=rank": lambda r: float(r), "alpha=16xrank": lambda r: 16.0 * r}
+FULL_SCALES = {"W": 1.0, "16xW'": 16.0}
+LENGTHS = {"digits": (200, 600), "charlm": (200, 1000), "digits_full": (150, 600)}
+ADAMW_START = {"digits": 3e-3, "charlm": 3e-3, "digits_full": 3e-4}
+HALF_DECADE = math.sqrt(10.0)
+DIGITS_PRETRAIN_STEPS = 400
+
+# Candidate preset changes, measured on the whole matrix: (label, preset, overrides).
+CANDIDATES: tuple = (
+    ("multiplicative mask 0.2, max_lr=0.1", "lora",
+     dict(mask_rule="multiplicative", relative_bump=0.2, max_lr=0.1)),
+    ("multiplicative mask 0.1, max_lr=0.1", "lora",
+     dict(mask_rule="multiplicative", relative_bump=0.1, max_lr=0.1)),
+    ("warmup_steps=0.25, multiplicative mask 0.2, max_lr=0.1", "high_performance",
+     dict(warmup_steps=0.25, mask_rule="multiplicative", relative_bump=0.2, max_lr=0.1)),
+    ("multiplicative mask 0.2, max_lr=0.01, fp32 state", "full",
+     dict(mask_rule="multiplicative", relative_bump=0.2, max_lr=0.01, state_precision="fp32")),
+)
+
+# --------------------------------------------------------------------------------------
+# char-level language model
+# --------------------------------------------------------------------------------------
+
+CTX, WIDTH, HEADS, BLOCKS, VOCAB = 64, 64, 4, 2, 128
+PRETRAIN_STEPS, PRETRAIN_BATCH = 800, 32
+FT_BATCH = 16
+
+
+def _stdlib_text(*names: str) -> bytes:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return b"".join((root / n).read_bytes() for n in names)
+
+
+class CharData:
+    """Pretraining: pydoc's topic texts (English prose). Fine-tuning: Python source of a few
+    standard-library modules; validation: other modules' source (fixed windows)."""
+
+    def __init__(self):
+        def ascii_ids(raw: bytes) -> torch.Tensor:
+            return torch.tensor(list(raw), dtype=torch.int64).clamp_(max=VOCAB - 1)
+
+        self.pre = ascii_ids(_stdlib_text("pydoc_data/topics.py"))
+        self.train = ascii_ids(_stdlib_text("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py"))
+        val = ascii_ids(_stdlib_text("calendar.py"))
+        g = torch.Generator().manual_seed(777)
+        starts = torch.randint(0, len(val) - CTX - 1, (256,), generator=g)
+        self.val = torch.stack([val[s:s + CTX + 1] for s in starts.tolist()])
+
+    @staticmethod
+    def batch(ids: torch.Tensor, gen: torch.Generator, bs: int) -> torch.Tensor:
+        starts = torch.randint(0, len(ids) - CTX - 1, (bs,), generator=gen)
+        return torch.stack([ids[s:s + CTX + 1] for s in starts.tolist()])
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.q, self.k, self.v, self.o = (nn.Linear(WIDTH, WIDTH) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.ln1(x)
+        q, k, v = (m(h).view(b, t, HEADS, WIDTH // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, WIDTH)
+        x = x + self.o(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class CharLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.pos = nn.Parameter(torch.zeros(CTX, WIDTH))
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.ln = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids):
+        x = self.emb(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def char_loss(model, seqs: torch.Tensor) -> torch.Tensor:
+    logits = model(seqs[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
+
+
+def char_base_state(data: CharData, cache_dir: Path) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([CTX, WIDTH, HEADS, BLOCKS, VOCAB, PRETRAIN_STEPS, PRETRAIN_BATCH]).encode())
+    path = cache_dir / f"charlm_base_{key.hexdigest()[:10]}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    torch.manual_seed(1234)
+    model = CharLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(1234)
+    for s in range(PRETRAIN_STEPS):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / PRETRAIN_STEPS))
+        loss = char_loss(model, data.batch(data.pre, gen, PRETRAIN_BATCH))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conv.atomic_write(path, lambda tmp: save_file(state, tmp))
+    conv.log(f"charlm base: {PRETRAIN_STEPS} steps, final train loss {loss.item():.3f} -> {path.name}")
+    return state
+
+
+def inject_char_lora(model: CharLM, rank: int, alpha: float) -> list[nn.Parameter]:
+    params = []
+    for block in model.blocks:
+        for name in ("q", "k", "v", "o", "fc1", "fc2"):
+            lora = conv.LoRALinear(getattr(block, name), rank, alpha)
+            setattr(block, name, lora)
+            params += [lora.lora_down.weight, lora.lora_up.weight]
+    return params
+
+
+# --------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------
+
+class Context:
+    """Data and base weights, built once per family."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = cache_dir
+        self._digits = self._char = None
+
+    def digits(self):
+        if self._digits is None:
+            # the smaller U-Net, pretrained longer than the convergence benchmark's --quick smoke base
+            conv.QUICK_PRETRAIN = dict(conv.PRETRAIN, steps=DIGITS_PRETRAIN_STEPS)
+            data = conv.Data()
+            self._digits = (data, conv.get_base_state(data, self.cache_dir, quick=True))
+        return self._digits
+
+    def char(self):
+        if self._char is None:
+            data = CharData()
+            self._char = (data, char_base_state(data, self.cache_dir))
+        return self._char
+
+
+def _build(family: str, scale_name: str, ctx: Context, seed: int):
+    torch.manual_seed(seed)
+    if family == "charlm":
+        data, base = ctx.char()
+        model = CharLM()
+        model.load_state_dict(base)
+        model.requires_grad_(False)
+        params = inject_char_lora(model, LORA_RANK, ALPHAS[scale_name](LORA_RANK))
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        return model, params, (lambda: char_loss(model, data.batch(data.train, gen, FT_BATCH))), (
+            lambda: char_loss(model, data.val).item())
+    data, base = ctx.digits()
+    model = conv.make_unet(quick=True)
+    model.load_state_dict(base)
+    if family == "digits":
+        model.requires_grad_(False)
+        params = conv.inject_lora(model, rank=LORA_RANK, alpha=ALPHAS[scale_name](LORA_RANK))
+    elif FULL_SCALES[scale_name] != 1.0:
+        params = conv.scale_parametrize(model, FULL_SCALES[scale_name])
+    else:
+        params = list(model.parameters())
+    gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def train_loss():
+        xt, t, c, noise = data.batch(data.ft_x, data.ft_y, gen, 8)
+        return F.mse_loss(model(xt, t, c).sample, noise)
+
+    return model, params, train_loss, (lambda: conv.val_loss(model, data))
+
+
+def run_cell(family: str, scale: str, steps: int, spec: dict, seed: int, ctx: Context) -> dict:
+    model, params, train_loss, val_loss = _build(family, scale, ctx, seed)
+    model.train()
+    opt = conv.build_optimizer(spec, params, steps)
+    t0 = time.perf_counter()
+    status, loss = "ok", float("nan")
+    for s in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss_t = train_loss()
+        loss_t.backward()
+        opt.step()
+        if s % 50 == 0 or s == steps:
+            loss = loss_t.item()
+            if not math.isfinite(loss):
+                status = f"diverged at step {s}"
+                break
+    model.eval()
+    with torch.no_grad():
+        final = val_loss() if status == "ok" else float("inf")
+    return dict(final=final if math.isfinite(final) else float("inf"), status=status,
+                wall_s=round(time.perf_counter() - t0, 2))
+
+
+# --------------------------------------------------------------------------------------
+# the matrix
+# --------------------------------------------------------------------------------------
+
+def cells(families) -> list[tuple[str, str, int]]:
+    out = []
+    for family in families:
+        scales = FULL_SCALES if family == "digits_full" else ALPHAS
+        for scale in scales:
+            for steps in LENGTHS[family]:
+                out.append((family, scale, steps))
+    return out
+
+
+def cell_key(family: str, scale: str, steps: int) -> str:
+    return f"{family}|{scale}|{steps}"
+
+
+def preset_specs(family: str) -> list[dict]:
+    presets, _ = conv.load_presets()
+    names = ("full",) if family == "digits_full" else ("lora", "high_performance")
+    specs = [dict(name=f"preset {n}", kind="automagic", kwargs=dict(presets[n])) for n in names]
+    for label, preset, over in CANDIDATES:
+        if preset in names:
+            specs.append(dict(name=f"{preset}: {label}", kind="automagic", kwargs=dict(presets[preset], **over)))
+    return specs
+
+
+class Store:
+    """robustness.json: {"runs": {cell: {optimizer name: {seed: result}}}}, written after every run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+    def get(self, cell: str, name: str, seed: int):
+        return self.data["runs"].get(cell, {}).get(name, {}).get(str(seed))
+
+    def put(self, cell: str, name: str, seed: int, result: dict) -> None:
+        self.data["runs"].setdefault(cell, {}).setdefault(name, {})[str(seed)] = result
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conv.atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+
+
+def _run_cached(store: Store, cell: tuple, spec: dict, seed: int, ctx: Context) -> float:
+    key = cell_key(*cell)
+    hit = store.get(key, spec["name"], seed)
+    if hit is None:
+        hit = run_cell(*cell, spec, seed, ctx)
+        if spec["kind"] == "automagic":
+            hit["kwargs"] = {k: v for k, v in spec["kwargs"].items()}
+        store.put(key, spec["name"], seed, hit)
+        conv.log(f"{key:28s} seed {seed} {spec['name']:48s} {hit['final']:.5f} [{hit['wall_s']:.0f} s] {hit['status']}")
+    return hit["final"]
+
+
+def adamw_search(store: Store, cell: tuple, seed: int, ctx: Context) -> float:
+    """Best final loss of AdamW over a half-decade grid, walked until the best is bracketed."""
+    def at(lr: float) -> float:
+        lr = float(f"{lr:.3g}")
+        return _run_cached(store, cell, dict(name=f"AdamW lr={lr:g}", kind="adamw", lr=lr), seed, ctx)
+
+    lr = ADAMW_START[cell[0]]
+    best = at(lr)
+    for direction in (HALF_DECADE, 1 / HALF_DECADE):
+        while True:
+            nxt = lr * direction
+            value = at(nxt)
+            if value >= best:
+                break
+            lr, best = nxt, value
+    return best
+
+
+def run_matrix(args) -> None:
+    store = Store(Path(args.out) / "robustness.json")
+    ctx = Context(Path(args.cache))
+    store.data["machine"] = conv.machine_desc()
+    store.data["settings"] = dict(lora_rank=LORA_RANK, lengths=LENGTHS, adamw_weight_decay=conv.ADAMW_WEIGHT_DECAY,
+                                  prodigy=conv.PRODIGY_KWARGS)
+    for cell in cells(args.families):
+        if args.lengths and cell[2] not in args.lengths:
+            continue
+        seeds = args.seeds if (cell[2] == min(LENGTHS[cell[0]]) or not args.long_seeds) else args.long_seeds
+        for seed in seeds:
+            specs = preset_specs(cell[0])
+            if args.only:
+                specs = [s for s in specs if any(o.lower() in s["name"].lower() for o in args.only)]
+            else:
+                adamw_search(store, cell, seed, ctx)
+                _run_cached(store, cell, dict(name="Prodigy", kind="prodigy"), seed, ctx)
+            for spec in specs:
+                _run_cached(store, cell, spec, seed, ctx)
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+
+def ratios(store: Store) -> dict:
+    """{optimizer: {cell: (mean ratio over the seeds that have both, seeds)}} against the best
+    AdamW point of the same seed."""
+    out: dict = {}
+    for cell, rows in store.data["runs"].items():
+        adamw = [n for n in rows if n.startswith("AdamW")]
+        for name, by_seed in rows.items():
+            if name.startswith("AdamW"):
+                continue
+            values = []
+            for seed, result in by_seed.items():
+                best = [rows[a][seed]["final"] for a in adamw if seed in rows[a]]
+                if best:
+                    values.append(result["final"] / min(best))
+            if values:
+                out.setdefault(name, {})[cell] = (sum(values) / len(values), len(values))
+    return out
+
+
+def _cell_label(cell: str) -> str:
+    family, scale, steps = cell.split("|")
+    return f"{family} {scale} {steps}"
+
+
+def render_markdown(store: Store) -> str:
+    table = ratios(store)
+    all_cells = [cell_key(*c) for c in cells(("digits", "charlm", "digits_full"))]
+    present = [c for c in all_cells if c in store.data["runs"]]
+    names = sorted(table, key=lambda n: (not n.startswith("preset"), n != "Prodigy", n))
+    lines = ["# Robustness matrix", "",
+             "Final held-out loss / best AdamW of a half-decade search in the same cell (mean over seeds; "
+             "lower is better). Command: `python benchmarks/robustness.py` (see its docstring). "
+             f"Machine: {store.data.get('machine', '?')}.", "",
+             "| optimizer | " + " | ".join(_cell_label(c) for c in present) + " | worst |",
+             "|---|" + "---:|" * (len(present) + 1)]
+    for name in names:
+        row = table[name]
+        vals = [row.get(c) for c in present]
+        shown = [f"{v[0]:.3f}" + ("" if v[1] > 1 else "¹") if v else "" for v in vals]
+        worst = max((v[0] for v in vals if v), default=float("nan"))
+        lines.append(f"| {name} | " + " | ".join(shown) + f" | {worst:.3f} |")
+    best_lr = []
+    for c in present:
+        rows = store.data["runs"][c]
+        adamw = {n: v for n, v in rows.items() if n.startswith("AdamW")}
+        if adamw:
+            per_seed = {}
+            for n, by_seed in adamw.items():
+                for seed, r in by_seed.items():
+                    if seed not in per_seed or r["final"] < per_seed[seed][1]:
+                        per_seed[seed] = (n, r["final"])
+            best_lr.append(f"{_cell_label(c)}: " + ", ".join(f"seed {s} {n.split('=')[1]} ({v:.4f})"
+                                                            for s, (n, v) in sorted(per_seed.items())))
+    lines += ["", "¹ one seed.", "", "Best AdamW learning rate per cell (the search's bracketed optimum):", ""]
+    lines += [f"- {b}" for b in best_lr]
+    return "\n".join(lines) + "\n"
+
+
+def render_heatmap(store: Store, path: Path, names: list[str] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    table = ratios(store)
+    names = [n for n in (names or sorted(table)) if n in table]
+    all_cells = [cell_key(*c) for c in cells(("digits", "charlm", "digits_full"))]
+    present = [c for c in all_cells if c in store.data["runs"]]
+    grid = [[table[n].get(c, (float("nan"), 0))[0] for c in present] for n in names]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(present), 1.2 + 0.45 * len(names)))
+    im = ax.imshow(grid, cmap="RdYlGn_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.9, vmax=1.2), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(present)), [_cell_label(c).replace(" ", "\n", 1) for c in present], fontsize=6.5)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_title("final held-out loss / best tuned AdamW (green < 1 < red)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    conv.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_report(out: Path) -> None:
+    store = Store(out / "robustness.json")
+    conv.atomic_write_text(out / "robustness.md", render_markdown(store))
+    render_heatmap(store, out / "robustness.png")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", nargs="+", default=["charlm", "digits", "digits_full"],
+                    choices=["charlm", "digits", "digits_full"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--long-seeds", nargs="+", type=int, default=None,
+                    help="seeds for the long runs (default: --seeds)")
+    ap.add_argument("--lengths", nargs="+", type=int, default=None, help="only these run lengths")
+    ap.add_argument("--only", nargs="+", default=None, help="only the optimizers whose name contains one of these")
+    ap.add_argument("--out", default=str(OUT_DEFAULT))
+    ap.add_argument("--cache", default=str(REPO_ROOT / "benchmarks" / "results"),
+                    help="where the pretrained base models are cached")
+    ap.add_argument("--report-only", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if not args.report_only:
+        run_matrix(args)
+    write_report(Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The opt-in multiplicative (Rprop) mask rule, mask_rule="multiplicative": one move multiplies or
+divides an element's lr by 1 + relative_bump. The default ("additive") is the document's step,
+which the conformance tests check; set, the rule must move each element by exactly its factor,
+be validated with the setting's name and range, survive a resume bit for bit, and keep the fused
+flag from taking a kernel that implements only the additive rule."""
+
+import io
+
+import pytest
+import torch
+
+from library.automagic_sinkgd import Automagic_Sinkgd, automagic_mask_update_, rprop_mask_update_
+
+torch.set_num_threads(1)
+
+
+def test_rprop_update_multiplies_on_agreement_and_divides_on_a_flip():
+    mask = torch.tensor([[1e-4, 1e-4, 1e-2, 1e-6]])
+    flips = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    rprop_mask_update_(mask, flips, torch.tensor([0.5]), torch.tensor([0.25]), 1e-6, 1e-2)
+    expected = torch.tensor([[1.5e-4, 1e-4 / 1.25, 1e-2, 1e-6]])  # the last two clamp at the bounds
+    assert torch.allclose(mask, expected, rtol=1e-6)
+
+
+def test_a_move_is_relative_to_the_element_not_to_the_group():
+    """Additive: an element 100x below another moves by the same amount; multiplicative: by the
+    same factor, so both cover a decade in the same number of steps."""
+    start = torch.tensor([[1e-5, 1e-3]])
+    flips = torch.zeros(1, 2)
+    additive = automagic_mask_update_(start.clone(), flips.clone(), torch.tensor([1e-5]), torch.tensor([1e-5]), 0, 1)
+    multiplicative = rprop_mask_update_(start.clone(), flips.clone(), torch.tensor([0.1]), torch.tensor([0.1]), 0, 1)
+    assert torch.allclose(additive - start, torch.full((1, 2), 1e-5))
+    assert torch.allclose(multiplicative / start, torch.full((1, 2), 1.1))
+
+
+def _steps(params, optimizer, signs):
+    for sign in signs:
+        for p in params:
+            p.grad = sign * torch.ones_like(p)
+        optimizer.step()
+
+
+def test_the_optimizer_moves_its_mask_by_the_factor():
+    """Steady gradient signs: after the initialising step, each warm-up step multiplies every
+    element's lr by 1 + relative_bump (d_coef 1: no Prodigy speed-up); a sign flip divides it."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = Automagic_Sinkgd(params, lr=1e-4, min_lr=1e-6, max_lr=1e-1, d_coef=1, warmup_steps=100,
+                           mask_rule="multiplicative", relative_bump=0.2, weight_decay=0.0)
+    _steps(params, opt, [1.0] * 4)  # step 1 initialises the state, steps 2-4 agree
+    for p in params:
+        assert torch.allclose(opt.state[p]["lr_mask"], torch.full(p.shape, 1e-4 * 1.2 ** 3), rtol=1e-5)
+    _steps(params, opt, [-1.0])  # every sign flips
+    for p in params:
+        assert torch.allclose(opt.state[p]["lr_mask"], torch.full(p.shape, 1e-4 * 1.2 ** 2), rtol=1e-5)
+
+
+def test_the_default_rule_is_the_documents_additive_one():
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = Automagic_Sinkgd(params, lr=1e-4, d_coef=1, lr_bump=1e-5, weight_decay=0.0)
+    assert opt.param_groups[0]["mask_rule"] == "additive"
+    _steps(params, opt, [1.0] * 4)
+    assert torch.allclose(opt.state[params[0]]["lr_mask"], torch.full((4, 3), 1e-4 + 3e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, setting", [
+    (dict(mask_rule="log"), "mask_rule"),
+    (dict(mask_rule="multiplicative"), "relative_bump"),  # the factor is relative_bump: it must be set
+    (dict(mask_rule="multiplicative", relative_bump=0.0), "relative_bump"),
+    (dict(mask_rule="multiplicative", relative_bump=0.1, state_precision="bf16"), "relative_bump"),
+])
+def test_bad_values_name_the_setting_and_range(kwargs, setting):
+    with pytest.raises(ValueError, match="allowed") as error:
+        Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1e-4, **kwargs)
+    assert setting in str(error.value)
+
+
+def test_resume_continues_bit_for_bit():
+    def fresh():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+        return params, Automagic_Sinkgd(params, lr=1e-4, max_lr=1e-1, warmup_steps=6, mask_rule="multiplicative",
+                                        relative_bump=0.2)
+
+    def run(params, opt, start, count):
+        for step in range(start, start + count):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    params, opt = fresh()
+    run(params, opt, 0, 10)
+    straight = [p.detach().clone() for p in params]
+    params, opt = fresh()
+    run(params, opt, 0, 4)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    saved = [p.detach().clone() for p in params]
+    params, opt = fresh()
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt.param_groups[0]["mask_rule"] == "multiplicative"
+    run(params, opt, 4, 6)
+    assert all(torch.equal(a, b) for a, b in zip(params, straight))
+
+
+def test_fused_flag_takes_the_eager_step(monkeypatch):
+    """The kernels implement the additive rule only: fused=True with the multiplicative rule must
+    give the eager step's numbers (never the additive kernel's)."""
+    def run(fused):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 6))]
+        opt = Automagic_Sinkgd(params, lr=1e-4, max_lr=1e-1, warmup_steps=4, mask_rule="multiplicative",
+                               relative_bump=0.2, fused=fused)
+        for step in range(6):
+            params[0].grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        return params[0].detach()
+
+    assert torch.equal(run(True), run(False))
