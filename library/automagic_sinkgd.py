@@ -217,13 +217,13 @@ def automagic_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Ten
 def rprop_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Tensor,
                        min_lr: float, max_lr: float) -> Tensor:
     """Rprop's multiplicative step-size rule (Riedmiller & Braun 1993) on the mask (in place):
-    multiply an element's lr by (1 + up) while its gradient keeps its sign, divide it by
-    (1 + down) when the sign flips, clamp to [min_lr, max_lr]. A move is relative to the element's
-    own lr, so the steps it takes to reach a rate grow with the log of the distance, not the
-    distance: the same adaptation time at any LoRA alpha or weight scale. ``flips`` (1.0 / 0.0)
-    is used up as scratch."""
-    grow = _per_tensor(1.0 + up, lr_mask)
-    shrink = _per_tensor(1.0 / (1.0 + down), lr_mask)
+    multiply an element's lr by exp(up) while its gradient keeps its sign, by exp(-down) when the
+    sign flips, clamp to [min_lr, max_lr]: the additive rule on log(lr), ``up`` and ``down`` in
+    log units. A move is relative to the element's own lr, so the steps it takes to reach a rate
+    grow with the log of the distance, not the distance: the same adaptation time at any LoRA
+    alpha or weight scale. ``flips`` (1.0 / 0.0) is used up as scratch."""
+    grow = _per_tensor(up.exp(), lr_mask)
+    shrink = _per_tensor(down.neg().exp(), lr_mask)
     # factor = grow where the sign held, shrink where it flipped
     return lr_mask.mul_(flips.mul_(shrink - grow).add_(grow)).clamp_(min_lr, max_lr)
 
@@ -1261,8 +1261,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         if group["sinkgd_iters"] is None:
             group = {**group, "sinkgd_iters": 5 if group["full_finetune"] else 4}
         if group["relative_bump"] is not None:
-            if group["mask_rule"] == "multiplicative":  # a move relative to the element's own lr
-                group = {**group, "lr_bump": group["relative_bump"]}
+            if group["mask_rule"] == "multiplicative":  # a move of log(1 + relative_bump) in log(lr)
+                group = {**group, "lr_bump": math.log1p(group["relative_bump"])}
             else:
                 base_lr = group.get("initial_lr", group["lr"])
                 group = {**group, "lr_bump": relative_lr_bump(group["lr_bump"], group["relative_bump"], base_lr)}

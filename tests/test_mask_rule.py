@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 def test_rprop_update_multiplies_on_agreement_and_divides_on_a_flip():
     mask = torch.tensor([[1e-4, 1e-4, 1e-2, 1e-6]])
     flips = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
-    rprop_mask_update_(mask, flips, torch.tensor([0.5]), torch.tensor([0.25]), 1e-6, 1e-2)
+    up, down = torch.tensor([1.5]).log(), torch.tensor([1.25]).log()  # moves in log(lr)
+    rprop_mask_update_(mask, flips, up, down, 1e-6, 1e-2)
     expected = torch.tensor([[1.5e-4, 1e-4 / 1.25, 1e-2, 1e-6]])  # the last two clamp at the bounds
     assert torch.allclose(mask, expected, rtol=1e-6)
 
@@ -28,7 +29,8 @@ def test_a_move_is_relative_to_the_element_not_to_the_group():
     start = torch.tensor([[1e-5, 1e-3]])
     flips = torch.zeros(1, 2)
     additive = automagic_mask_update_(start.clone(), flips.clone(), torch.tensor([1e-5]), torch.tensor([1e-5]), 0, 1)
-    multiplicative = rprop_mask_update_(start.clone(), flips.clone(), torch.tensor([0.1]), torch.tensor([0.1]), 0, 1)
+    step = torch.tensor([1.1]).log()
+    multiplicative = rprop_mask_update_(start.clone(), flips.clone(), step, step, 0, 1)
     assert torch.allclose(additive - start, torch.full((1, 2), 1e-5))
     assert torch.allclose(multiplicative / start, torch.full((1, 2), 1.1))
 
@@ -42,7 +44,8 @@ def _steps(params, optimizer, signs):
 
 def test_the_optimizer_moves_its_mask_by_the_factor():
     """Steady gradient signs: after the initialising step, each warm-up step multiplies every
-    element's lr by 1 + relative_bump (d_coef 1: no Prodigy speed-up); a sign flip divides it."""
+    element's lr by 1 + relative_bump (d_coef 1: no Prodigy speed-up); a sign flip divides it.
+    With the Prodigy speed-up a move is (1 + relative_bump) ** d_coef."""
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     opt = Automagic_Sinkgd(params, lr=1e-4, min_lr=1e-6, max_lr=1e-1, d_coef=1, warmup_steps=100,
                            mask_rule="multiplicative", relative_bump=0.2, weight_decay=0.0)
@@ -52,6 +55,12 @@ def test_the_optimizer_moves_its_mask_by_the_factor():
     _steps(params, opt, [-1.0])  # every sign flips
     for p in params:
         assert torch.allclose(opt.state[p]["lr_mask"], torch.full(p.shape, 1e-4 * 1.2 ** 2), rtol=1e-5)
+    # d_coef=2: the Prodigy signal (weights moved against the gradient) doubles the move in log(lr)
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = Automagic_Sinkgd([p], lr=1e-4, min_lr=1e-6, max_lr=1e-1, d_coef=2, warmup_steps=100,
+                           mask_rule="multiplicative", relative_bump=0.2, weight_decay=0.0)
+    _steps([p], opt, [1.0] * 3)  # step 2 moves p against its gradient, so step 3 sees the signal
+    assert torch.allclose(opt.state[p]["lr_mask"], torch.full((4, 3), 1e-4 * 1.2 * 1.2 ** 2), rtol=1e-5)
 
 
 def test_the_default_rule_is_the_documents_additive_one():
