@@ -364,8 +364,34 @@ def lr_mask_codec(min_lr: float, max_lr: float, lr_bump: float) -> tuple[float, 
     return (min_lr, lr_bump / math.floor(lr_bump * _CODE_STEPS / span))
 
 
-def _check_mask_lattice(min_lr: float, max_lr: float, lr_bump: float, where: str = "") -> None:
-    """The 16-bit mask holds (max_lr - min_lr) / lr_bump bumps at least once each."""
+def log_lr_mask_codec(min_lr: float, max_lr: float, log_bump: float) -> tuple[float, float, str]:
+    """The lattice of a 16-bit mask under the multiplicative rule: (log min_lr, step, "log"),
+    mask = min_lr * exp(step * n). Every move is a whole number of log_bump = log(1 + relative_bump)
+    steps in log(lr), so a step that divides log_bump keeps every move exactly, as the linear
+    lattice does for the additive rule."""
+    _check_mask_lattice(min_lr, max_lr, log_bump, rule="multiplicative")
+    anchor, span = math.log(min_lr), math.log(max_lr / min_lr)
+    if span <= 0:
+        return (anchor, 0.0, "log")
+    if log_bump <= 0:
+        return (anchor, span / _CODE_STEPS, "log")
+    return (anchor, log_bump / math.floor(log_bump * _CODE_STEPS / span), "log")
+
+
+def _check_mask_lattice(min_lr: float, max_lr: float, lr_bump: float, where: str = "",
+                        rule: str = "additive") -> None:
+    """The 16-bit mask holds (max_lr - min_lr) / lr_bump bumps at least once each (on the log
+    lattice: log(max_lr / min_lr) / log(1 + relative_bump))."""
+    if rule == "multiplicative":
+        _check_range("min_lr" + where, min_lr, min_lr > 0,
+                     "min_lr > 0 with mask_rule='multiplicative' and state_precision='bf16' (its 16-bit mask "
+                     "is a count of steps in log(lr) above log(min_lr))")
+        span = math.log(max_lr / min_lr)
+        holds = lr_bump <= 0 or span <= 0 or math.floor(lr_bump * _CODE_STEPS / span) >= 1
+        _check_range("relative_bump" + where, math.expm1(lr_bump), holds,
+                     f"a move log(1 + relative_bump) >= log(max_lr / min_lr) / {_CODE_STEPS} with "
+                     f"state_precision='bf16' (here min_lr={min_lr}, max_lr={max_lr})")
+        return
     span = max_lr - min_lr
     holds = lr_bump <= 0 or span <= 0 or math.floor(lr_bump * _CODE_STEPS / span) >= 1
     _check_range("lr_bump" + where, lr_bump, holds,
@@ -378,8 +404,10 @@ def encode_lr_mask_(codes: Tensor, lr_mask: Tensor, codec: tuple[float, float]) 
     """Float32 ``lr_mask`` within [min_lr, max_lr] (clobbered) -> the nearest lattice point, into
     uint16 ``codes``. The conversion truncates, so adding 0.5 first rounds to nearest; the float
     error of a code (~0.01 of a step) is far from the 0.5 that would change it."""
-    anchor, step = codec
+    anchor, step = codec[0], codec[1]
     inverse = 1.0 / step if step > 0 else 0.0
+    if codec[2:] == ("log",):  # the multiplicative rule's lattice in log(lr)
+        lr_mask = lr_mask.log_()
     return codes.copy_(lr_mask.mul_(inverse).add_(0.5 - anchor * inverse))
 
 
@@ -387,17 +415,22 @@ def decode_lr_mask(codes: Tensor, codec: tuple[float, float], dtype: torch.dtype
                    out: Optional[Tensor] = None) -> Tensor:
     """uint16 codes -> the float mask, min_lr + step * code (precise near min_lr, where relative
     error would matter most); into ``out`` when given."""
-    anchor, step = codec
+    anchor, step = codec[0], codec[1]
     mask = codes.to(dtype) if out is None else out.copy_(codes)
-    return mask.mul_(step).add_(anchor)
+    mask = mask.mul_(step).add_(anchor)
+    return mask.exp_() if codec[2:] == ("log",) else mask
 
 
 def _encode_lr_mask_scalar(value: Union[float, Tensor], codec: tuple[float, float]) -> Union[int, Tensor]:
     """One lr's code; a tensor lr's as a 0-d float64 tensor, computed where it lives (unread)."""
-    anchor, step = codec
+    anchor, step = codec[0], codec[1]
+    log = codec[2:] == ("log",)
     if torch.is_tensor(value):
-        code = value.double().sub(anchor).div_(step).round_() if step > 0 else value.double().zero_()
+        value = value.double().log() if log else value.double()
+        code = value.sub(anchor).div_(step).round_() if step > 0 else value.zero_()
         return code.clamp_(0, _CODE_STEPS)
+    if log:
+        value = math.log(value)
     return min(max(round((value - anchor) / step), 0), _CODE_STEPS) if step > 0 else 0
 
 
@@ -823,6 +856,22 @@ _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=
 MASK_RULES = ("additive", "multiplicative")
 
 
+def _group_mask_codec(group: dict) -> tuple:
+    """The 16-bit mask's lattice for a group's bounds and mask rule."""
+    if group.get("mask_rule", "additive") == "multiplicative":
+        return log_lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], math.log1p(group["relative_bump"]))
+    return lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
+
+
+def _check_group_lattice(get: Callable[[str], Any], where: str) -> None:
+    min_lr = get("mask_min_lr") if get("mask_min_lr") is not None else get("min_lr")
+    max_lr = get("mask_max_lr") if get("mask_max_lr") is not None else get("max_lr")
+    if get("mask_rule") == "multiplicative" and get("relative_bump") is not None:
+        _check_mask_lattice(min_lr, max_lr, math.log1p(get("relative_bump")), where, rule="multiplicative")
+    elif get("mask_rule") != "multiplicative":
+        _check_mask_lattice(min_lr, max_lr, get("lr_bump"), where)
+
+
 def _check_range(name: str, value: Any, ok: bool, allowed: str, hint: str = "") -> None:
     if not ok:
         raise ValueError(f"Automagic_Sinkgd: {name}={value!r} is out of range; allowed: {allowed}.{hint}")
@@ -851,7 +900,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         mask_rule: "additive" (default, the document: one move adds or subtracts lr_bump) or
             "multiplicative" (opt-in, Rprop's rule: one move multiplies or divides the element's lr
             by 1 + relative_bump, so the mask reaches a rate 100x away as fast as one 10x away;
-            needs relative_bump and state_precision="fp32"; eager step only).
+            needs relative_bump; with state_precision="bf16" the mask is a 16-bit code on a
+            log(lr) lattice, min_lr > 0; eager step only).
         eta: ALLoRA strength (LoRA mode matrices); > 0.
         beta1: momentum decay, in [0, 1).
         d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
@@ -1031,17 +1081,17 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         precision = get("state_precision")
         _check_range("state_precision" + where, precision, precision in STATE_PRECISIONS,
                      " or ".join(repr(p) for p in STATE_PRECISIONS))
-        if precision != "fp32":
-            _check_mask_lattice(min_lr, max_lr, get("lr_bump"), where)
         _check_range("foreach" + where, get("foreach"), get("foreach") is None or isinstance(get("foreach"), bool),
                      "None, True or False")
         rel = get("relative_bump")
         _check_range("relative_bump" + where, rel,
                      rel is None or (isinstance(rel, (int, float)) and not isinstance(rel, bool) and 0 <= rel <= 1),
                      "None (use lr_bump) or a number in [0, 1]: one mask move as a fraction of the group's lr")
-        # the compact mask is a lattice of lr_bump steps: give it that bump as lr_bump instead
-        _check_range("relative_bump" + where, rel, rel is None or get("state_precision", "fp32") == "fp32",
-                     "None with state_precision other than 'fp32' (set lr_bump = relative_bump x lr instead)")
+        # the compact additive mask is a lattice of lr_bump steps: give it that bump as lr_bump instead
+        _check_range("relative_bump" + where, rel,
+                     rel is None or get("state_precision", "fp32") == "fp32" or get("mask_rule") == "multiplicative",
+                     "None with state_precision other than 'fp32' (set lr_bump = relative_bump x lr instead), "
+                     "unless mask_rule='multiplicative'")
         floor = get("decay_floor")
         _check_range("decay_floor" + where, floor,
                      isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor <= 1,
@@ -1056,9 +1106,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             _check_range("relative_bump" + where, rel, rel is not None and rel > 0,
                          "a number in (0, 1] with mask_rule='multiplicative': one move multiplies the "
                          "element's lr by 1 + relative_bump (e.g. 0.05)")
-            _check_range("mask_rule" + where, rule, precision == "fp32",
-                         "'additive' with state_precision='bf16' (its 16-bit mask is a lattice of lr_bump "
-                         "steps); 'multiplicative' needs state_precision='fp32'")
+        if precision != "fp32":
+            _check_group_lattice(get, where)
         horizon = get("decay_horizon")
         _check_range("decay_horizon" + where, horizon, horizon in ("warmup", "run"), "'warmup' or 'run'")
         _check_range("decay_horizon" + where, horizon, horizon != "run" or total is not None,
@@ -1097,7 +1146,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state = self.state[p]
         warmup = warmup_length(group["warmup_steps"], group["total_steps"])
         start_lr = _start_lr(group.get("initial_lr", group["lr"]))
-        codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
+        codec = _group_mask_codec(group)
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         state["lr_mask"] = torch.empty_like(p, dtype=torch.uint16, memory_format=torch.contiguous_format).fill_(
@@ -1118,7 +1167,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
     def _rebase_lr_mask(self, state: dict, group: dict) -> None:
         """Re-encode a compact mask when min_lr, max_lr or lr_bump changed (they are read from the
         group at every step): decode on the old lattice, clamp, encode on the new one."""
-        codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
+        codec = _group_mask_codec(group)
         if state["lr_mask_codec"] != codec:
             mask = decode_lr_mask(state["lr_mask"], state["lr_mask_codec"]).clamp_(group["mask_min_lr"], group["mask_max_lr"])
             encode_lr_mask_(state["lr_mask"], mask, codec)
@@ -1460,7 +1509,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             return
         numel = p.numel()
         if compact_wanted:
-            codec = lr_mask_codec(group["mask_min_lr"], group["mask_max_lr"], group["lr_bump"])
+            codec = _group_mask_codec(group)
             mask = state["lr_mask"].to(torch.float32, copy=True)
             state["exp_avg"] = state["exp_avg"].to(torch.bfloat16).contiguous()
             mask.clamp_(group["mask_min_lr"], group["mask_max_lr"])
@@ -1510,9 +1559,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             final["state_dict"] = loaded
             for index, (saved, settings) in enumerate(zip(loaded["param_groups"], configured)):
                 if settings["state_precision"] != "fp32":  # the saved bounds and lr_bump meet a 16-bit mask
-                    _check_mask_lattice(saved.get("mask_min_lr", saved.get("min_lr")),
-                                        saved.get("mask_max_lr", saved.get("max_lr")), saved["lr_bump"],
-                                        f" (param group {index} of the loaded state)")
+                    _check_group_lattice(saved.get, f" (param group {index} of the loaded state)")
 
         def restore_saved_tensors(optimizer):
             optimizer._own_loaded_state(final["state_dict"], configured)

@@ -5,11 +5,12 @@ be validated with the setting's name and range, survive a resume bit for bit, an
 flag from taking a kernel that implements only the additive rule."""
 
 import io
+import math
 
 import pytest
 import torch
 
-from library.automagic_sinkgd import Automagic_Sinkgd, automagic_mask_update_, rprop_mask_update_
+from library.automagic_sinkgd import Automagic_Sinkgd, automagic_mask_update_, decode_lr_mask, rprop_mask_update_
 
 torch.set_num_threads(1)
 
@@ -75,7 +76,8 @@ def test_the_default_rule_is_the_documents_additive_one():
     (dict(mask_rule="log"), "mask_rule"),
     (dict(mask_rule="multiplicative"), "relative_bump"),  # the factor is relative_bump: it must be set
     (dict(mask_rule="multiplicative", relative_bump=0.0), "relative_bump"),
-    (dict(mask_rule="multiplicative", relative_bump=0.1, state_precision="bf16"), "relative_bump"),
+    (dict(mask_rule="multiplicative", relative_bump=0.1, state_precision="bf16", min_lr=0.0), "min_lr"),
+    (dict(mask_rule="multiplicative", relative_bump=1e-6, state_precision="bf16"), "relative_bump"),  # too fine for 16 bits
 ])
 def test_bad_values_name_the_setting_and_range(kwargs, setting):
     with pytest.raises(ValueError, match="allowed") as error:
@@ -130,3 +132,35 @@ def test_fused_flag_takes_the_eager_step(monkeypatch):
         return params[0].detach()
 
     assert torch.equal(run(True), run(False))
+
+
+def test_a_bf16_state_keeps_every_multiplicative_move():
+    """The compact state's 16-bit mask on a log(lr) lattice: after 60 agreeing and flipping moves
+    and the clamp, the same mask as the fp32 state, to within the half lattice step the start lr
+    is rounded by (the moves are whole lattice steps, so the error never grows)."""
+    def run(precision):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 5) * 0.1), torch.nn.Parameter(torch.randn(5) * 0.1)]
+        opt = Automagic_Sinkgd(params, lr=1e-4, min_lr=1e-6, max_lr=3e-3, warmup_steps=80, d_coef=1,
+                               mask_rule="multiplicative", relative_bump=0.2, state_precision=precision)
+        g = torch.Generator().manual_seed(3)
+        for step in range(60):
+            for p in params:  # the same signs for both runs: most elements climb to max_lr, some flip
+                p.grad = torch.randn(p.shape, generator=g) + 1.2
+            opt.step()
+        return opt, params
+
+    fp32, reference_params = run("fp32")
+    compact, params = run("bf16")
+    codec = compact.state[params[0]]["lr_mask_codec"]
+    assert codec[2] == "log"
+    half_step = math.exp(codec[1] / 2) - 1
+    climbed = flipped = 0
+    for p, q in zip(reference_params, params):
+        reference = fp32.state[p]["lr_mask"]
+        assert compact.state[q]["lr_mask"].dtype == torch.uint16
+        decoded = decode_lr_mask(compact.state[q]["lr_mask"], codec)
+        assert torch.allclose(decoded, reference, rtol=half_step * 1.01, atol=0)
+        climbed += int((reference >= 3e-3 * (1 - 1e-6)).sum())
+        flipped += int((reference < 3e-3 * (1 - 1e-6)).sum())
+    assert climbed and flipped  # both the clamp and the flips were exercised
