@@ -776,14 +776,14 @@ class Run:
                               or (args.sample_every_n_epochs and epoch_end and epoch % args.sample_every_n_epochs == 0)):
             self._sample(f"step {done}", done)
 
-    def _draw_lr_mask(self) -> Path:
-        """<output_name>_lr_mask.png: the effective lr per layer the Automagic mask ended with."""
+    def _draw_lr_mask(self, step: int) -> Path:
+        """<output_name>_lr_mask.png: the learned Automagic mask per layer, and the schedule's factor apart."""
         from ..lr_mask_view import draw, layers_from_state, match_names, shapes_in_state
 
         state = self.raw_optimizer.state_dict()
         names = match_names({k: tuple(v.shape) for k, v in self.model.state_weights().items()},
                             shapes_in_state(state))
-        title = (f"{self.setup.output_name}: effective lr per layer after {self.max_steps} steps "
+        title = (f"{self.setup.output_name}: learned lr mask per layer at step {step} "
                  f"({'full fine-tune' if self.setup.full_finetune else 'LoRA'})")
         return draw(layers_from_state(state, names), self.setup.output_dir / f"{self.setup.output_name}_lr_mask.png",
                     title, self.group_names)
@@ -813,7 +813,7 @@ class Run:
                                                  self.lr_history, title)
                 print(f"saved {curve}", flush=True)
             if hasattr(self.raw_optimizer, "effective_lrs"):
-                print(f"saved {self._draw_lr_mask()}", flush=True)
+                print(f"saved {self._draw_lr_mask(self.max_steps)}", flush=True)
         if setup.prompts:
             self._sample("after" if self.columns else f"step {self.max_steps}", self.max_steps)
             if self.main:
