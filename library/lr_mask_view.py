@@ -315,9 +315,13 @@ def mask_histograms(optimizer) -> list[torch.Tensor]:
     for group in optimizer.param_groups:
         parts = []
         for p in group["params"]:
-            mask = optimizer.state.get(p, {}).get("lr_mask")
+            state = optimizer.state.get(p, {})
+            mask = state.get("lr_mask")
             if mask is not None:
                 flat = mask.reshape(-1)
-                parts.append(flat[:: flat.numel() // _SAMPLE + 1])
+                flat = flat[:: flat.numel() // _SAMPLE + 1]
+                if "lr_mask_codec" in state:  # the bf16 state's 16-bit codes, as learning rates
+                    flat = decode_lr_mask(flat, tuple(state["lr_mask_codec"]))
+                parts.append(flat)
         out.append(torch.cat(parts) if parts else None)
     return out

@@ -182,3 +182,7 @@ def test_the_bf16_state_mask_is_decoded():
     assert state["state"][0]["lr_mask"].dtype == torch.uint16
     row = summary(layers_from_state(state))[0]
     assert 1e-6 <= row["min"] <= row["median"] <= row["max"] <= 1e-3
+    from library.lr_mask_view import mask_histograms
+
+    logged = mask_histograms(opt)[0]  # the TensorBoard histogram of the group
+    assert 1e-6 <= logged.min().item() <= logged.max().item() <= 1e-3
