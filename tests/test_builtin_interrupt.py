@@ -87,7 +87,7 @@ def _start_and_signal(child: Path, argv: list[str], marker: Path, signals: list[
 def test_a_signal_saves_a_state_and_the_printed_command_continues_it_exactly(setup, tmp_path, sig, status):
     child, model, data, reference = setup
     out = tmp_path / "out"
-    rc, stdout, stderr, _ = _start_and_signal(child, _argv(model, data, out), tmp_path / "reached", [sig], pause=2)
+    rc, stdout, stderr, _ = _start_and_signal(child, _argv(model, data, out), tmp_path / "reached", [sig], pause=1)
     assert rc == status, stderr[-3000:]
     assert "Traceback" not in stderr
     lines = [line for line in stdout.splitlines() if "continue with" in line]
