@@ -119,3 +119,19 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(setup, tmp_path):
     assert "stopping now, without saving" in stderr and "Traceback" not in stderr
     assert "continue with" not in stdout
     assert not list(out.glob("*-state"))
+
+
+def test_the_resume_command_replaces_an_earlier_resume_and_quotes_paths(monkeypatch):
+    from library.builtin.trainer import resume_command
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # started as a script, not python -m
+    monkeypatch.setattr(sys, "argv", ["train_network_patch.py", "--preset", "lora", "--resume", "old-state",
+                                      "--output_name", "my lora"])
+    assert resume_command(Path("out/my lora-step00000010-state")) == (
+        "python train_network_patch.py --preset lora --output_name 'my lora' "
+        "--resume 'out/my lora-step00000010-state'")
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/automagic-sinkgd-train", "--resume=old", "--seed", "1"])
+    assert resume_command(Path("s")) == "automagic-sinkgd-train --seed 1 --resume s"
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", type("Spec", (), {"name": "train_network_patch"})())
+    monkeypatch.setattr(sys, "argv", ["/repo/train_network_patch.py", "--preset", "lora"])
+    assert resume_command(Path("s")) == "python -m train_network_patch --preset lora --resume s"

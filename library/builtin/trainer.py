@@ -931,7 +931,13 @@ def resume_command(state: Path) -> str:
         elif not token.startswith("--resume="):
             kept.append(token)
     program = argv[0] if argv else "train_network_patch.py"
-    head = ["python", program] if program.endswith(".py") else [os.path.basename(program) or "python"]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and program.endswith(".py"):  # started as python -m NAME
+        head = ["python", "-m", spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name]
+    elif program.endswith(".py"):
+        head = ["python", program]
+    else:  # a console script, e.g. automagic-sinkgd-train
+        head = [os.path.basename(program) or "python"]
     return shlex.join(head + kept + ["--resume", str(state)])
 
 
