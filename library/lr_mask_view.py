@@ -1,24 +1,28 @@
-"""What the Automagic mask learned: the effective learning rate of every layer, in model order.
+"""What the Automagic mask learned, per layer in model order, and the schedule apart from it.
 
 Reads an Automagic_Sinkgd state (a live optimizer, or a saved ``optimizer.bin`` from kohya's
 ``<output>-state/`` folder or the built-in backend's), groups its tensors by layer (U-Net block,
-text-encoder layer) and draws, per layer, the median effective learning rate of its elements with
-the 5-95% range and the extremes, on a log scale. ``tools/lr_mask_picture.py`` is the command.
+text-encoder layer) and draws two panels: per layer, the learned mask (median of its elements,
+the 5-95% range and the extremes, log scale), and below it the schedule's factor (the post-warm-up
+decay, 1 until the decay starts, 0 where a preset decays to zero). ``tools/lr_mask_picture.py``
+is the command.
 
-The effective rate of an element is the mask x ALLoRA's row factor (LoRA matrices) x the VRAdam
-brake x the post-warm-up decay, the rate the step multiplies the normalised direction by.
+The mask is what warm-up learned and keeps after it; the effective rate of an element is
+mask x ALLoRA's row factor (LoRA matrices) x the VRAdam brake x the decay. Drawing the mask and
+the decay apart keeps the picture meaningful at any point of a run: the effective rate alone is
+0 everywhere at the end of a run that decays to 0 (the ``lora`` preset's ``decay_floor=0``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
-from .automagic_sinkgd import post_warmup_decay, vradam_brake
+from .automagic_sinkgd import decode_lr_mask, post_warmup_decay, vradam_brake
 
 # Elements kept per tensor for the percentiles: enough for a 5-95% range, cheap for 800M weights.
 _SAMPLE = 1 << 16
@@ -30,25 +34,44 @@ class LayerRates:
     group: int         # param group index
     values: torch.Tensor  # effective lr of (a sample of) its elements, float32 on the CPU
     numel: int         # elements in the layer
+    mask: Optional[torch.Tensor] = None  # the learned mask of the same elements (None: same as values)
+    factors: list = field(default_factory=list)  # the schedule's factor of each of its tensors
+
+
+def learned_mask(state: dict) -> Optional[torch.Tensor]:
+    """The mask warm-up learned, per element, flattened float32 on the CPU (the bf16 state's
+    16-bit codes decoded); None when the tensor has no mask yet."""
+    mask = state.get("lr_mask")
+    if mask is None:
+        return None
+    if "lr_mask_codec" in state:
+        return decode_lr_mask(mask.detach().cpu(), tuple(state["lr_mask_codec"])).reshape(-1)
+    return mask.detach().float().cpu().reshape(-1)
+
+
+def schedule_factor(state: dict, group: dict) -> float:
+    """The post-warm-up decay the step applies to this tensor now: 1 before the decay starts,
+    capped by an outside scheduler's lr / lr_max and floored at the group's decay_floor."""
+    if "lr_decay" not in state:
+        return 1.0
+    lr_max = group.get("lr_max", group["lr"]) or group["lr"]
+    ratio = group["lr"] / lr_max if lr_max > 0 else 1.0
+    return float(post_warmup_decay(state["lr_decay"].float().cpu(), ratio, group.get("decay_floor", 0.1)))
 
 
 def effective_rates(state: dict, group: dict) -> Optional[torch.Tensor]:
     """Per-element effective lr of one tensor's state, flattened, float32 on the CPU (None when the
     tensor has no mask yet)."""
-    mask = state.get("lr_mask")
-    if mask is None:
+    flat = learned_mask(state)
+    if flat is None:
         return None
-    rate = mask.detach().float().cpu()
+    rate = flat.reshape(state["lr_mask"].shape)
     if rate.ndim >= 2 and "row_scaling" in state:  # ALLoRA, one factor per row
         rate = rate.reshape(rate.shape[0], -1) * state["row_scaling"].float().cpu().reshape(-1, 1)
     scale = torch.ones(())
     if group.get("vradam", True) and "exp_avg" in state:
         scale = scale * vradam_brake(state["exp_avg"].float().cpu().reshape(1, -1))[0]
-    if "lr_decay" in state:
-        lr_max = group.get("lr_max", group["lr"]) or group["lr"]
-        ratio = group["lr"] / lr_max if lr_max > 0 else 1.0
-        scale = scale * post_warmup_decay(state["lr_decay"].float().cpu(), ratio, group.get("decay_floor", 0.1))
-    return (rate * scale).reshape(-1)
+    return (rate * scale * schedule_factor(state, group)).reshape(-1)
 
 
 _KOHYA = re.compile(r"^lora_(unet|te\d?)_(.*?)\.(lora_down|lora_up|alpha|hada_\w+|lokr_\w+)(\.weight)?$")
@@ -126,18 +149,22 @@ def layers_from_state(state_dict: dict, names: Optional[list[str]] = None) -> li
             st = state_dict["state"].get(pid, {})
             label = layer_of(names[position]) if names else f"group {gi} tensor {position}"
             position += 1
-            rates = effective_rates(st, group)
+            rates, mask = effective_rates(st, group), learned_mask(st)
             if rates is None:
                 continue
             if rates.numel() > _SAMPLE:  # a fixed stride keeps it deterministic
-                rates = rates[:: rates.numel() // _SAMPLE + 1]
+                stride = rates.numel() // _SAMPLE + 1
+                rates, mask = rates[::stride], mask[::stride]
             key = f"{gi}:{label}"
+            factor = schedule_factor(st, group)
             if key in layers:
                 layer = layers[key]
                 layer.values = torch.cat([layer.values, rates])
+                layer.mask = torch.cat([layer.mask, mask])
                 layer.numel += st["lr_mask"].numel()
+                layer.factors.append(factor)
             else:
-                layers[key] = LayerRates(label, gi, rates, st["lr_mask"].numel())
+                layers[key] = LayerRates(label, gi, rates, st["lr_mask"].numel(), mask, [factor])
     return list(layers.values())
 
 
@@ -195,17 +222,36 @@ def load_state_folder(path: Path) -> tuple[dict, Optional[list[str]]]:
 
 
 def summary(layers: Iterable[LayerRates]) -> list[dict]:
+    """Per layer: the learned mask's 5/50/95 percentiles and extremes (p05, median, p95, min, max),
+    the schedule's factor (its tensors' smallest and largest) and the effective rate's median."""
     rows = []
+    levels = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
     for layer in layers:
-        q = torch.quantile(layer.values.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+        mask = layer.mask if layer.mask is not None else layer.values
+        q = torch.quantile(mask.double(), levels)
+        factors = layer.factors or [1.0]
         rows.append(dict(layer=layer.name, group=layer.group, numel=layer.numel, p05=float(q[0]),
-                         median=float(q[1]), p95=float(q[2]), min=float(layer.values.min()),
-                         max=float(layer.values.max())))
+                         median=float(q[1]), p95=float(q[2]), min=float(mask.min()), max=float(mask.max()),
+                         factor_min=min(factors), factor_max=max(factors),
+                         effective_median=float(torch.quantile(layer.values.double(), 0.5))))
     return rows
 
 
+def table(layers: Iterable[LayerRates]) -> str:
+    """The summary as text: what ``tools/lr_mask_picture.py --table`` prints."""
+    lines = [f"{'layer':<44s} {'group':>5s} {'elements':>9s} {'mask p05':>9s} {'median':>9s} {'p95':>9s} "
+             f"{'decay':>11s} {'eff. median':>11s}"]
+    for r in summary(in_forward_order(list(layers))):
+        decay = (f"{r['factor_min']:.3g}" if r["factor_min"] == r["factor_max"]
+                 else f"{r['factor_min']:.2g}-{r['factor_max']:.2g}")
+        lines.append(f"{r['layer']:<44s} {r['group']:>5d} {r['numel']:>9d} {r['p05']:>9.3g} {r['median']:>9.3g} "
+                     f"{r['p95']:>9.3g} {decay:>11s} {r['effective_median']:>11.3g}")
+    return "\n".join(lines)
+
+
 def draw(layers: list[LayerRates], path: Path, title: str = "", group_names: Optional[list[str]] = None) -> Path:
-    """PNG: per layer (x, model order) the median effective lr, its 5-95% range and min/max (log y)."""
+    """PNG with two panels sharing the layer axis (model order): the learned mask per layer (median,
+    5-95% range, min-max, log y) and, below, the schedule's factor per layer (0 to 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,23 +260,41 @@ def draw(layers: list[LayerRates], path: Path, title: str = "", group_names: Opt
     from .builtin.atomic import atomic_write
 
     rows = summary(in_forward_order(layers))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2.5), 4.6))
+    fig, (ax, ax_f) = plt.subplots(2, 1, figsize=(max(6.0, 0.22 * len(rows) + 2.5), 6.2), sharex=True,
+                                   height_ratios=(3, 1))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xs = list(range(len(rows)))
+    positive = [v for r in rows for v in (r["min"], r["p05"], r["median"]) if v > 0]
+    floor = min(positive) if positive else None  # min_lr=0 lets mask elements reach 0, off a log axis
     for gi in sorted({r["group"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["group"] == gi]
         c = colours[gi % len(colours)]
         label = group_names[gi] if group_names and gi < len(group_names) else f"group {gi}"
-        ax.vlines(idx, [rows[i]["min"] for i in idx], [rows[i]["max"] for i in idx], colors=c, lw=0.6, alpha=0.5)
-        ax.vlines(idx, [rows[i]["p05"] for i in idx], [rows[i]["p95"] for i in idx], colors=c, lw=3.0, alpha=0.6)
-        ax.plot(idx, [rows[i]["median"] for i in idx], "o", color=c, ms=3.5, label=f"{label} (median, 5-95%, min-max)")
-    ax.set_yscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("effective learning rate")
-    ax.set_title(title or "Automagic_Sinkgd: effective learning rate per layer", fontsize=9)
+
+        def at(key):
+            return [max(rows[i][key], floor) if floor else rows[i][key] for i in idx]
+
+        ax.vlines(idx, at("min"), at("max"), colors=c, lw=0.6, alpha=0.5)
+        ax.vlines(idx, at("p05"), at("p95"), colors=c, lw=3.0, alpha=0.6)
+        ax.plot(idx, at("median"), "o", color=c, ms=3.5, label=f"{label} mask (median, 5-95%, min-max)")
+        ax_f.vlines(idx, [rows[i]["factor_min"] for i in idx], [rows[i]["factor_max"] for i in idx], colors=c, lw=3)
+        ax_f.plot(idx, [rows[i]["factor_max"] for i in idx], "_", color=c, ms=6)
+    if floor:
+        ax.set_yscale("log")
+    ax.set_ylabel("learned lr mask")
+    ax.set_title(title or "Automagic_Sinkgd: learned lr mask per layer", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="best")
+    if rows:
+        ax.legend(fontsize=7, loc="best")
+    ax_f.set_ylim(-0.05, 1.05)
+    ax_f.set_ylabel("decay factor", fontsize=8)
+    ax_f.grid(alpha=0.3, axis="y")
+    ax_f.set_xticks(xs)
+    ax_f.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=6)
+    factors = sorted({round(r["factor_max"], 4) for r in rows} | {round(r["factor_min"], 4) for r in rows})
+    ax_f.set_title("schedule: effective lr = mask x ALLoRA row factor x VRAdam brake x this factor "
+                   f"(now {factors[0]:.3g}{'-' + format(factors[-1], '.3g') if len(factors) > 1 else ''})"
+                   if rows else "", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -251,9 +315,13 @@ def mask_histograms(optimizer) -> list[torch.Tensor]:
     for group in optimizer.param_groups:
         parts = []
         for p in group["params"]:
-            mask = optimizer.state.get(p, {}).get("lr_mask")
+            state = optimizer.state.get(p, {})
+            mask = state.get("lr_mask")
             if mask is not None:
                 flat = mask.reshape(-1)
-                parts.append(flat[:: flat.numel() // _SAMPLE + 1])
+                flat = flat[:: flat.numel() // _SAMPLE + 1]
+                if "lr_mask_codec" in state:  # the bf16 state's 16-bit codes, as learning rates
+                    flat = decode_lr_mask(flat, tuple(state["lr_mask_codec"]))
+                parts.append(flat)
         out.append(torch.cat(parts) if parts else None)
     return out

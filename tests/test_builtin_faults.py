@@ -62,7 +62,7 @@ def test_damaged_state_file_is_one_line_naming_it(tiny, saved_state, tmp_path, c
     line = _one_line_error(capsys.readouterr().err)
     assert str(state / name) in line and "damaged, truncated or not such a file" in line
     assert "weights_only" not in line  # torch's advice for foreign pickles would run their code
-    assert not out.exists() or not list(out.glob("*.safetensors"))
+    assert not out.exists()  # the output folder this run made is gone again, not left empty
 
 
 def test_state_file_of_the_wrong_kind_is_named(tiny, saved_state, tmp_path, capsys):

@@ -112,3 +112,77 @@ def test_the_tool_refuses_a_state_without_a_mask(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "lr_mask_picture.py"), str(tmp_path / "s")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not an Automagic_Sinkgd state" in done.stderr
+
+
+def _lora_preset_run(steps: int, total: int):
+    """Automagic_Sinkgd with the shipped `lora` preset's settings (decay_floor=0: the run decays to 0)."""
+    from library.optimizer_factory import build_optimizer
+    from library.presets import load_preset
+
+    preset = load_preset("lora")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 10) * 0.1), torch.nn.Parameter(torch.zeros(10, 6)),
+              torch.nn.Parameter(torch.randn(10) * 0.1)]
+    _, _, opt = build_optimizer(preset["optimizer_type"], [{"params": params, "lr": preset["learning_rate"]}],
+                                preset["learning_rate"], preset["optimizer_args"], run_length=total)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        opt.step()
+    return opt
+
+
+def test_the_mask_stays_visible_when_the_lora_preset_has_decayed_to_zero(tmp_path):
+    """At the end of a `lora`-preset run the effective lr is 0 (decay_floor=0); the view still shows the
+    learned mask, and the schedule's factor apart (0), in the table and in the picture's top panel."""
+    from PIL import Image
+
+    from library.lr_mask_view import draw, table
+
+    assert load_lora_floor() == 0.0
+    total = 20
+    opt = _lora_preset_run(total, total)
+    state = opt.state_dict()
+    assert all(v.item() == 0.0 for v in opt.effective_lrs())  # the schedule is at 0 ...
+    layers = layers_from_state(state)
+    rows = summary(layers)
+    assert all(r["median"] >= 1e-6 and r["min"] > 0 for r in rows)  # ... the mask is not: >= min_lr
+    assert all(r["factor_min"] == r["factor_max"] == 0.0 and r["effective_median"] == 0.0 for r in rows)
+    text = table(layers)
+    assert " 0 " in text.splitlines()[1] + " " and "e-05" in text  # decay 0, mask medians ~1e-5..5e-5
+
+    path = draw(layers, tmp_path / "mask.png", "decayed to 0")
+    pixels = Image.open(path).convert("RGB")
+    top = pixels.crop((0, 0, pixels.width, int(pixels.height * 0.6)))
+    blue = sum(1 for r, g, b in top.getdata() if b > 150 and r < 100 and 90 < g < 150)  # matplotlib's C0
+    assert blue > 30, "the mask panel is empty"
+
+    # half-way through the decay the factor is between 0 and 1 and the effective lr is mask x factor
+    mid = _lora_preset_run(int(total * 0.6), total).state_dict()
+    rows = summary(layers_from_state(mid))
+    assert all(0.0 < r["factor_min"] < 1.0 for r in rows)
+
+
+def load_lora_floor() -> float:
+    from library.optimizer_factory import parse_optimizer_args
+    from library.presets import load_preset
+
+    return parse_optimizer_args(load_preset("lora")["optimizer_args"])["decay_floor"]
+
+
+def test_the_bf16_state_mask_is_decoded():
+    """The bf16 state keeps the mask as 16-bit lattice codes: the view shows lrs, not the codes."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 10) * 0.1)]
+    opt = Automagic_Sinkgd(params, lr=1e-4, min_lr=1e-6, max_lr=1e-3, warmup_steps=4, state_precision="bf16")
+    for _ in range(3):
+        params[0].grad = torch.randn_like(params[0]) * 1e-2
+        opt.step()
+    state = opt.state_dict()
+    assert state["state"][0]["lr_mask"].dtype == torch.uint16
+    row = summary(layers_from_state(state))[0]
+    assert 1e-6 <= row["min"] <= row["median"] <= row["max"] <= 1e-3
+    from library.lr_mask_view import mask_histograms
+
+    logged = mask_histograms(opt)[0]  # the TensorBoard histogram of the group
+    assert 1e-6 <= logged.min().item() <= logged.max().item() <= 1e-3

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw what Automagic_Sinkgd's mask learned: the effective learning rate per layer, in model order.
+"""Draw what Automagic_Sinkgd's mask learned, per layer in model order, and the schedule's factor apart.
 
     python tools/lr_mask_picture.py OUTPUT-state/ [--out mask.png] [--title TEXT] [--table]
 
@@ -7,8 +7,10 @@ Reads ``optimizer.bin`` from a state folder written by kohya's ``--save_state`` 
 built-in backend (``<output_name>-state/``); layer names come from a ``*.safetensors`` beside it
 whose tensors fit the optimizer's (kohya's LoRA state and the built-in backend's do), else the
 layers are labelled by param group and tensor index. Writes a PNG (default: the folder's name
-+ ``_lr_mask.png`` next to it) with, per layer, the median effective lr of its elements, the
-5-95% range and min-max; ``--table`` also prints those numbers.
++ ``_lr_mask.png`` next to it) with, per layer, the learned mask (median of its elements, the
+5-95% range and min-max) and below it the post-warm-up decay factor (0 where a preset has
+decayed to zero, which is why the mask is drawn apart from it); ``--table`` prints the numbers,
+with the effective rate's median (mask x ALLoRA x VRAdam x decay).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.lr_mask_view import draw, in_forward_order, layers_from_state, load_state_folder, summary  # noqa: E402
+from library.lr_mask_view import draw, layers_from_state, load_state_folder, table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,12 +42,9 @@ def main(argv=None) -> int:
         print("note: no weights file beside the state fits its tensors; layers are labelled by group and index",
               file=sys.stderr)
     layers = layers_from_state(state_dict, names)
-    draw(layers, out, a.title or f"{folder.name}: effective learning rate per layer")
+    draw(layers, out, a.title or f"{folder.name}: learned lr mask per layer")
     if a.table:
-        print(f"{'layer':<48s} {'group':>5s} {'elements':>10s} {'p05':>10s} {'median':>10s} {'p95':>10s}")
-        for r in summary(in_forward_order(layers)):
-            print(f"{r['layer']:<48s} {r['group']:>5d} {r['numel']:>10d} {r['p05']:>10.3g} {r['median']:>10.3g} "
-                  f"{r['p95']:>10.3g}")
+        print(table(layers))
     print(f"wrote {out}")
     return 0
 

@@ -323,5 +323,17 @@ def validate(args: argparse.Namespace, full_finetune: bool) -> None:
     if full_finetune and (args.save_model_as or "diffusers").startswith("diffusers") and args.save_precision in ("fp16", "bf16"):
         raise UserError(f"--save_precision {args.save_precision} applies to single-file models here; a diffusers folder "
                         "is saved in float32 (use --save_model_as safetensors for a half-precision file)")
-    if args.resume and not Path(args.resume).is_dir():
-        raise UserError(f"--resume {args.resume!r}: no such state folder")
+    if args.resume:
+        check_resume_path(args.resume)
+
+
+def check_resume_path(resume: str) -> None:
+    """--resume takes the state folder; a LoRA/model file given instead is named as such, with its folder."""
+    path = Path(resume)
+    if path.is_file():
+        state = path.with_name(path.stem + "-state")  # last.safetensors -> last-state (kohya's naming)
+        found = "" if state.is_dir() else " (not there: that save was made without --save_state)"
+        raise UserError(f"--resume {resume!r} is a file; --resume takes the state folder written by --save_state "
+                        f"next to it: --resume {state}{found}")
+    if not path.is_dir():
+        raise UserError(f"--resume {resume!r}: no such state folder")

@@ -39,6 +39,21 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{_tag()}{path.suffix}")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(root: Path) -> None:
+    """Files get the mode a new file normally gets (0666 less the umask, 0644 usually). safetensors'
+    writer creates its files 0600, which hid a LoRA from a web UI running as another user."""
+    mode = 0o666 & ~_current_umask()
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for file in files:
+        os.chmod(file, mode)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(temp_path) and rename the result to path; the temp file is removed on failure."""
     path = Path(path)
@@ -46,6 +61,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     tmp = _temp_sibling(path)
     try:
         write(str(tmp))
+        give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -69,6 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    give_normal_mode(tmp)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{_tag()}")

@@ -39,12 +39,23 @@ def _read_caption(path: Path) -> str:
     return text.splitlines()[0].strip() if text else ""
 
 
-def _check_image(path: Path) -> None:
+def _decode_problem(path: Path) -> str | None:
+    """None when the image decodes, else why not."""
     try:
         with Image.open(path) as im:
             im.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"image {str(path)!r} cannot be decoded: {e}") from None
+        return str(e)
+    return None
+
+
+def _undecodable_error(bad: list[tuple[Path, str]]) -> UserError:
+    """Every broken image of the dataset in one message, so one run finds them all."""
+    if len(bad) == 1:
+        return UserError(f"image {str(bad[0][0])!r} cannot be decoded: {bad[0][1]}")
+    shown = "; ".join(f"{str(p)!r} ({why})" for p, why in bad[:20])
+    more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return UserError(f"{len(bad)} images cannot be decoded: {shown}{more}. Replace or remove them")
 
 
 def scan_dataset(train_data_dir: str, caption_extension: str,
@@ -59,13 +70,17 @@ def scan_dataset(train_data_dir: str, caption_extension: str,
         caption_extension = "." + caption_extension
     examples: list[Example] = []
     uncaptioned: list[str] = []
+    undecodable: list[tuple[Path, str]] = []
     folders = sorted(d for d in root.iterdir() if d.is_dir() and _FOLDER.match(d.name))
     for folder in folders:
         repeats_text, class_token = _FOLDER.match(folder.name).groups()
         repeats = int(repeats_text)
         images = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         for image in images:
-            _check_image(image)
+            problem = _decode_problem(image)
+            if problem is not None:
+                undecodable.append((image, problem))
+                continue
             caption_file = image.with_suffix(caption_extension)
             if caption_file.is_file():
                 caption = _read_caption(caption_file)
@@ -73,6 +88,12 @@ def scan_dataset(train_data_dir: str, caption_extension: str,
                 uncaptioned.append(str(image))
                 caption = class_token
             examples.extend(Example(image, caption) for _ in range(repeats))
+    if undecodable:
+        raise _undecodable_error(undecodable)
+    if not examples and _FOLDER.match(root.name) and any(
+            f.suffix.lower() in IMAGE_EXTENSIONS for f in root.iterdir() if f.is_file()):
+        raise UserError(f"--train_data_dir {train_data_dir!r} is itself a <repeats>_<name> folder of images; "
+                        f"kohya's layout wants the folder above it: --train_data_dir {root.absolute().parent}")
     if not examples:
         found = ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir())[:5]) or "no sub-folders"
         raise UserError(

@@ -26,7 +26,11 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -566,6 +570,10 @@ class Run:
                 report=warn if self.main else (lambda message: None), run_length=self.max_steps)
         except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
             raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
+        if self.main and not args.resume:  # a resumed run follows the state's warm-up; its first run said it
+            outlasts = warmup_outlasts_run(self.optimizer, self.max_steps)
+            if outlasts:
+                warn(outlasts)
         self.lr_scheduler = make_lr_scheduler(args, self.optimizer, self.max_steps)
         self.start_step, self.losses, self.lr_history = 0, [], {}
         self.columns: dict[str, list] = {}  # sample images per stage, for the grid
@@ -595,6 +603,8 @@ class Run:
             self.order = self._batch_order()
         if self.start_step >= self.max_steps:
             raise UserError(f"--resume {folder} is at step {self.start_step}, not below --max_train_steps {self.max_steps}")
+        if self.main:
+            print(f"resumed at step {self.start_step} of {self.max_steps} from {folder}", flush=True)
 
     def _check_same_data(self, folder: str, train_state: dict) -> None:
         """A state made on the user's data resumes on that data: without --train_data_dir this run would
@@ -704,23 +714,66 @@ class Run:
         display_every = 1 if self.accelerator.device.type == "cpu" else 10  # .item() syncs an accelerator
         pending: list[torch.Tensor] = []
         batches = iter(self.loader)
-        for step in range(self.start_step, self.max_steps):
-            for a in range(self.accum):
-                pending.append(self._micro_batch(next(batches), sync=a == self.accum - 1))
-            if args.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            if done % display_every == 0 or done == self.max_steps:
-                self._record(done, pending, progress)
-            progress.update(1)
-            if done < self.max_steps:
-                self._periodic(done)
-        progress.close()
-        self._check_ranks_in_sync()
-        self._finish()
+        done = self.start_step
+        with GracefulStop() as stop:
+            for step in range(self.start_step, self.max_steps):
+                if self._stop_requested(stop, step, display_every):
+                    break
+                self._train_step(step, batches, pending, progress, display_every)
+                done = step + 1
+            progress.close()
+            if stop.signum is not None and done < self.max_steps:
+                self._stop_early(done, pending, stop.signum)
+            self._check_ranks_in_sync()
+            self._finish()
+        if stop.signum is not None and self.main:
+            print("(the stop came after the last step: the run's outputs are complete)", flush=True)
+
+    def _train_step(self, step: int, batches, pending: list[torch.Tensor], progress, display_every: int) -> None:
+        args = self.args
+        for a in range(self.accum):
+            pending.append(self._micro_batch(next(batches), sync=a == self.accum - 1))
+        if args.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % display_every == 0 or done == self.max_steps:
+            self._record(done, pending, progress)
+        progress.update(1)
+        if done < self.max_steps:
+            self._periodic(done)
+
+    def _stop_requested(self, stop: "GracefulStop", step: int, every: int) -> bool:
+        """Whether to stop before this step. With several processes they decide together (a max over the
+        ranks, every `every` steps: a process that stopped alone would leave the others waiting)."""
+        if step == self.start_step:
+            return False
+        if self.world == 1:
+            return stop.signum is not None
+        if step % every:
+            return False
+        flag = torch.tensor([stop.signum or 0], device=self.accelerator.device)
+        agreed = int(self.accelerator.reduce(flag, reduction="max").item())
+        if agreed and stop.signum is None:
+            stop.signum = agreed
+        return bool(agreed)
+
+    def _stop_early(self, done: int, pending: list[torch.Tensor], signum: int) -> None:
+        """After a Ctrl-C / SIGTERM: the model and a state at the step reached, and the command that continues."""
+        if pending:
+            self._record(done, pending, _NoProgress())
+        stem = self.setup.output_dir / f"{self.setup.output_name}-step{done:08d}"
+        if self.main:
+            self._save(stem, done, self._epoch(done)[0], with_state=True)
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            state = stem.with_name(stem.name + "-state")
+            launcher = "" if self.world == 1 else f" (through the same launcher, {self.world} processes)"
+            print(f"stopped at step {done} of {self.max_steps}; continue with{launcher}: "
+                  f"{resume_command(state)}", flush=True)
+        raise Interrupted(signum)
 
     # --- outputs
 
@@ -776,14 +829,14 @@ class Run:
                               or (args.sample_every_n_epochs and epoch_end and epoch % args.sample_every_n_epochs == 0)):
             self._sample(f"step {done}", done)
 
-    def _draw_lr_mask(self) -> Path:
-        """<output_name>_lr_mask.png: the effective lr per layer the Automagic mask ended with."""
+    def _draw_lr_mask(self, step: int) -> Path:
+        """<output_name>_lr_mask.png: the learned Automagic mask per layer, and the schedule's factor apart."""
         from ..lr_mask_view import draw, layers_from_state, match_names, shapes_in_state
 
         state = self.raw_optimizer.state_dict()
         names = match_names({k: tuple(v.shape) for k, v in self.model.state_weights().items()},
                             shapes_in_state(state))
-        title = (f"{self.setup.output_name}: effective lr per layer after {self.max_steps} steps "
+        title = (f"{self.setup.output_name}: learned lr mask per layer at step {step} "
                  f"({'full fine-tune' if self.setup.full_finetune else 'LoRA'})")
         return draw(layers_from_state(state, names), self.setup.output_dir / f"{self.setup.output_name}_lr_mask.png",
                     title, self.group_names)
@@ -813,7 +866,7 @@ class Run:
                                                  self.lr_history, title)
                 print(f"saved {curve}", flush=True)
             if hasattr(self.raw_optimizer, "effective_lrs"):
-                print(f"saved {self._draw_lr_mask()}", flush=True)
+                print(f"saved {self._draw_lr_mask(self.max_steps)}", flush=True)
         if setup.prompts:
             self._sample("after" if self.columns else f"step {self.max_steps}", self.max_steps)
             if self.main:
@@ -825,8 +878,102 @@ class Run:
             self.accelerator.end_training()
 
 
+class Interrupted(Exception):
+    """The run stopped on a signal after saving; main() turns it into exit status 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class GracefulStop:
+    """Ctrl-C / SIGTERM during the loop: the first one is remembered (the loop finishes its step, saves a
+    state and says how to continue), a second one ends the process at once, without saving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            print(f"\n{signal.Signals(signum).name} again: stopping now, without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # at once: no cleanup that could hang; a half save is cleaned by the next run
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a state to resume from "
+              "(press Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+
+class _NoProgress:
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+
+def resume_command(state: Path) -> str:
+    """The command line this process was started with, its --resume (if any) replaced by `state`."""
+    argv, kept, skip = sys.argv, [], False
+    for token in argv[1:]:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            kept.append(token)
+    program = argv[0] if argv else "train_network_patch.py"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and program.endswith(".py"):  # started as python -m NAME
+        head = ["python", "-m", spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name]
+    elif program.endswith(".py"):
+        head = ["python", program]
+    else:  # a console script, e.g. automagic-sinkgd-train
+        head = [os.path.basename(program) or "python"]
+    return shlex.join(head + kept + ["--resume", str(state)])
+
+
+def warmup_outlasts_run(optimizer, steps: int) -> str | None:
+    """One line when Automagic_Sinkgd's warm-up is not shorter than the run: its mask would adapt to the
+    end and never settle or decay (e.g. the high_performance preset's 800 steps on a short run)."""
+    if not hasattr(optimizer, "effective_lrs") or "warmup_steps" not in optimizer.param_groups[0]:
+        return None
+    from ..automagic_sinkgd import warmup_length
+
+    group = max(optimizer.param_groups, key=lambda g: warmup_length(g["warmup_steps"], g.get("total_steps")))
+    warmup = warmup_length(group["warmup_steps"], group.get("total_steps"))
+    if warmup < steps:
+        return None
+    return (f"warmup_steps={group['warmup_steps']} is not shorter than this run ({steps} steps): the mask adapts "
+            f"to the end and never settles or decays; pass --optimizer_args warmup_steps=N with N < {steps} "
+            "(warmup_steps=0.25: a quarter of the run)")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """The output folder a failed run created, when nothing was written to it."""
+    try:
+        if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+            shutil.rmtree(folder)
+    except OSError:
+        pass
+
+
 def train(setup: Setup) -> int:
-    Run(setup).train()
+    created = not setup.output_dir.exists()
+    try:
+        Run(setup).train()
+    except BaseException:
+        if created:
+            _remove_if_empty(setup.output_dir)
+        raise
     return 0
 
 
@@ -857,6 +1004,12 @@ def main(argv: list[str] | None = None, script: str = "train_network") -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Interrupted as stop:
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # before the loop (loading, first samples) or while writing the final outputs
+        print("\ninterrupted: stopped before a state could be saved (nothing to resume from this run)",
+              file=sys.stderr, flush=True)
+        return 130
     except SystemExit as e:  # --help printed the usage
         if e.code in (0, None):
             return 0
