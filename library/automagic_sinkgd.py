@@ -264,6 +264,19 @@ def post_warmup_decay_rate(avg_lr: Tensor, avg_lr_max: Tensor, warmup_steps: int
     return avg_lr / avg_lr_max / steps
 
 
+def annealed_log_bump(log_bump: float, decay_after: Optional[int], t: int, lattice_step: float) -> float:
+    """The multiplicative mask's move at step t: full size for the first ``decay_after`` steps,
+    then shrinking as 1 / sqrt(t), the step-size schedule of sign-based stochastic methods
+    (signSGD, Bernstein et al. 2018, arXiv 1802.04434). The moves' sum still grows without bound
+    (a mask can travel any distance), their variance only as log(t): a long warm-up no longer
+    lets a per-element lr random-walk away on sign noise. Rounded to whole steps of the 16-bit
+    mask's log lattice (``lattice_step``), so a compact state keeps every move exactly."""
+    if not decay_after or t <= decay_after:
+        return log_bump
+    move = log_bump * math.sqrt(decay_after / t)
+    return max(1, round(move / lattice_step)) * lattice_step if lattice_step > 0 else move
+
+
 def warmup_length(warmup_steps: Union[int, float], total_steps: Optional[int]) -> int:
     """The warm-up in steps: an integer count (the document), or a share in (0, 1) of the run's
     total_steps (opt-in, as kohya reads its own --lr_warmup_steps), so that the phase split
@@ -852,7 +865,7 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 
 # Settings added after the document (opt-in), with the values that give the document's step.
 _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
-                        mask_rule="additive")
+                        mask_rule="additive", mask_bump_decay=None)
 MASK_RULES = ("additive", "multiplicative")
 
 
@@ -902,6 +915,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             by 1 + relative_bump, so the mask reaches a rate 100x away as fast as one 10x away;
             needs relative_bump; with state_precision="bf16" the mask is a 16-bit code on a
             log(lr) lattice, min_lr > 0; eager step only).
+        mask_bump_decay: opt-in, with mask_rule="multiplicative": after this many steps the move
+            shrinks as 1 / sqrt(step) (see ``annealed_log_bump``); None keeps it constant.
         eta: ALLoRA strength (LoRA mode matrices); > 0.
         beta1: momentum decay, in [0, 1).
         d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
@@ -943,7 +958,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  state_precision: str = "fp32", foreach: Optional[bool] = None,
                  fused: Optional[bool] = None, relative_bump: Optional[float] = None,
                  decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None,
-                 mask_rule: str = "additive"):
+                 mask_rule: str = "additive", mask_bump_decay: Optional[int] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
@@ -951,7 +966,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         vradam=vradam, allora=allora, state_precision=state_precision, fused=fused,
                         foreach=foreach, mask_min_lr=min_lr, mask_max_lr=max_lr, relative_bump=relative_bump,
                         decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps,
-                        mask_rule=mask_rule)
+                        mask_rule=mask_rule, mask_bump_decay=mask_bump_decay)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -1108,6 +1123,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                          "element's lr by 1 + relative_bump (e.g. 0.05)")
         if precision != "fp32":
             _check_group_lattice(get, where)
+        decay_after = get("mask_bump_decay")
+        _check_range("mask_bump_decay" + where, decay_after,
+                     decay_after is None or (isinstance(decay_after, int) and not isinstance(decay_after, bool)
+                                             and decay_after >= 1 and rule == "multiplicative"),
+                     "None, or an integer >= 1 (steps of full-size moves) with mask_rule='multiplicative'")
         horizon = get("decay_horizon")
         _check_range("decay_horizon" + where, horizon, horizon in ("warmup", "run"), "'warmup' or 'run'")
         _check_range("decay_horizon" + where, horizon, horizon != "run" or total is not None,
@@ -1311,7 +1331,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             group = {**group, "sinkgd_iters": 5 if group["full_finetune"] else 4}
         if group["relative_bump"] is not None:
             if group["mask_rule"] == "multiplicative":  # a move of log(1 + relative_bump) in log(lr)
-                group = {**group, "lr_bump": math.log1p(group["relative_bump"])}
+                lattice = _group_mask_codec(group)[1] if group["state_precision"] != "fp32" else 0.0
+                move = annealed_log_bump(math.log1p(group["relative_bump"]), group["mask_bump_decay"],
+                                         group["group_step"], lattice)
+                group = {**group, "lr_bump": move}
             else:
                 base_lr = group.get("initial_lr", group["lr"])
                 group = {**group, "lr_bump": relative_lr_bump(group["lr_bump"], group["relative_bump"], base_lr)}

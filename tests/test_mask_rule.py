@@ -164,3 +164,34 @@ def test_a_bf16_state_keeps_every_multiplicative_move():
         climbed += int((reference >= 3e-3 * (1 - 1e-6)).sum())
         flipped += int((reference < 3e-3 * (1 - 1e-6)).sum())
     assert climbed and flipped  # both the clamp and the flips were exercised
+
+
+def test_annealed_move_is_constant_then_inverse_sqrt_and_whole_lattice_steps():
+    from library.automagic_sinkgd import annealed_log_bump
+
+    move = math.log1p(0.5)
+    assert annealed_log_bump(move, None, 1000, 0.0) == move  # no decay: the constant move
+    assert annealed_log_bump(move, 10, 10, 0.0) == move
+    assert annealed_log_bump(move, 10, 40, 0.0) == pytest.approx(move / 2)
+    lattice = move / 1000
+    rounded = annealed_log_bump(move, 10, 33, lattice)
+    assert rounded / lattice == pytest.approx(round(rounded / lattice), abs=1e-9)
+    assert rounded == pytest.approx(move * math.sqrt(10 / 33), rel=1e-3)
+    assert annealed_log_bump(move, 10, 10 ** 12, lattice) == lattice  # never rounded away to 0
+
+
+def test_the_optimizer_anneals_its_moves():
+    """mask_bump_decay=2: full-size moves up to step 2, then shrinking as sqrt(2 / t)."""
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = Automagic_Sinkgd([p], lr=1e-4, min_lr=1e-6, max_lr=1.0, d_coef=1, warmup_steps=100, weight_decay=0.0,
+                           mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=2)
+    _steps([p], opt, [1.0] * 8)  # step 1 initialises; steps 2 .. 8 agree
+    log_moves = sum(math.log1p(0.5) * min(1.0, math.sqrt(2 / t)) for t in range(2, 9))
+    assert torch.allclose(opt.state[p]["lr_mask"], torch.full((3, 2), 1e-4 * math.exp(log_moves)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mask_bump_decay=10), dict(mask_rule="multiplicative", relative_bump=0.2,
+                                                                   mask_bump_decay=0)])
+def test_a_bad_bump_decay_names_the_setting(kwargs):
+    with pytest.raises(ValueError, match="mask_bump_decay.*allowed"):
+        Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1e-4, **kwargs)
