@@ -267,7 +267,8 @@ def test_trains_saves_resumes_and_logs_named_curves(name, assets, tmp_path_facto
     assert step_counters(first) == {FIRST} and step_counters(second) == {TOTAL}
     end, _ = tensors(second.weights)
     assert set(end) == set(start)
-    report(name, second, changed=f"{changed(start, end)}/{len(end)} vs run 1", steps=f"{FIRST} -> {TOTAL}")
+    report(name, second, changed=f"{changed(start, end)}/{len(end)} vs run 1",
+           step_counters=f"{sorted(step_counters(first))} -> {sorted(step_counters(second))}")
 
     # one effective-lr curve per param group, named after it, at every step (the scripts without
     # --skip_until_initial_step number a resumed run's steps from 1 again)
