@@ -9,7 +9,9 @@ Launcher options (everything else goes to the trainer unchanged):
   --script NAME           trainer to run: train_network (default), sdxl_train_network,
                           fine_tune, train_db, sdxl_train, flux_train_network, ...
   --preset NAME|PATH      lora, full, high_performance or a .toml file; merged under your
-                          --config_file and command line (preset < config file < command line)
+                          --config_file and command line (preset < config file < command line).
+                          lora / high_performance are for the LoRA trainers (*_train_network),
+                          full for the full fine-tune scripts: the other way round is an error
   --list_presets          list the presets and exit
   --show_preset NAME      print a preset and exit
   --backend auto|kohya|builtin
@@ -18,7 +20,9 @@ Launcher options (everything else goes to the trainer unchanged):
                           auto (default): kohya when sd-scripts is found, else builtin
 
 With the kohya backend the trainer runs exactly as `python <sd-scripts>/<script>.py ...`
-would, from the current directory, with the optimizer hook installed.
+would, from the current directory, with the optimizer hook installed. Before it starts, every
+setting of Automagic_Sinkgd the launcher can see (optimizer_args, each group's learning rate,
+the run length) is checked, and a wrong one stops the run with one line.
 """
 
 from __future__ import annotations
