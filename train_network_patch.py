@@ -387,11 +387,14 @@ def run(argv: list[str]) -> int:
         return 0
     if any(a in ("-h", "--help") for a in rest):
         print(__doc__)  # then the trainer's own help, when there is one
+    sd_scripts = find_sd_scripts(own.sd_scripts) if own.backend != "builtin" else None
     if own.preset:
-        check_preset_fits_script(own.preset, own.script)
+        # a kohya script is a LoRA or a full trainer by itself; the built-in train_network follows
+        # the preset (full_finetune=True makes it a full fine-tune)
+        if sd_scripts is not None:
+            check_preset_fits_script(own.preset, own.script)
         rest = apply_preset(own.preset, rest)
     check_optimizer_choice(rest)
-    sd_scripts = find_sd_scripts(own.sd_scripts) if own.backend != "builtin" else None
     if sd_scripts is not None:
         run_kohya(sd_scripts, own.script, rest)
         return 0

@@ -272,6 +272,9 @@ def test_builtin_backend_is_told_which_script_to_run(monkeypatch):
         assert launcher.run(["--backend", "builtin", "--script", script, "--max_train_steps", "1"]) == 0
     assert [script for _, script in calls] == ["fine_tune", "train_network"]
     assert all("--max_train_steps" in argv for argv, _ in calls)
+    # the built-in train_network is a full fine-tune under --preset full (no trainer mismatch there)
+    assert launcher.run(["--backend", "builtin", "--preset", "full", "--max_train_steps", "1"]) == 0
+    assert calls[-1][1] == "train_network"
 
 
 def test_kohya_resume_with_changed_optimizer_args_warns_and_metadata_shows_what_ran(fake_sd_scripts, tmp_path):
