@@ -9,7 +9,9 @@ Launcher options (everything else goes to the trainer unchanged):
   --script NAME           trainer to run: train_network (default), sdxl_train_network,
                           fine_tune, train_db, sdxl_train, flux_train_network, ...
   --preset NAME|PATH      lora, full, high_performance or a .toml file; merged under your
-                          --config_file and command line (preset < config file < command line)
+                          --config_file and command line (preset < config file < command line).
+                          lora / high_performance are for the LoRA trainers (*_train_network),
+                          full for the full fine-tune scripts: the other way round is an error
   --list_presets          list the presets and exit
   --show_preset NAME      print a preset and exit
   --backend auto|kohya|builtin
@@ -18,7 +20,9 @@ Launcher options (everything else goes to the trainer unchanged):
                           auto (default): kohya when sd-scripts is found, else builtin
 
 With the kohya backend the trainer runs exactly as `python <sd-scripts>/<script>.py ...`
-would, from the current directory, with the optimizer hook installed.
+would, from the current directory, with the optimizer hook installed. Before it starts, every
+setting of Automagic_Sinkgd the launcher can see (optimizer_args, each group's learning rate,
+the run length) is checked, and a wrong one stops the run with one line.
 """
 
 from __future__ import annotations
@@ -161,40 +165,153 @@ def apply_preset(preset: str, argv: list[str]) -> list[str]:
     return ["--config_file", path] + argv
 
 
+def has_flag(argv: list[str], flag: str) -> bool:
+    """A store_true option (``--flag``) is on the command line."""
+    return any(token == flag or token.startswith(flag + "=") for token in argv)
+
+
+class KnownSettings:
+    """The trainer's settings as far as the launcher can know them before anything loads: the
+    config file it will read, then the command line (which wins, as in kohya)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+        config_file, _ = take_option(argv, "--config_file")
+        self.config_file = config_file[0] if config_file else None
+        self.config = plugin_module("presets").read_kohya_config(self.config_file) if self.config_file else {}
+
+    def get(self, key: str, many: bool = False):
+        """``(value, where it was set)``, or ``(None, None)``; numbers that do not parse are left to
+        the trainer's own argument parser."""
+        values, _ = take_option(self.argv, f"--{key}", many=many)
+        if values is not None:
+            value, where = (values if many else values[0]), f"--{key}"
+        elif key in self.config:
+            value, where = self.config[key], f"{key} in {plugin_module('presets').source_of(self.config_file, key)}"
+        else:
+            return None, None
+        return value, where
+
+    def number(self, key: str):
+        value, where = self.get(key)
+        try:
+            return (float(value), where) if value is not None and not isinstance(value, bool) else (None, None)
+        except (TypeError, ValueError):
+            return None, None
+
+    def flag(self, key: str) -> bool:
+        return has_flag(self.argv, f"--{key}") or self.config.get(key) is True
+
+
+# kohya options that set the learning rate of a param group (train_network.py and its subclasses,
+# fine_tune.py / train_db.py, sdxl_train.py, sd3_train.py)
+GROUP_LR_OPTIONS = ("learning_rate", "unet_lr", "text_encoder_lr", "learning_rate_te", "learning_rate_te1",
+                    "learning_rate_te2", "learning_rate_te3")
+
+
+def known_learning_rates(settings: KnownSettings) -> dict[str, float]:
+    """Every lr the trainer will hand a param group, named by where it was set (LoRA+ up-weight
+    groups as ratio x lr)."""
+    lrs: dict[str, float] = {}
+    for key in GROUP_LR_OPTIONS:
+        value, where = settings.get(key, many=key == "text_encoder_lr")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            try:
+                if item is not None and not isinstance(item, bool):
+                    lrs[where + (f"[{i}]" if isinstance(value, list) and len(value) > 1 else "")] = float(item)
+            except (TypeError, ValueError):
+                continue  # kohya's argparse names it
+    base, base_where = settings.number("learning_rate")
+    for part, lr_key in (("unet", "unet_lr"), ("text_encoder", "text_encoder_lr")):
+        ratio, ratio_where = settings.number(f"loraplus_{part}_lr_ratio")
+        if ratio is None:
+            ratio, ratio_where = settings.number("loraplus_lr_ratio")
+        lr, lr_where = settings.get(lr_key, many=lr_key == "text_encoder_lr")
+        if isinstance(lr, list):  # text_encoder_lr: the first text encoder's
+            lr, lr_where = (lr[0], lr_where) if lr else (None, None)
+        try:
+            lr, lr_where = (float(lr), lr_where) if lr is not None else (base, base_where)
+        except (TypeError, ValueError):
+            continue
+        if ratio is not None and lr is not None:
+            lrs[f"LoRA+ lr ({ratio_where} {ratio:g} x {lr_where} {lr:g})"] = ratio * lr
+    return lrs
+
+
 def check_optimizer_choice(argv: list[str]) -> None:
-    """Fail in a second, not after the model has loaded: validate our optimizer's settings
-    (keys and values) as the trainer will see them (config file, then command line)."""
+    """Fail in a second, not after the model has loaded: validate every setting of our optimizer
+    the trainer will see (config file, then command line): optimizer_args keys and values, each
+    group's learning rate, the run length, and the flags the optimizer depends on."""
     factory = plugin_module("optimizer_factory")
-    config_file, _ = take_option(argv, "--config_file")
-    config = plugin_module("presets").read_kohya_config(config_file[0]) if config_file else {}
-    cli_type, _ = take_option(argv, "--optimizer_type")
-    cli_args, _ = take_option(argv, "--optimizer_args", many=True)
-    optimizer_type = cli_type[0] if cli_type else config.get("optimizer_type")
+    settings = KnownSettings(argv)
+    optimizer_type = settings.get("optimizer_type")[0]
     if not factory.is_automagic(optimizer_type):
         return
-    if cli_args is not None:
-        where = "--optimizer_args"
-    else:
-        where = plugin_module("presets").source_of(config_file[0], "optimizer_args") if config_file else ""
-    import inspect
-
+    raw_args, where = settings.get("optimizer_args", many=True)
+    where = where or ""
+    if settings.flag("fused_backward_pass"):
+        steps, _ = settings.number("gradient_accumulation_steps")
+        if steps is not None and steps != 1:
+            raise LauncherError("--fused_backward_pass needs --gradient_accumulation_steps 1 "
+                                f"(got {steps:g}): each gradient is applied as soon as it is computed")
     import torch
 
     try:
-        kwargs = factory.parse_optimizer_args(cli_args if cli_args is not None else config.get("optimizer_args"))
+        kwargs = factory.parse_optimizer_args(raw_args)
         cls = factory.resolve_optimizer_class(optimizer_type)
         factory.check_keywords(cls, kwargs)
         factory.check_lr_bounds(cls, kwargs)
-        # A one-element stand-in runs the optimizer's own range checks. Its lr is max_lr, valid
-        # whenever the bounds are: the real lrs (per group) are checked when kohya builds it.
-        lr = kwargs.get("max_lr", inspect.signature(cls.__init__).parameters["max_lr"].default)
-        # (total_steps comes from the run's max_train_steps when the trainer builds it; any length here)
-        cls([torch.zeros(1, 1, requires_grad=True)], lr=lr, **factory.with_run_length(optimizer_type, kwargs, 1000))
+    except (ValueError, TypeError) as error:
+        raise optimizer_args_error(where, error) from None
+    lrs = known_learning_rates(settings)
+    try:
+        factory.check_learning_rates(cls, kwargs, lrs)
+    except factory.OptimizerArgsError as error:
+        raise LauncherError(str(error)) from None
+    # A one-element stand-in runs the optimizer's own range checks with the run's length (kohya's
+    # default when neither max_train_steps nor the epochs are known) and its base lr, or max_lr.
+    steps, _ = settings.number("max_train_steps")
+    run_length = int(steps) if steps and steps > 0 else plugin_module("kohya_hook").KOHYA_DEFAULT_MAX_TRAIN_STEPS
+    lr = lrs.get(settings.get("learning_rate")[1] or "", factory.lr_bounds(cls, kwargs)[1])
+    try:
+        cls([torch.zeros(1, 1, requires_grad=True)], lr=lr,
+            **factory.with_run_length(optimizer_type, kwargs, run_length))
     except (ValueError, TypeError) as error:  # the optimizer's own message, without a traceback
-        text = str(error).removeprefix("optimizer_args: ")
-        if where.startswith("--optimizer_args"):
-            raise LauncherError(f"{where}: {text}") from None
-        raise LauncherError(f"{where + ': ' if where else ''}optimizer_args: {text}") from None
+        raise optimizer_args_error(where, error) from None
+
+
+def optimizer_args_error(where: str, error: Exception) -> LauncherError:
+    text = str(error).removeprefix("optimizer_args: ")
+    where = where.removeprefix("optimizer_args in ")
+    if where.startswith("--optimizer_args"):
+        return LauncherError(f"{where}: {text}")
+    return LauncherError(f"{where + ': ' if where else ''}optimizer_args: {text}")
+
+
+def check_preset_fits_script(preset: str, script: str) -> None:
+    """A shipped preset on a trainer it is not made for: a LoRA preset on a full fine-tune script
+    (or the reverse) is an error; a script no preset names (textual inversion, ControlNet, a
+    trainer of your own) is a warning with the reason, as it may be intended."""
+    warning = plugin_module("presets").check_preset_script(preset, script)
+    if warning:
+        print(f"train_network_patch.py: warning: {warning}", file=sys.stderr)
+
+
+def script_implements(sd_scripts: Path, script: str, option: str) -> bool:
+    """The trainer's own source reads ``args.<option>``. (kohya declares --fused_backward_pass for
+    every trainer in train_util; the LoRA trainers subclass train_network.py, which never reads it.)"""
+    path = sd_scripts / (script if script.endswith(".py") else script + ".py")
+    return path.is_file() and f"args.{option}" in path.read_text(errors="ignore")
+
+
+def warn_ignored_options(sd_scripts: Path, script: str, argv: list[str]) -> None:
+    """kohya accepts --fused_backward_pass in every trainer, but only some implement it; elsewhere it
+    is silently ignored (plain kohya asserts on the optimizer instead), so say so."""
+    settings = KnownSettings(argv)
+    if settings.flag("fused_backward_pass") and not script_implements(sd_scripts, script, "fused_backward_pass"):
+        print(f"train_network_patch.py: warning: --fused_backward_pass does nothing in {Path(script).stem}: it "
+              "steps the optimizer once per step (the full fine-tune scripts sdxl_train, flux_train, sd3_train "
+              "implement it)", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- backends
@@ -228,6 +345,7 @@ def find_script(sd_scripts: Path, name: str) -> Path:
 
 def run_kohya(sd_scripts: Path, script: str, argv: list[str]) -> None:
     script_path = find_script(sd_scripts, script)
+    warn_ignored_options(sd_scripts, script_path.name, argv)
     stop_shadowing_kohya_library()
     plugin_module("kohya_hook").install()
     sys.path.insert(0, str(sd_scripts))  # as when the script is run directly: its folder first
@@ -269,10 +387,14 @@ def run(argv: list[str]) -> int:
         return 0
     if any(a in ("-h", "--help") for a in rest):
         print(__doc__)  # then the trainer's own help, when there is one
+    sd_scripts = find_sd_scripts(own.sd_scripts) if own.backend != "builtin" else None
     if own.preset:
+        # a kohya script is a LoRA or a full trainer by itself; the built-in train_network follows
+        # the preset (full_finetune=True makes it a full fine-tune)
+        if sd_scripts is not None:
+            check_preset_fits_script(own.preset, own.script)
         rest = apply_preset(own.preset, rest)
     check_optimizer_choice(rest)
-    sd_scripts = find_sd_scripts(own.sd_scripts) if own.backend != "builtin" else None
     if sd_scripts is not None:
         run_kohya(sd_scripts, own.script, rest)
         return 0

@@ -15,6 +15,11 @@ goes through kohya's own code untouched:
   ``lr/d*lr/...`` for optimizers it names (DAdapt/Prodigy), and its log builders differ
   per script; the trackers are the one place every trainer goes through, and only on
   logged steps, so the host sync that reading the values needs happens only then.
+  Each curve is named after its group as the network names it (see below).
+* the ``prepare_optimizer_params*`` methods of the network modules (``networks.lora``,
+  ``networks.lora_flux``, ``networks.lora_sd3``, ...) record the name the network gives each
+  param group, keyed by the group's parameters, so the curves do not depend on the order
+  or the uniqueness of kohya's ``lr/<name>`` keys.
 
 kohya modules are patched when they are imported (a ``sys.meta_path`` finder), not
 imported by us early: the trainer scripts do setup work (``init_ipex()``) before their
@@ -27,6 +32,7 @@ import functools
 import importlib.abc
 import logging
 import os
+import re
 import sys
 import weakref
 from typing import Any, Callable, Iterable
@@ -143,6 +149,110 @@ def wrap_patch_adafactor_fused(original: Callable) -> Callable:
 # --------------------------------------------------------------------------- logging
 
 
+# The name the network gave each param group, keyed by id() of the group's first parameter (the
+# tensors outlive the group dicts, which torch replaces on load_state_dict); the weak reference
+# guards against a recycled id.
+_group_names: dict[int, tuple[weakref.ReferenceType, str]] = {}
+
+# kohya's LoRA module names start with the part of the model they adapt
+_LORA_FAMILY = re.compile(r"^lora_(te(\d*)|unet)_")
+
+
+def lora_family(keys: Iterable[str]) -> str | None:
+    """``textencoder N`` / ``textencoder`` / ``unet`` when every LoRA key of a group comes from that
+    model part (``lora_te2_...`` -> ``textencoder 2``); None for mixed or unknown keys."""
+    families = set()
+    for key in keys:
+        match = _LORA_FAMILY.match(key)
+        if match is None:
+            return None
+        te, number = match.group(1), match.group(2)
+        families.add("unet" if te == "unet" else f"textencoder {number}".strip())
+    return families.pop() if len(families) == 1 else None
+
+
+def network_group_names(descriptions: list[str], group_keys: list[list[str]]) -> list[str]:
+    """One distinct name per param group, from the descriptions a kohya network returns with its groups.
+
+    The descriptions are what kohya logs as ``lr/<description>``; whitespace is normalised
+    (``"textencoder 1 "`` -> ``textencoder 1``). Two groups with the same description would share
+    one curve: lora_sd3 describes CLIP-L and CLIP-G both as "textencoder 1 ". Such groups are named
+    after the model part their LoRA keys belong to (``lora_te2_...`` -> ``textencoder 2``), keeping
+    a LoRA+ "plus" suffix, and numbered by group when even that does not tell them apart.
+    """
+    names = [" ".join(str(d).split()) or f"group{i}" for i, d in enumerate(descriptions)]
+    shared = {name for name in names if names.count(name) > 1}
+    for i, name in enumerate(names):
+        family = lora_family(group_keys[i]) if name in shared and i < len(group_keys) else None
+        if family is not None:
+            names[i] = family + (" plus" if name.endswith("plus") else "")
+    shared = {name for name in names if names.count(name) > 1}
+    return [f"{name} group{i}" if name in shared else name for i, name in enumerate(names)]
+
+
+def _param_keys(params) -> list[str]:
+    """The parameter names of a kohya group: its ``params`` is a ``dict.values()`` view of
+    ``{"<lora_name>.<param>": tensor}``, whose ``mapping`` gives the keys back."""
+    mapping = getattr(params, "mapping", None)
+    return [str(k) for k in mapping] if mapping is not None else []
+
+
+def _first_param(params):
+    """The first tensor of a group's params without consuming it (lists and dict views only)."""
+    if isinstance(params, (list, tuple)) or getattr(params, "mapping", None) is not None:
+        return next(iter(params), None)
+    return None
+
+
+def remember_group_names(groups, descriptions) -> None:
+    """Record the network's name for each of its param groups (see :func:`network_group_names`)."""
+    if not isinstance(groups, (list, tuple)) or not isinstance(descriptions, (list, tuple)):
+        return
+    if len(groups) != len(descriptions) or not all(isinstance(g, dict) for g in groups):
+        return
+    names = network_group_names(list(descriptions), [_param_keys(g.get("params")) for g in groups])
+    for group, name in zip(groups, names):
+        first = _first_param(group.get("params"))
+        if first is not None:
+            _group_names[id(first)] = (weakref.ref(first), name)
+
+
+def recorded_group_name(group: dict) -> str | None:
+    """The name recorded for an optimizer param group, or None."""
+    params = group.get("params") or []
+    first = params[0] if len(params) else None
+    entry = _group_names.get(id(first)) if first is not None else None
+    return entry[1] if entry is not None and entry[0]() is first else None
+
+
+def wrap_prepare_optimizer_params(original: Callable) -> Callable:
+    """Wrap a network's ``prepare_optimizer_params*`` to record its group names (the result is unchanged)."""
+    if getattr(original, _MARK, False):
+        return original
+
+    @functools.wraps(original)
+    def prepare(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if isinstance(result, tuple) and len(result) == 2:
+            remember_group_names(*result)
+        return result
+
+    setattr(prepare, _MARK, True)
+    return prepare
+
+
+def patch_network_module(module) -> None:
+    """Wrap ``prepare_optimizer_params*`` of every network class defined in a kohya network module."""
+    import inspect
+
+    for cls in vars(module).values():
+        if not inspect.isclass(cls) or cls.__module__ != module.__name__:
+            continue
+        for method in ("prepare_optimizer_params", "prepare_optimizer_params_with_multiple_te_lrs"):
+            if callable(vars(cls).get(method)):
+                setattr(cls, method, wrap_prepare_optimizer_params(vars(cls)[method]))
+
+
 def lr_names_in_logs(logs: dict) -> list[str]:
     """Group names kohya used for its ``lr/<name>`` scalars, in group order.
 
@@ -164,9 +274,15 @@ def effective_lr_logs(logs: dict, optimizers: Iterable) -> dict[str, float]:
     names = lr_names_in_logs(logs)
     if not names:
         return {}
-    tensors = [t for opt in optimizers for t in _unwrap(opt).effective_lrs()]
+    optimizers = [_unwrap(opt) for opt in optimizers]
+    tensors = [t for opt in optimizers for t in opt.effective_lrs()]
     if not tensors:
         return {}
+    # the network's own names when it recorded every group (LoRA trainers); else kohya's lr/ keys in
+    # group order (the full fine-tune scripts name their groups unet, text_encoder1, ...)
+    recorded = [recorded_group_name(g) for opt in optimizers for g in opt.param_groups]
+    if len(recorded) == len(tensors) and all(recorded):
+        names = recorded
     import torch
 
     values = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()  # one host sync
@@ -249,10 +365,19 @@ def patch_adafactor_fused_module(adafactor_fused) -> None:
     adafactor_fused.patch_adafactor_fused = wrap_patch_adafactor_fused(adafactor_fused.patch_adafactor_fused)
 
 
+# A name ending in "." patches every module under that package (the --network_module choices).
 KOHYA_PATCHES: dict[str, Callable] = {
     "library.train_util": patch_train_util,
     "library.adafactor_fused": patch_adafactor_fused_module,
+    "networks.": patch_network_module,
 }
+
+
+def patch_for(name: str, patches: dict[str, Callable]) -> Callable | None:
+    """The patch for module ``name``: by its exact name, or by a package prefix ending in "."."""
+    if name in patches:
+        return patches[name]
+    return next((p for key, p in patches.items() if key.endswith(".") and name.startswith(key)), None)
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -279,7 +404,7 @@ class PostImportPatcher(importlib.abc.MetaPathFinder):
         self.patches = patches
 
     def find_spec(self, fullname, path, target=None):
-        patch = self.patches.get(fullname)
+        patch = patch_for(fullname, self.patches)
         if patch is None:
             return None
         for finder in sys.meta_path:
@@ -296,8 +421,9 @@ class PostImportPatcher(importlib.abc.MetaPathFinder):
 def install(patches: dict[str, Callable] | None = None) -> None:
     """Activate the hook in this process (idempotent). Modules already imported are patched now."""
     patches = KOHYA_PATCHES if patches is None else patches
-    for name, patch in patches.items():
-        if name in sys.modules:
-            patch(sys.modules[name])
+    for name, module in list(sys.modules.items()):
+        patch = patch_for(name, patches)
+        if patch is not None and module is not None:
+            patch(module)
     if not any(isinstance(f, PostImportPatcher) and f.patches is patches for f in sys.meta_path):
         sys.meta_path.insert(0, PostImportPatcher(patches))

@@ -263,6 +263,7 @@ def build_optimizer(
     check_keywords(cls, kwargs)
     if is_automagic(optimizer_type):
         check_lr_bounds(cls, kwargs)
+        check_learning_rates(cls, kwargs, {"learning_rate": learning_rate, **group_lrs(trainable_params)})
     filled = with_run_length(optimizer_type, kwargs, run_length)
     optimizer = cls(trainable_params, lr=learning_rate, **filled)
     if "total_steps" in filled and "total_steps" not in kwargs:
@@ -273,16 +274,48 @@ def build_optimizer(
     return f"{cls.__module__}.{cls.__name__}", args_text, optimizer
 
 
+def group_lrs(trainable_params) -> dict[str, Any]:
+    """``{"lr of param group i": lr}`` for kohya's list of group dicts (nothing for a bare parameter list)."""
+    if not isinstance(trainable_params, (list, tuple)):
+        return {}
+    return {f"lr of param group {i}": g["lr"] for i, g in enumerate(trainable_params)
+            if isinstance(g, Mapping) and "lr" in g}
+
+
 def check_lr_bounds(cls: type, kwargs: Mapping[str, Any]) -> None:
     """min_lr above max_lr is one mistake with two names: say so with both values, whichever was set."""
-    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
-    low, high = kwargs.get("min_lr", defaults.get("min_lr")), kwargs.get("max_lr", defaults.get("max_lr"))
+    low, high = lr_bounds(cls, kwargs)
     numbers = isinstance(low, (int, float)) and isinstance(high, (int, float))
     if numbers and low >= 0 and high > 0 and low > high:  # each alone in range: the optimizer names the other cases
         raise OptimizerArgsError(
             f"optimizer_args: min_lr={low:g} is above max_lr={high:g}; min_lr <= max_lr is required "
             "(the learning-rate mask lives in [min_lr, max_lr])"
         )
+
+
+def lr_bounds(cls: type, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(min_lr, max_lr) the optimizer will use: the user's or the class defaults."""
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    return kwargs.get("min_lr", defaults.get("min_lr")), kwargs.get("max_lr", defaults.get("max_lr"))
+
+
+def check_learning_rates(cls: type, kwargs: Mapping[str, Any], lrs: Mapping[str, Any]) -> None:
+    """Each learning rate the trainer will hand a group must lie in the mask's [min_lr, max_lr]
+    (Automagic_Sinkgd adapts a per-element rate inside it); ``lrs`` maps where each was set
+    (``--learning_rate``, ``unet_lr``, ...) to its value. 0 is kohya's "do not train this part"."""
+    low, high = lr_bounds(cls, kwargs)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        return  # the optimizer's own checks name a non-numeric bound
+    for where, lr in lrs.items():
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr == 0:
+            continue
+        if not low <= lr <= high:
+            habit = ("; lr=1 is a Prodigy / D-Adaptation habit, this optimizer takes a real learning rate"
+                     if lr >= 0.1 else "")
+            raise OptimizerArgsError(
+                f"{where}={lr:g} is out of range for {cls.__name__}: allowed min_lr <= lr <= max_lr, i.e. "
+                f"[{low:g}, {high:g}] (the optimizer_args' min_lr / max_lr){habit}"
+            )
 
 
 # --------------------------------------------------------------------------- resume

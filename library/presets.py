@@ -38,6 +38,15 @@ PRESET_DESCRIPTIONS = {
 }
 
 
+# The sd-scripts trainers (--script) each shipped preset is made for. The LoRA presets fit the
+# network trainers (train_network.py and its subclasses), whose groups are small adapter matrices;
+# "full" fits the scripts that train the model's own weights (full_finetune=True, bf16 state).
+NETWORK_TRAINERS = ("train_network", "sdxl_train_network", "flux_train_network", "sd3_train_network",
+                    "lumina_train_network", "anima_train_network", "hunyuan_image_train_network")
+FULL_TRAINERS = ("fine_tune", "train_db", "sdxl_train", "flux_train", "sd3_train", "lumina_train", "anima_train")
+PRESET_TRAINERS = {"lora": NETWORK_TRAINERS, "high_performance": NETWORK_TRAINERS, "full": FULL_TRAINERS}
+
+
 class PresetError(ValueError):
     """A preset or config file that cannot be used (the message names the file and the key)."""
 
@@ -183,6 +192,36 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
     config = read_kohya_config(path)
     validate_preset(config, source=str(path))
     return config
+
+
+def trainer_kind(script: str) -> str | None:
+    """"network" (LoRA), "full", or None for a trainer no shipped preset is made for."""
+    name = Path(script).stem if script.endswith(".py") else script
+    if name in NETWORK_TRAINERS or name.endswith("_train_network"):
+        return "network"
+    return "full" if name in FULL_TRAINERS else None
+
+
+def check_preset_script(preset: str, script: str) -> str | None:
+    """Does a shipped preset fit the trainer? A LoRA preset on a full fine-tune script, or "full" on a
+    LoRA trainer, raises PresetError (either trains with the other kind's lr and full_finetune
+    setting, silently); a trainer no preset names returns a warning (it may be intended). A preset
+    given as a file is the user's own: not checked."""
+    if str(preset) not in PRESET_TRAINERS:
+        return None
+    name = Path(script).stem if script.endswith(".py") else script
+    made_for = PRESET_TRAINERS[str(preset)]
+    if name in made_for:
+        return None
+    kind = trainer_kind(name)
+    wanted = "network" if made_for is NETWORK_TRAINERS else "full"
+    if kind is not None and kind != wanted:
+        fitting = [p for p, scripts in PRESET_TRAINERS.items() if trainer_kind(scripts[0]) == kind]
+        trains = "a LoRA (network trainer)" if kind == "network" else "the full model"
+        raise PresetError(f"--preset {preset} is made for {', '.join(made_for[:5])}, ...; {name} trains {trains}: "
+                          f"use --preset {' or '.join(fitting)}")
+    return (f"--preset {preset} is made for {', '.join(made_for[:5])}, ...; {name} is none of them, so its "
+            "learning rate and full_finetune setting may not fit this trainer")
 
 
 def list_presets() -> list[tuple[str, Path, str]]:

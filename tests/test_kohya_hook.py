@@ -187,6 +187,106 @@ def test_several_single_group_optimizers_are_numbered_in_order():
                            f"{EFFECTIVE_LR_PREFIX}group2", f"{EFFECTIVE_LR_PREFIX}group3"]
 
 
+# The LoRA layouts of kohya's networks: (module names of each param group, the description the
+# network returns for it). networks.lora trains SD1.x with one text encoder (lora_te_) and SDXL with
+# both in one group (lora_te1_ / lora_te2_); lora_flux names CLIP-L "textencoder 1 "; lora_sd3 names
+# CLIP-L and CLIP-G both "textencoder 1 " (sd-scripts 48d368fa).
+LORA_LAYOUTS = {
+    "sd15": ([["lora_te_text_model_encoder_layers_0_mlp_fc1"], ["lora_unet_down_blocks_0_attentions_0_proj_in"]],
+             ["textencoder", "unet"], ["textencoder", "unet"]),
+    "sdxl": ([["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc1"],
+              ["lora_unet_input_blocks_4_1_proj_in"]],
+             ["textencoder", "unet"], ["textencoder", "unet"]),
+    "flux": ([["lora_te1_text_model_encoder_layers_0_mlp_fc1"], ["lora_unet_double_blocks_0_img_attn_qkv"]],
+             ["textencoder 1 ", "unet"], ["textencoder 1", "unet"]),
+    "sd3": ([["lora_te1_text_model_encoder_layers_0_mlp_fc1"], ["lora_te2_text_model_encoder_layers_0_mlp_fc1"],
+             ["lora_unet_joint_blocks_0_x_block_attn_qkv"]],
+            ["textencoder 1 ", "textencoder 1 ", "unet"], ["textencoder 1", "textencoder 2", "unet"]),
+}
+
+
+def fake_network_module(layout):
+    """A module shaped like networks.lora*: a network class whose prepare method returns kohya's groups
+    ({"params": dict.values() of {"<lora_name>.<param>": tensor}, "lr": ...}) and their descriptions."""
+    import types
+
+    module = types.ModuleType("fake_networks.lora_layout")
+    modules, descriptions, _ = LORA_LAYOUTS[layout]
+
+    class LoRANetwork:
+        def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr):
+            torch.manual_seed(0)
+            groups = []
+            for index, names in enumerate(modules):
+                params = {}
+                for name in names:
+                    params[f"{name}.lora_down.weight"] = torch.nn.Parameter(torch.randn(4, 8))
+                    params[f"{name}.lora_up.weight"] = torch.nn.Parameter(torch.randn(8, 4) * 0.1)
+                groups.append({"params": params.values(), "lr": [1e-5, 2e-5, 1e-4][index]})
+            return groups, list(descriptions)
+
+    LoRANetwork.__module__ = module.__name__
+    module.LoRANetwork = LoRANetwork
+    return module
+
+
+def kohya_step_logs(descriptions, lrs):
+    """train_network.generate_step_logs: lr/<description> per group, in group order (a repeated
+    description keeps its first position and the later group's value)."""
+    logs = {"loss/current": 0.1, "loss/average": 0.1}
+    for description, lr in zip(descriptions, lrs):
+        logs[f"lr/{description}"] = lr
+    return logs
+
+
+@pytest.mark.parametrize("layout", sorted(LORA_LAYOUTS))
+def test_effective_lr_curves_carry_the_networks_own_group_names(layout):
+    module = fake_network_module(layout)
+    kohya_hook.patch_network_module(module)
+    groups, descriptions = module.LoRANetwork().prepare_optimizer_params_with_multiple_te_lrs(None, None, 1e-4)
+    opt = stepped_optimizer(2, groups)
+    expected = LORA_LAYOUTS[layout][2]
+    values = [float(t) for t in opt.effective_lrs()]
+    assert len(set(values)) == len(values)  # groups at 1e-5 / 2e-5 / 1e-4: a swapped name shows
+    for _ in range(2):  # also after a resume: torch's load_state_dict replaces the group dicts
+        extra = effective_lr_logs(kohya_step_logs(descriptions, [g["lr"] for g in opt.param_groups]), [opt])
+        assert extra == {f"{EFFECTIVE_LR_PREFIX}{name}": pytest.approx(v) for name, v in zip(expected, values)}
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+def test_group_names_that_stay_ambiguous_are_numbered():
+    names = kohya_hook.network_group_names(["unet", "unet plus", "unet", "textencoder"],
+                                           [["lora_unet_a.w"], ["lora_unet_a.w"], ["other.w"], []])
+    assert names == ["unet group0", "unet plus", "unet group2", "textencoder"]
+    assert kohya_hook.lora_family(["lora_te2_x.lora_up.weight", "lora_te2_y.alpha"]) == "textencoder 2"
+    assert kohya_hook.lora_family(["lora_te1_x.w", "lora_te2_y.w"]) is None
+
+
+def test_network_modules_are_patched_on_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake_networks_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "lora_sd3.py").write_text(
+        "import torch\n"
+        "class LoRANetwork:\n"
+        "    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):\n"
+        "        p = {'lora_te2_x.lora_up.weight': torch.nn.Parameter(torch.zeros(2, 2))}\n"
+        "        return [{'params': p.values()}], ['textencoder 1 ']\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    patches = {"fake_networks_pkg.": kohya_hook.patch_network_module}
+    install(patches)
+    try:
+        import fake_networks_pkg.lora_sd3 as network_module
+
+        groups, _ = network_module.LoRANetwork().prepare_optimizer_params(None, None, 1e-4)
+        assert kohya_hook.recorded_group_name({"params": list(groups[0]["params"])}) == "textencoder 1"
+    finally:
+        sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "patches", None) is not patches]
+        for name in [n for n in sys.modules if n.startswith("fake_networks_pkg")]:
+            del sys.modules[name]
+
+
 class RecordingTracker:
     def __init__(self):
         self.calls = []

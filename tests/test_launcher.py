@@ -162,8 +162,11 @@ def fake_sd_scripts(tmp_path_factory):
     (root / "library").mkdir()
     (root / "library" / "__init__.py").write_text("")
     (root / "library" / "train_util.py").write_text(textwrap.dedent(FAKE_TRAIN_UTIL))
-    for script in ("train_network.py", "fine_tune.py"):
+    for script in ("train_network.py", "fine_tune.py", "sdxl_train_network.py"):
         (root / script).write_text(textwrap.dedent(FAKE_TRAINER))
+    # a full fine-tune script that implements the fused backward pass reads the flag itself
+    (root / "sdxl_train.py").write_text(textwrap.dedent(FAKE_TRAINER).replace(
+        "    model = torch.nn.Linear(4, 3)\n", "    model = torch.nn.Linear(4, 3)\n    fused = args.fused_backward_pass\n"))
     (root / "resuming_trainer.py").write_text(textwrap.dedent(FAKE_RESUMING_TRAINER))
     return root
 
@@ -235,7 +238,7 @@ def test_a_folder_that_is_not_sd_scripts_is_named(tmp_path, monkeypatch):
 
 
 def test_unknown_script_lists_the_trainers(fake_sd_scripts):
-    with pytest.raises(launcher.LauncherError, match="did you mean .*trainers in .*: fine_tune, resuming_trainer, train_network"):
+    with pytest.raises(launcher.LauncherError, match="did you mean .*trainers in .*: fine_tune, resuming_trainer, sdxl_train, sdxl_train_network, train_network"):
         launcher.find_script(fake_sd_scripts, "train_netwrok")
 
 
@@ -269,6 +272,9 @@ def test_builtin_backend_is_told_which_script_to_run(monkeypatch):
         assert launcher.run(["--backend", "builtin", "--script", script, "--max_train_steps", "1"]) == 0
     assert [script for _, script in calls] == ["fine_tune", "train_network"]
     assert all("--max_train_steps" in argv for argv, _ in calls)
+    # the built-in train_network is a full fine-tune under --preset full (no trainer mismatch there)
+    assert launcher.run(["--backend", "builtin", "--preset", "full", "--max_train_steps", "1"]) == 0
+    assert calls[-1][1] == "train_network"
 
 
 def test_kohya_resume_with_changed_optimizer_args_warns_and_metadata_shows_what_ran(fake_sd_scripts, tmp_path):
@@ -320,3 +326,103 @@ def test_min_lr_above_max_lr_is_named_as_such():
     """Before: 'max_lr=0.001 is out of range', though the user had set min_lr."""
     with pytest.raises(launcher.LauncherError, match=r"min_lr=0.002 is above max_lr=0.001"):
         launcher.check_optimizer_choice(launcher.apply_preset("lora", ["--optimizer_args", "min_lr=2e-3"]))
+
+
+# ---------------------------------------------------------------- checks before anything loads
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+def test_learning_rate_out_of_range_stops_before_the_trainer_starts(fake_sd_scripts, tmp_path):
+    """Before: the pre-check built its stand-in at max_lr, so --learning_rate 1.0 got through and the
+    optimizer failed inside the trainer, after the model had loaded, with a traceback."""
+    proc, result = launch(["--preset", "lora", "--learning_rate", "1.0"], cwd=tmp_path, sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 2 and result is None, proc.stderr[-2000:]
+    low, high = lora_preset_bounds()
+    assert error_lines(proc) == [
+        f"train_network_patch.py: error: --learning_rate=1 is out of range for Automagic_Sinkgd: allowed min_lr "
+        f"<= lr <= max_lr, i.e. [{low:g}, {high:g}] (the optimizer_args' min_lr / max_lr); lr=1 is a Prodigy / "
+        "D-Adaptation habit, this optimizer takes a real learning rate"]
+    assert "1e-6 .. 1e-4" not in proc.stderr  # no second, contradictory range next to the allowed one
+
+
+def lora_preset_bounds() -> tuple[float, float]:
+    from library.optimizer_factory import parse_optimizer_args
+    from library.presets import load_preset
+
+    args = parse_optimizer_args(load_preset("lora")["optimizer_args"])
+    return args["min_lr"], args["max_lr"]
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["--unet_lr", "5e-3"], "--unet_lr=0.005"),
+    (["--text_encoder_lr", "1e-5", "2e-2"], "--text_encoder_lr[1]=0.02"),
+    (["--learning_rate_te1", "-1e-5"], "--learning_rate_te1=-1e-05"),
+    (["--loraplus_lr_ratio", "40"], "LoRA+ lr (--loraplus_lr_ratio 40 x learning_rate in "),
+    (["--unet_lr", "1e-4", "--loraplus_unet_lr_ratio", "16"], "LoRA+ lr (--loraplus_unet_lr_ratio 16 x --unet_lr 0.0001)"),
+])
+def test_every_group_lr_the_launcher_knows_is_checked(argv, where):
+    with pytest.raises(launcher.LauncherError, match=r"is out of range for Automagic_Sinkgd") as error:
+        launcher.check_optimizer_choice(launcher.apply_preset("lora", argv))
+    assert str(error.value).startswith(where), str(error.value)
+
+
+def test_learning_rate_from_a_config_file_names_the_file(tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text("learning_rate = 0.5\n")
+    argv = launcher.apply_preset("lora", ["--config_file", str(user)])
+    with pytest.raises(launcher.LauncherError, match=rf"^learning_rate in {user}=0.5 is out of range"):
+        launcher.check_optimizer_choice(argv)
+    # kohya's "0 = do not train this part" is not an lr; a text-encoder lr kept in range passes
+    launcher.check_optimizer_choice(launcher.apply_preset("lora", ["--text_encoder_lr", "0", "--unet_lr", "1e-4"]))
+
+
+def test_fused_backward_pass_with_accumulation_is_refused_up_front():
+    with pytest.raises(launcher.LauncherError, match=r"--fused_backward_pass needs --gradient_accumulation_steps 1"):
+        launcher.check_optimizer_choice(launcher.apply_preset(
+            "full", ["--fused_backward_pass", "--gradient_accumulation_steps", "4"]))
+
+
+@pytest.mark.parametrize("preset, script", [("full", "sdxl_train_network"), ("full", "train_network"),
+                                            ("full", "flux_train_network"), ("lora", "sdxl_train"),
+                                            ("lora", "fine_tune"), ("high_performance", "sd3_train")])
+def test_a_preset_on_the_other_kind_of_trainer_is_a_one_line_error(fake_sd_scripts, tmp_path, preset, script):
+    """Before: --preset full on sdxl_train_network trained a LoRA with full_finetune=True and bf16 state,
+    --preset lora on sdxl_train a full model in LoRA mode, silently."""
+    from library.presets import PRESET_TRAINERS
+
+    with pytest.raises(ValueError, match=rf"^--preset {preset} is made for .*; {script} trains .*: use --preset "):
+        launcher.run(["--sd_scripts", str(fake_sd_scripts), "--script", script, "--preset", preset])
+    assert script not in PRESET_TRAINERS[preset]
+    if script == "sdxl_train_network":  # the whole launch: one line, and the trainer never starts
+        proc, result = launch(["--script", script, "--preset", preset], cwd=tmp_path, sd_scripts=fake_sd_scripts)
+        assert proc.returncode == 2 and result is None and len(error_lines(proc)) == 1, proc.stderr[-2000:]
+
+
+def test_each_preset_fits_the_trainers_it_names(fake_sd_scripts, tmp_path):
+    from library.presets import PRESET_TRAINERS, check_preset_script
+
+    for preset, scripts in PRESET_TRAINERS.items():
+        assert all(check_preset_script(preset, script) is None for script in scripts)
+    assert check_preset_script(str(REPO / "configs" / "full.toml"), "sdxl_train_network") is None  # a file: yours
+    warning = check_preset_script("lora", "train_textual_inversion")  # may be intended: a warning with the reason
+    assert "train_textual_inversion is none of them" in warning and "full_finetune" in warning
+    proc, result = launch(["--script", "sdxl_train_network", "--preset", "lora", "--output_dir", "o"], cwd=tmp_path,
+                          sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 0 and result["cls"] == "Automagic_Sinkgd" and "warning" not in proc.stderr
+
+
+def test_fused_backward_pass_on_a_trainer_that_ignores_it_is_a_one_line_warning(fake_sd_scripts, tmp_path):
+    """Before: --fused_backward_pass on a LoRA trainer was silently ignored."""
+    proc, result = launch(["--script", "sdxl_train_network", "--preset", "lora", "--fused_backward_pass"],
+                          cwd=tmp_path, sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 0 and result is not None
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == ["train_network_patch.py: warning: --fused_backward_pass does nothing in sdxl_train_network: "
+                        "it steps the optimizer once per step (the full fine-tune scripts sdxl_train, flux_train, "
+                        "sd3_train implement it)"]
+    proc, result = launch(["--script", "sdxl_train", "--preset", "full", "--fused_backward_pass"], cwd=tmp_path,
+                          sd_scripts=fake_sd_scripts)
+    assert proc.returncode == 0 and result is not None and "warning" not in proc.stderr, proc.stderr[-2000:]

@@ -277,3 +277,15 @@ def test_resume_names_no_setting_the_optimizer_keeps_from_its_configuration():
     assert messages == []
     assert f"{text}" == format_optimizer_args(parse_optimizer_args(new_args))
 
+
+
+def test_a_group_lr_outside_the_mask_is_one_clear_error_naming_the_group():
+    """Before: the optimizer's own message, which puts a 1e-6 .. 1e-4 recommendation next to the allowed range."""
+    layer = torch.nn.Linear(4, 4)
+    groups = [{"params": [layer.weight], "lr": 1e-4}, {"params": [layer.bias], "lr": 1.0}]
+    with pytest.raises(OptimizerArgsError, match=r"^lr of param group 1=1 is out of range for Automagic_Sinkgd: "
+                                                 r"allowed min_lr <= lr <= max_lr, i\.e\. \[1e-06, 0\.001\]") as error:
+        build_optimizer("automagic_sinkgd", groups, 1e-4, ["max_lr=1e-3"])
+    assert "1e-6 .. 1e-4" not in str(error.value)
+    with pytest.raises(OptimizerArgsError, match=r"^learning_rate=0\.5 is out of range"):
+        build_optimizer("automagic_sinkgd", [layer.weight], 0.5)

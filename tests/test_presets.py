@@ -171,3 +171,12 @@ def test_optimizer_args_as_one_string_is_kohyas_command_line_form():
     assert args["warmup_steps"] == 10 and args["beta1"] == 0.8 and args["orthograd"] is True
     assert merge_optimizer_args("a=1 b=2", "b=3") == ["a=1", "b=3"]
     assert merge_configs({}, {"optimizer_args": "a=1 b=2"})["optimizer_args"] == ["a=1", "b=2"]
+
+
+def test_every_shipped_preset_names_its_trainers():
+    from library.presets import FULL_TRAINERS, NETWORK_TRAINERS, PRESET_TRAINERS, trainer_kind
+
+    assert set(PRESET_TRAINERS) == set(PRESET_NAMES)
+    assert not set(NETWORK_TRAINERS) & set(FULL_TRAINERS)
+    assert [trainer_kind(s) for s in ("sdxl_train_network.py", "sdxl_train", "train_textual_inversion")] == \
+        ["network", "full", None]
