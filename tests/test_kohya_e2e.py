@@ -178,10 +178,7 @@ def test_lora_with_preset_flag_trains_logs_saves_and_resumes(tmp_path_factory):
     assert f"warmup_steps={warmup}," in ss_optimizer + "," and "warmup_steps=100" not in ss_optimizer, ss_optimizer
 
 
-# Issue 5: the lora preset decays its learning rate to 0 at max_train_steps and a resumed run brings
-# that finished state back, so extending a finished run trains nothing. The optimizer fix is in
-# progress; remove this marker when it lands (strict: an unexpected pass fails).
-@pytest.mark.xfail(strict=True, reason="issue 5: extending a finished run on resume trains nothing with the lora preset")
+# Extending a finished run (the lora preset decays to 0 at its end) must re-plan the decay and train on.
 def test_extending_a_finished_run_trains(tmp_path_factory):
     (run1, _), (run2, _) = preset_flag_runs(tmp_path_factory)
     tensors1, tensors2 = lora_file(run1)[0], lora_file(run2)[0]
