@@ -212,18 +212,22 @@ def test_one_element_tensor_lr_follows_a_scheduler_as_the_float(config):
         assert float(group["lr_max"]) == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a copy to the host is a real copy there
 @pytest.mark.parametrize("per_param", [False, True])
-def test_one_element_tensor_lr_steps_without_host_syncs(per_param):
-    from test_automagic_sinkgd import _NoHostSync
+def test_one_element_tensor_lr_steps_without_host_syncs(per_param, device):
+    from host_sync import copy_grads, no_host_sync, on_device
 
     model = make_model()
-    opt = Automagic_Sinkgd(model.parameters(), **dict(_SINKGD, warmup_steps=4, lr=torch.tensor(1e-3)))
+    grads_from = list(model.parameters())
+    params = on_device(grads_from, device)
+    opt = Automagic_Sinkgd(params, **dict(_SINKGD, warmup_steps=4, lr=torch.tensor(1e-3)))
     for step in range(STEPS):  # every phase, the post-warm-up decay included
-        opt.zero_grad()
+        model.zero_grad()
         loss_of(model, step).backward()
-        with _NoHostSync():
+        copy_grads(grads_from, params)
+        with no_host_sync():
             if per_param:
-                for p in model.parameters():
+                for p in params:
                     opt.step_param(p, opt.param_groups[0])
             else:
                 opt.step()
