@@ -15,8 +15,10 @@ operation is, not by its Python name:
   while reading a tensor on another device (a device-to-host copy).
 * On a CPU-only machine every tensor is already on the host, so a ``.cpu()`` is not a copy at all
   and never reaches the dispatcher. The step is therefore also run with its tensors on the
-  ``meta`` device (``to_meta``): there the same ``.cpu()``, ``.tolist()`` or ``.numpy()`` is a
-  copy from a non-CPU device to the host, which the guard flags exactly as it would on a GPU.
+  ``meta`` device (``on_device``): there the same ``.cpu()``, ``.to("cpu")`` or ``.tolist()`` is
+  a copy from a non-CPU device to the host, which the guard flags exactly as it would on a GPU.
+  The fused kernels cannot run on meta; for them ``HostOnlyMethods`` fails on a call of the
+  methods that exist only to bring data to the host (``cpu``, ``tolist``, ``numpy``).
 * Triton's CPU interpreter stands in for the GPU in the fused step's tests: the kernel body it
   runs (its own copies into numpy included) is device code, so the guard is paused while a kernel
   grid runs; the host code that prepares the launch is guarded.
