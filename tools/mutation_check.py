@@ -46,6 +46,7 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     select: str = ""  # a pytest -k expression, "" for every test of the files
+    also: tuple[tuple[str, str, str], ...] = ()  # further (path, old, new) substitutions, applied together
 
 
 MUTATIONS = [
@@ -89,6 +90,11 @@ MUTATIONS = [
              "            theta = 2.0 / (1.0 + tl.exp(-4.0 * z))\n",
              "            theta = 1.0 + 0.0 * z\n",
              ("tests/test_decay_statistics.py", "tests/test_fused_kernels.py")),
+    Mutation("d3", "the gradient-aware weight-decay strength replaced by 1 in both (eager and kernels agree)", CORE,
+             "            decay_theta = gradient_scaled_decay(abs_grad_mean, group_mean, group_std)\n",
+             "            decay_theta = 1.0\n",
+             DECAY_TESTS,
+             also=((KERNELS, "            theta = 2.0 / (1.0 + tl.exp(-4.0 * z))\n", "            theta = 1.0 + 0.0 * z\n"),)),
     Mutation("e", "a step where no tensor has a gradient still counts a group step", CORE,
              "            if not entries:\n                continue\n"
              "            group[\"lr_max\"] = _running_max(group[\"lr_max\"], group[\"lr\"])\n"
@@ -100,16 +106,17 @@ MUTATIONS = [
 
 
 def apply(mutation: Mutation, root: str) -> None:
-    """The substitution, in place under ``root``; fails unless ``old`` occurs exactly once."""
-    path = os.path.join(root, mutation.path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    found = text.count(mutation.old)
-    if found != 1:
-        raise SystemExit(f"mutation {mutation.key}: its text occurs {found} times in {mutation.path} (expected once); "
-                         f"the library changed, update the mutation:\n{mutation.old}")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text.replace(mutation.old, mutation.new))
+    """The substitutions, in place under ``root``; fails unless each ``old`` occurs exactly once."""
+    for name, old, new in ((mutation.path, mutation.old, mutation.new),) + mutation.also:
+        path = os.path.join(root, name)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        found = text.count(old)
+        if found != 1:
+            raise SystemExit(f"mutation {mutation.key}: its text occurs {found} times in {name} (expected once); "
+                             f"the library changed, update the mutation:\n{old}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(old, new))
 
 
 def copy_repository(destination: str, tests_from: str | None) -> None:
