@@ -1,7 +1,11 @@
 """A literal, unoptimised transcription of the specified Automagic_Sinkgd step, one tensor at a
 time, written independently of library/automagic_sinkgd.py so the two can be checked against
 each other. Clarity over speed: SinkGD is the plain alternating row/column normalisation, the
-group statistics concatenate every gradient, every branch reads tensor values on the host."""
+group statistics concatenate every gradient, every branch reads tensor values on the host.
+
+``stats_lag=True`` models the per-parameter step (kohya's --fused_backward_pass, the optimizer's
+``step_param``): gradients arrive one at a time, so the statistics gathered at a refresh step are
+used from the next step on, and theta = 1 (neutral) until a first set exists."""
 
 import math
 
@@ -28,7 +32,7 @@ def orthograd_reference(u, w):
 class ReferenceAutomagic:
     def __init__(self, params, lr=1e-5, min_lr=1e-6, max_lr=1e-2, lr_bump=1e-5, eta=2, beta1=0.9,
                  d_coef=2, weight_decay=5e-4, warmup_steps=500, full_finetune=False, orthograd=False,
-                 stats_update_freq=5, sinkgd_iters=None):
+                 stats_update_freq=5, sinkgd_iters=None, stats_lag=False):
         self.params = list(params)
         self.h = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                       d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
@@ -38,7 +42,8 @@ class ReferenceAutomagic:
         self.state = {}
         self.group_step = 0
         self.lr_max = lr
-        self.stats = None
+        self.stats = None  # (mean, std) of |g| used by this step's decay
+        self.stats_lag = stats_lag
 
     @torch.no_grad()
     def step(self):
@@ -46,11 +51,17 @@ class ReferenceAutomagic:
         self.group_step += 1
         self.lr_max = max(self.lr_max, h["lr"])
         grads = [p.grad for p in self.params]
+        fresh = None
         if (self.group_step - 1) % h["stats_update_freq"] == 0:
             everything = torch.cat([g.abs().reshape(-1).double() for g in grads])
-            self.stats = (everything.mean(), everything.std(unbiased=False))
+            fresh = (everything.mean(), everything.std(unbiased=False))
+            if not self.stats_lag:
+                self.stats = fresh
+        self.stats_used = self.stats
         for p in self.params:
             self._step_one(p, p.grad.double())
+        if fresh is not None and self.stats_lag:
+            self.stats = fresh
 
     def _step_one(self, p, g):
         h, warm = self.h, self.h["warmup_steps"]
@@ -105,10 +116,14 @@ class ReferenceAutomagic:
             eff = (eff.reshape(p.shape[0], -1) * row_scaling[:, None]).reshape(p.shape)
         new_w = w
         if first_half and h["weight_decay"] > 0:
-            mu, sigma = self.stats
-            z = (g.abs().mean() - mu) / sigma
-            theta = 2 * torch.sigmoid(4 * z)
+            theta = 1.0
+            if self.stats is not None:
+                mu, sigma = self.stats
+                z = (g.abs().mean() - mu) / sigma
+                theta = float(2 * torch.sigmoid(4 * z))
             mean_rows = float(row_scaling.mean()) if row_scaling is not None else 1.0
-            new_w = new_w * (1 - s["avg"] * mean_rows * vr * theta * h["weight_decay"])
+            s["theta"] = theta
+            s["decay"] = s["avg"] * mean_rows * vr * theta * h["weight_decay"]  # w *= 1 - decay
+            new_w = new_w * (1 - s["decay"])
         new_w = new_w - eff * u
         p.copy_(new_w.to(p.dtype))

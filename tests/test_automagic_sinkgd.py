@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from library.automagic_sinkgd import (
     Automagic_Sinkgd,
@@ -23,6 +22,7 @@ from library.automagic_sinkgd import (
     stochastic_round_,
     vradam_brake,
 )
+from host_sync import copy_grads, no_host_sync, on_device
 from spec_reference import ReferenceAutomagic, sinkgd_alternating
 
 torch.set_num_threads(1)
@@ -427,25 +427,17 @@ def test_resume_is_bit_identical(dtype, resume_at):
 # ------------------------------------------------------------------ syncs, memory, non-finite
 
 
-class _NoHostSync(TorchFunctionMode):
-    """Fails on anything that reads a tensor value on the host or builds a tensor there."""
-
-    FORBIDDEN = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "tensor", "as_tensor"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.FORBIDDEN:
-            raise AssertionError(f"host sync in step(): {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a copy to the host is a real copy there
 @pytest.mark.parametrize("per_param", [False, True])
-def test_step_has_no_host_syncs(per_param):
-    params = list(_model().parameters())
+def test_step_has_no_host_syncs(per_param, device):
+    grads_from = list(_model().parameters())
+    params = on_device(grads_from, device)
     optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2)
     for step in range(10):  # through every phase
-        _synthetic_grads(params, step)
-        params[0].grad[0, 0] = float("nan") if step == 3 else params[0].grad[0, 0]
-        with _NoHostSync():
+        _synthetic_grads(grads_from, step)
+        grads_from[0].grad[0, 0] = float("nan") if step == 3 else grads_from[0].grad[0, 0]
+        copy_grads(grads_from, params)
+        with no_host_sync():
             _step_all(optimizer, params, per_param=per_param)
 
 

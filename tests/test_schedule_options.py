@@ -181,13 +181,17 @@ def test_a_state_saved_before_the_new_settings_loads_as_the_document():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a copy to the host is a real copy there
 @pytest.mark.parametrize("per_param", [False, True])
-def test_no_host_sync_with_the_new_settings(per_param):
-    from test_automagic_sinkgd import _NoHostSync, _step_all
+def test_no_host_sync_with_the_new_settings(per_param, device):
+    from host_sync import copy_grads, no_host_sync, on_device
+    from test_automagic_sinkgd import _step_all
 
-    params = _params()
+    grads_from = _params()
+    params = on_device(grads_from, device)
     optimizer = Automagic_Sinkgd(params, **CONFIG)
     for step in range(10):  # warm-up, then the decay over the run
-        _grads(params, step)
-        with _NoHostSync():
+        _grads(grads_from, step)
+        copy_grads(grads_from, params)
+        with no_host_sync():
             _step_all(optimizer, params, per_param=per_param)

@@ -26,7 +26,8 @@ from library.automagic_sinkgd import (
     stochastic_round_,
     unpack_bits,
 )
-from test_automagic_sinkgd import (_NoHostSync, _saved_and_resumed, _step_all, _synthetic_grads, _through_a_file,
+from host_sync import copy_grads, no_host_sync, on_device
+from test_automagic_sinkgd import (_saved_and_resumed, _step_all, _synthetic_grads, _through_a_file,
                                   _train_small_classifier)
 
 
@@ -456,14 +457,17 @@ def test_optimizer_args_set_the_precision():
     assert optimizer.param_groups[0]["state_precision"] == "bf16"
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a copy to the host is a real copy there
 @pytest.mark.parametrize("per_param", [False, True])
-def test_the_compact_step_has_no_host_syncs(per_param):
-    params = _model()
+def test_the_compact_step_has_no_host_syncs(per_param, device):
+    grads_from = _model()
+    params = on_device(grads_from, device)
     optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2,
                                  state_precision="bf16")
     for step in range(10):  # through every phase
-        _synthetic_grads(params, step)
-        with _NoHostSync():
+        _synthetic_grads(grads_from, step)
+        copy_grads(grads_from, params)
+        with no_host_sync():
             _step_all(optimizer, params, per_param=per_param)
 
 
