@@ -75,14 +75,14 @@ DIGITS_PRETRAIN_STEPS = 400
 
 # Candidate preset changes, measured on the whole matrix: (label, preset, overrides).
 CANDIDATES: tuple = (
-    ("multiplicative mask 0.2, max_lr=0.1", "lora",
-     dict(mask_rule="multiplicative", relative_bump=0.2, max_lr=0.1)),
-    ("multiplicative mask 0.1, max_lr=0.1", "lora",
-     dict(mask_rule="multiplicative", relative_bump=0.1, max_lr=0.1)),
-    ("warmup_steps=0.25, multiplicative mask 0.2, max_lr=0.1", "high_performance",
-     dict(warmup_steps=0.25, mask_rule="multiplicative", relative_bump=0.2, max_lr=0.1)),
-    ("multiplicative mask 0.2, max_lr=0.01, fp32 state", "full",
-     dict(mask_rule="multiplicative", relative_bump=0.2, max_lr=0.01, state_precision="fp32")),
+    ("multiplicative mask 0.2", "lora", dict(mask_rule="multiplicative", relative_bump=0.2)),
+    ("multiplicative mask 0.5 annealed after 10", "lora",
+     dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
+    ("warmup_steps=0.25, multiplicative mask 0.5 annealed after 10", "high_performance",
+     dict(warmup_steps=0.25, mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
+    ("warmup_steps=0.25", "high_performance", dict(warmup_steps=0.25)),
+    ("multiplicative mask 0.5 annealed after 10", "full",
+     dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
 )
 
 # --------------------------------------------------------------------------------------
