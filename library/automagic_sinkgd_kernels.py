@@ -36,7 +36,7 @@ import triton.language as tl
 from library import automagic_sinkgd as core
 
 _FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the eager path's floor
-_TILE_ELEMENTS = 2048  # one tile of every pass: 16 elements per thread with 4 warps
+_NUM_WARPS = 4
 # One program per tensor uses one SM: a tensor larger than this (full fine-tune matrices; LoRA
 # matrices, up to 16 x 10240, stay below it) is split into blocks of rows of about
 # _SPLIT_PROGRAM_NUMEL elements, one program each, over three launches.
@@ -607,15 +607,26 @@ def _split_sinkgd_rows_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, ROWS_PE
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(rows: int, cols: int) -> tuple[int, int]:
+def tile_elements(device: torch.device) -> int:
+    """Elements of one tile of every pass, per GPU generation, from the machine-code check
+    (benchmarks/compile_kernels.py; ptxas of Triton 3.9): 8 per thread of 4 warps (1024) below
+    Hopper, where 16 need 255 registers in the compact state's warm-up and spill; 16 per thread
+    (2048) on Hopper and later, where ptxas gives 8 only 96 registers and spills. Either way a
+    thread reads 128 bits per access (8 bf16, or 2 x 4 fp32). The interpreter takes 1024."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
+        return 2048
+    return 1024
+
+
+def _blocks(rows: int, cols: int, tile: int) -> tuple[int, int]:
     """Tile shape: a short menu (each entry is one compilation per phase) sized to the matrix's
-    column count, _TILE_ELEMENTS elements per tile; vectors are one row."""
+    column count, ``tile`` elements per tile; vectors are one row."""
     if rows == 1:
-        return 1, _TILE_ELEMENTS
+        return 1, tile
     for block_c in (16, 64):
         if cols <= block_c:
-            return _TILE_ELEMENTS // block_c, block_c
-    return _TILE_ELEMENTS // 128, 128
+            return tile // block_c, block_c
+    return tile // 128, 128
 
 
 def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Optional[str]:
@@ -719,7 +730,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         exp_avg, lr_mask = exp_avg.view(torch.bfloat16), lr_mask.view(torch.int16)  # uint16 as int16 bits
     if polarity is not None:
         polarity = polarity.view(torch.uint8)
-    block_r, block_c = _blocks(rows, cols)
+    block_r, block_c = _blocks(rows, cols, tile_elements(device))
     numel = rows * cols
     if numel > _SPLIT_NUMEL:
         # One U buffer per tensor: a chunk of tensors at a time, up to _SCRATCH_NUMEL elements.
@@ -758,7 +769,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         HAS_STATS=has_stats, ORTHO=use_orthograd,
         KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
         SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=bf16, COMPACT=compact,
-        BLOCK_R=block_r, BLOCK_C=block_c)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     _counted("bucket_step")
 
 
@@ -780,24 +791,24 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
     _split_reductions_kernel[grid](
         grad_table, exp_avg, weight_table, initial_weight, partials, rows, cols, rows_per_program,
         IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"],
-        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c)
+        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     _split_state_kernel[grid](
         grad_table, exp_avg, lr_mask, polarity, weight_table, scratch, row_sq, lr_decay, decay_rate, partials,
         table, noise_offsets, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1, min_lr, max_lr,
         *mask_codec, packed_bytes, IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], VRADAM=f["VRADAM"],
         WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
         ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
-        NB=_BLOCK_SUM_WIDTH)
+        NB=_BLOCK_SUM_WIDTH, num_warps=_NUM_WARPS)
     if sinkgd_iters:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
         cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
         col_grid = (batch, triton.cdiv(cols, cols_per_program))
         for half_step in range(2 * sinkgd_iters - 1):
             if half_step % 2 == 0:
                 _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
-                                                    BLOCK_R=block_r, BLOCK_C=block_c)
+                                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
             else:
                 _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
-                                                BLOCK_R=block_r, BLOCK_C=block_c)
+                                                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
         _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
     _split_weights_kernel[grid](
         scratch, lr_mask, weight_table, row_sq, col_sq, row_scaling, avg_lr, avg_lr_max, lr_decay,
@@ -805,7 +816,8 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
         decay_floor, weight_decay, float(rows) ** 0.5, mask_codec[0], mask_codec[1],
         VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"], HAS_STATS=f["HAS_STATS"],
         KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"], SINKGD=sinkgd_iters > 0,
-        ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c, NB=_BLOCK_SUM_WIDTH)
+        ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c, NB=_BLOCK_SUM_WIDTH,
+        num_warps=_NUM_WARPS)
     _counted("split_reductions", "split_state", "split_weights")
 
 

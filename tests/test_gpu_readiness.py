@@ -102,6 +102,15 @@ def test_every_fused_path_is_bitwise_repeatable(monkeypatch, precision, dtype):
     _assert_bitwise_equal(first, reversed_run)
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)],
+                         ids=["fp32-state-fp32-weights", "bf16-state-bf16-weights"])
+def test_the_eager_step_is_bitwise_repeatable(precision, dtype):
+    """The eager step twice from the same state and gradients: the same bits (on a GPU its
+    batched mat-vecs, gathers and multi-tensor kernels; benchmarks/gpu_check.sh runs this there)."""
+    _assert_bitwise_equal(_run(3, dtype, fused=False, state_precision=precision),
+                          _run(3, dtype, fused=False, state_precision=precision))
+
+
 def test_kernels_launch_on_the_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device: the kernels' launches are made with the
     tensors' device current (a mocked cuda:1 while cuda:0 is current)."""
