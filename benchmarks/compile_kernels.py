@@ -111,21 +111,21 @@ def recorded_launches(variants: dict, label: str, arch: int):
             setattr(kernels, name, value)
 
 
-def launched_variants(sets: list[str], arch: int) -> dict:
+def launched_variants(sets: list[str], arch: int, shapes_of: dict = None, configs=CONFIGS, steps: int = 8) -> dict:
     """Every kernel variant one run launches on these parameter sets on a GPU of compute
-    capability ``arch``, with where it was seen."""
+    capability ``arch``, with where it was seen (``shapes_of``: set name -> its shapes)."""
     from benchmarks.speed import full_slice_shapes, lora_shapes, make_params, sdxl_lora_shapes
-    shapes_of = dict(lora=lora_shapes, sdxl_lora=sdxl_lora_shapes, full=full_slice_shapes)
+    shapes_of = shapes_of or dict(lora=lora_shapes, sdxl_lora=sdxl_lora_shapes, full=full_slice_shapes)
     variants: dict = {}
     for name in sets:
-        shapes = shapes_of[name]()
-        for dtype, precision in CONFIGS:
+        shapes = shapes_of[name]() if callable(shapes_of[name]) else shapes_of[name]
+        for dtype, precision in configs:
             label = f"{name}/{str(dtype)[6:]} weights/{precision} state"
             with recorded_launches(variants, label, arch):
                 optimizer = Automagic_Sinkgd(make_params(shapes, seed=0, dtype=dtype), lr=5e-5, min_lr=1e-6,
                                              max_lr=1e-3, warmup_steps=6, orthograd=True, full_finetune=name == "full",
                                              state_precision=precision, fused=True, stats_update_freq=1)
-                for _ in range(8):  # t = 2: early warm-up; 4, 5: late; 6: first post-warm-up; 7, 8: OrthoGrad
+                for _ in range(steps):  # t = 2: early warm-up; 4, 5: late; 6: first post-warm-up; 7, 8: OrthoGrad
                     optimizer.step()
             del optimizer
     return variants
