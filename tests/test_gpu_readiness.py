@@ -31,14 +31,14 @@ torch.set_num_threads(1)
 
 SETTINGS = dict(lr=1e-3, min_lr=1e-4, max_lr=1e-2, lr_bump=2e-4, warmup_steps=3, orthograd=True,
                 weight_decay=0.1, stats_update_freq=1, d_coef=3.0)
-# (160, 24) and (96, 40) take the split path below (five and three blocks of 32 rows: sums over
+# (160, 24) and (96, 40) take the split path below (five blocks of 32 rows, six of 16: sums over
 # three or more blocks change with their order), (4, 24) and the vector the one-program kernel
 SHAPES = [(160, 24), (160, 24), (96, 40), (4, 24), (4, 24), (24,)]
 
 
 def _split_small_tensors(monkeypatch):
     monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 500)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 256)
+    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 1024)
 
 
 def _run(steps, dtype=torch.float32, seed=3, **settings):
@@ -231,3 +231,22 @@ def _check_sinkgd_matvecs_in_float32(monkeypatch, matmul):
     assert matmul.allow_tf32 is True
     monkeypatch.setattr(torch, "bmm", real_bmm)
     assert torch.equal(rows, core.sinkgd_scalings(update, iters=3)[0])  # the math is unchanged
+
+
+def test_a_gpu_steps_eagerly_in_large_chunks_and_draws_noise_in_one_gather(monkeypatch):
+    """On a GPU (mocked: core._launch_bound) a bucket's eager chunks hold up to 16M elements, not
+    the CPU's largest tensor or 64K (launches, not the allocator, are the cost there), and a lone tensor's rounding
+    noise is one gather, not one copy per 65,536-element period: the same bits either way."""
+    params = [torch.nn.Parameter(torch.zeros(16, 320)) for _ in range(300)]  # 1.5M elements
+    optimizer = Automagic_Sinkgd(params, lr=1e-4)
+    members = [(i, p, None, None, None, True) for i, p in enumerate(params)]
+    assert len(list(optimizer._chunks(members, None))) == 25  # CPU: chunks of 64K elements, 12 tensors
+    bits = torch.randint(-2**20, 2**20, (1, 200_000), dtype=torch.int32)
+    on_cpu = core.add_rounding_noise_(bits.clone(), [12345])
+    monkeypatch.setattr(core, "_launch_bound", lambda device: True)
+    assert len(list(optimizer._chunks(members, None))) == 1
+    calls = []
+    real_index = core.noise_index
+    monkeypatch.setattr(core, "noise_index", lambda *args: calls.append(1) or real_index(*args))
+    assert torch.equal(core.add_rounding_noise_(bits.clone(), [12345]), on_cpu)
+    assert len(calls) == 1  # one gather (the CPU loop takes one per period: 4 here)
