@@ -16,8 +16,8 @@ Scalar 32-bit loads remain and are expected: the rounding-noise table is a gathe
 scalars are single values, packed sign bytes are read per element (8 elements share a byte).
 
     python benchmarks/compile_kernels.py                    # lora set, sm_80 and sm_90, a table
-    python benchmarks/compile_kernels.py --sets lora full sdxl_lora \\
-        --json benchmarks/results/machine_code.json --md benchmarks/results/machine_code.md
+    python benchmarks/compile_kernels.py --arch 90 --sets lora full \\
+        --json benchmarks/results/machine_code_sm90.json --md benchmarks/results/machine_code_sm90.md
 
 Needs Triton with its NVIDIA backend (the Linux wheels), nothing else: no GPU, no CUDA toolkit.
 """

@@ -89,12 +89,15 @@ def compiled_registers() -> list[dict]:
     for name in ("_bucket_step_kernel", "_split_reductions_kernel", "_split_state_kernel",
                  "_split_sinkgd_cols_kernel", "_split_sinkgd_rows_kernel", "_split_weights_kernel"):
         fn = getattr(kernels, name)
-        for caches in getattr(fn, "device_caches", {}).values():
-            for compiled in caches[0].values():
+        try:  # Triton's JIT caches (3.x): device -> (compiled kernels by key, ...)
+            compiled_kernels = [k for caches in fn.device_caches.values() for k in caches[0].values()]
+            for compiled in compiled_kernels:
                 compiled._init_handles()
                 rows.append(dict(kernel=name, registers=compiled.n_regs, spills=compiled.n_spills,
                                  warps=compiled.metadata.num_warps))
                 print(f"regs  {name:28s} {compiled.n_regs:4d} registers, {compiled.n_spills} spills", flush=True)
+        except (AttributeError, IndexError, TypeError) as error:  # another Triton's cache layout
+            print(f"regs  {name}: cannot read Triton's kernel cache ({error}); see compile_kernels.py")
     return rows
 
 

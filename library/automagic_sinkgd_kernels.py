@@ -608,13 +608,10 @@ def _split_sinkgd_rows_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, ROWS_PE
 
 
 def tile_elements(device: torch.device) -> int:
-    """Elements of one tile of every pass, per GPU generation, from the machine-code check
-    (benchmarks/compile_kernels.py; ptxas of Triton 3.9): 8 per thread of 4 warps (1024) below
-    Hopper, where 16 need 255 registers in the compact state's warm-up and spill; 16 per thread
-    (2048) on Hopper and later, where ptxas gives 8 only 96 registers and spills. Either way a
-    thread reads 128 bits per access (8 bf16, or 2 x 4 fp32). The interpreter takes 1024."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
-        return 2048
+    """Elements of one tile of every pass: 1024, 8 per thread of 4 warps, on every GPU, from the
+    machine-code check (benchmarks/compile_kernels.py, ptxas of Triton 3.9): with 2048 the compact
+    state's warm-up variants take 255 registers on sm_80 and some spill ~200 bytes on sm_90; with
+    1024 the most is 168 registers. A thread still reads 128 bits per access (8 bf16, 2 x 4 fp32)."""
     return 1024
 
 
@@ -672,6 +669,12 @@ def launch_guard(device: torch.device):
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of the device (cached by torch; 1 on CPU, the interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def split_scratch_numel(device: torch.device) -> int:
+    """U buffer of one chunk of split (large) tensors: 128 MB on a GPU, where each chunk costs
+    10 launches (3 + 2 * iters - 1) and a bigger chunk fewer of them; 32 MB on CPU."""
+    return _SCRATCH_MAX_NUMEL if device.type == "cuda" else _SCRATCH_NUMEL
 
 
 def _counted(*names: str) -> None:
@@ -733,8 +736,8 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
     block_r, block_c = _blocks(rows, cols, tile_elements(device))
     numel = rows * cols
     if numel > _SPLIT_NUMEL:
-        # One U buffer per tensor: a chunk of tensors at a time, up to _SCRATCH_NUMEL elements.
-        per_chunk = max(1, _SCRATCH_NUMEL // numel)
+        # One U buffer per tensor: a chunk of tensors at a time, up to split_scratch_numel elements.
+        per_chunk = max(1, split_scratch_numel(device) // numel)
         for start in range(0, batch, per_chunk):
             end = min(batch, start + per_chunk)
             _split_launches(
