@@ -87,8 +87,8 @@ def _programs_in_reverse_order():
                          ids=["fp32-state-fp32-weights", "bf16-state-bf16-weights"])
 def test_every_fused_path_is_bitwise_repeatable(monkeypatch, precision, dtype):
     """The same state and gradients through the one-program and the split kernels (t = 2: early
-    warm-up, Prodigy signal, weight decay; t = 3: the first post-warm-up step, OrthoGrad) twice,
-    then once more with every launch's programs run last to first: the same bits each time. Each
+    warm-up, Prodigy signal, weight decay; t = 3: the first post-warm-up step, OrthoGrad) twice on a
+    GPU, and once with every launch's programs run last to first: the same bits each time. Each
     row block's sums go to a slot of its own and are added in block order; with float atomics
     the reversed run differs (the sums follow the order the blocks finish in, as on a GPU)."""
     _split_small_tensors(monkeypatch)
@@ -96,7 +96,8 @@ def test_every_fused_path_is_bitwise_repeatable(monkeypatch, precision, dtype):
     first = _run(3, dtype, state_precision=precision)
     launched = {k: v - before.get(k, 0) for k, v in kernels.launches.items()}
     assert launched.get("bucket_step", 0) == 2 * 2 and launched.get("split_weights", 0) == 2 * 2, launched
-    _assert_bitwise_equal(first, _run(3, dtype, state_precision=precision))
+    if DEVICE == "cuda":  # the interpreter runs programs in one order: a plain rerun proves nothing here
+        _assert_bitwise_equal(first, _run(3, dtype, state_precision=precision))
     with _programs_in_reverse_order():
         reversed_run = _run(3, dtype, state_precision=precision)
     _assert_bitwise_equal(first, reversed_run)
