@@ -92,12 +92,13 @@ def recorded_launches(variants: dict, label: str, arch: int):
             self.fn = fn
 
         def __getitem__(self, grid):
-            def launch(*args, num_warps=4, **kwargs):
+            def launch(*args, num_warps=4, maxnreg=None, **kwargs):
                 signature, constexprs, attrs = specialise(self.fn, args, kwargs)
-                key = (self.fn.__name__, num_warps, tuple(signature.items()), tuple(sorted(constexprs.items())),
-                       tuple(sorted((k, str(v)) for k, v in attrs.items())))
-                variants.setdefault(key, dict(fn=self.fn, signature=signature, constexprs=constexprs,
-                                              attrs=attrs, num_warps=num_warps, seen_in=set()))["seen_in"].add(label)
+                key = (self.fn.__name__, num_warps, maxnreg, tuple(signature.items()),
+                       tuple(sorted(constexprs.items())), tuple(sorted((k, str(v)) for k, v in attrs.items())))
+                variants.setdefault(key, dict(fn=self.fn, signature=signature, constexprs=constexprs, attrs=attrs,
+                                              options=dict(num_warps=num_warps, maxnreg=maxnreg),
+                                              seen_in=set()))["seen_in"].add(label)
             return launch
 
     for name in KERNEL_NAMES:
@@ -140,7 +141,7 @@ def machine_code(variant: dict, arch: int) -> dict:
     """Compile one variant for sm_<arch>; its registers, spills, atomics and access widths."""
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(variant["fn"], variant["signature"], variant["constexprs"], variant["attrs"]),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=variant["num_warps"]))
+                              target=GPUTarget("cuda", arch, 32), options=variant["options"])
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
     gpu_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
@@ -174,7 +175,7 @@ def describe(variant: dict) -> dict:
     c_index = variant["fn"].arg_names.index("C")
     aligned_rows = (c_index,) in variant["attrs"]
     weights = "bf16" if constants.get("BF16", constants.get("ROUND_BF16")) else "fp32"
-    return dict(kernel=variant["fn"].__name__.strip("_").replace("_kernel", ""), warps=variant["num_warps"],
+    return dict(kernel=variant["fn"].__name__.strip("_").replace("_kernel", ""), warps=variant["options"]["num_warps"],
                 tile=f"{constants.get('BLOCK_R')}x{constants.get('BLOCK_C')}",
                 weights=weights if "BF16" in constants or "ROUND_BF16" in constants else "-",
                 state="bf16" if constants.get("COMPACT") else ("fp32" if "COMPACT" in constants else "-"),

@@ -390,7 +390,8 @@ def gpu_configuration(sms: int = 132):
     core._launch_bound = lambda device: True
     try:
         from library import automagic_sinkgd_kernels as kernels
-        saved += [(kernels, "sm_count", kernels.sm_count), (kernels, "split_scratch_numel", kernels.split_scratch_numel)]
+        saved += [(kernels, "sm_count", kernels.sm_count),
+                  (kernels, "split_scratch_numel", kernels.split_scratch_numel)]
         kernels.sm_count = lambda device: sms
         kernels.split_scratch_numel = lambda device: kernels._SCRATCH_MAX_NUMEL
     except ImportError:
@@ -436,7 +437,8 @@ def launches_only(sets, json_path: Optional[str], machine: str, gpu_config: bool
                 rows.append(dict(set=name, optimizer=label, launches=count_launches(optimizer, "cpu")))
         if fused_available_dry():
             rows += [dict(set=name, optimizer=label, launches=count, kernels_dry=True)
-                     for label, count in fused_launch_counts(shapes, name == "full", bf16_weights=gpu_config).items()]
+                     for label, count in fused_launch_counts(shapes, name == "full",
+                                                             bf16_weights=gpu_config).items()]
     print("| set | tensors | optimizer | launches per step |\n|---|---:|---|---:|")
     tensors = {info["set"]: info["tensors"] for info in infos}
     for r in rows:
@@ -492,7 +494,8 @@ def main(argv=None) -> int:
     if args.launches_only:
         if args.gpu_config:
             with gpu_configuration():
-                return launches_only(args.sets, args.json, machine + ", GPU configuration (132 SMs)", gpu_config=True)
+                return launches_only(args.sets, args.json, machine + ", GPU configuration (132 SMs)",
+                                     gpu_config=True)
         return launches_only(args.sets, args.json, machine)
     all_rows, infos = [], []
     for name in args.sets:

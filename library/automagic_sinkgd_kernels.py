@@ -37,6 +37,10 @@ from library import automagic_sinkgd as core
 
 _FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the eager path's floor
 _NUM_WARPS = 4
+# An explicit register cap at the hardware's 255: without one, ptxas (Triton 3.9's) trades
+# registers for occupancy and spills 8-48 bytes in ~1 in 4 variants at 64-140 registers; with it
+# none spills and the most any variant takes stays under the check's margin (compile_kernels.py).
+_MAX_NREG = 255
 # One program per tensor uses one SM: a tensor larger than this (full fine-tune matrices; LoRA
 # matrices, up to 16 x 10240, stay below it) is split into blocks of rows of about
 # _SPLIT_PROGRAM_NUMEL elements, one program each, over three launches.
@@ -756,7 +760,8 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
                 sinkgd_iters if sinkgd else 0, bf16, block_r, block_c)
         return
     # at least one program per SM where the bucket has the tensors (their U slots may then pass the cap)
-    programs = min(batch, max(1, _SCRATCH_NUMEL // numel, min(sm_count(device), _SCRATCH_MAX_NUMEL // numel)))
+    programs = min(batch, max(1, _SCRATCH_NUMEL // numel,
+                              min(sm_count(device), _SCRATCH_MAX_NUMEL // numel)))
     scratch = torch.empty((programs, numel), dtype=torch.float32, device=device)
     row_sq = torch.empty((programs, rows) if sinkgd else (1,), dtype=torch.float32, device=device)
     col_sq = torch.empty((programs, cols) if sinkgd else (1,), dtype=torch.float32, device=device)
@@ -772,7 +777,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         HAS_STATS=has_stats, ORTHO=use_orthograd,
         KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
         SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=bf16, COMPACT=compact,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _counted("bucket_step")
 
 
@@ -794,24 +799,27 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
     _split_reductions_kernel[grid](
         grad_table, exp_avg, weight_table, initial_weight, partials, rows, cols, rows_per_program,
         IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"],
-        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _split_state_kernel[grid](
         grad_table, exp_avg, lr_mask, polarity, weight_table, scratch, row_sq, lr_decay, decay_rate, partials,
         table, noise_offsets, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1, min_lr, max_lr,
         *mask_codec, packed_bytes, IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], VRADAM=f["VRADAM"],
         WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
         ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
-        NB=_BLOCK_SUM_WIDTH, num_warps=_NUM_WARPS)
+        NB=_BLOCK_SUM_WIDTH, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     if sinkgd_iters:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
         cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
         col_grid = (batch, triton.cdiv(cols, cols_per_program))
         for half_step in range(2 * sinkgd_iters - 1):
             if half_step % 2 == 0:
                 _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
-                                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+                                                    BLOCK_R=block_r, BLOCK_C=block_c,
+                                                    num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
             else:
                 _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
-                                                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+                                                BLOCK_R=block_r, BLOCK_C=block_c,
+                                                num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
         _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
     _split_weights_kernel[grid](
         scratch, lr_mask, weight_table, row_sq, col_sq, row_scaling, avg_lr, avg_lr_max, lr_decay,
@@ -820,7 +828,7 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
         VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"], HAS_STATS=f["HAS_STATS"],
         KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"], SINKGD=sinkgd_iters > 0,
         ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c, NB=_BLOCK_SUM_WIDTH,
-        num_warps=_NUM_WARPS)
+        num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _counted("split_reductions", "split_state", "split_weights")
 
 
