@@ -179,6 +179,15 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v))
 
 
+def minimum_traffic_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a step must move at least: every weight and state tensor read and written once, every
+    gradient read once. Divided by the step time: the achieved bandwidth (GB/s) in the tables."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    return 2 * weights + grads + 2 * state_bytes(optimizer)
+
+
 def transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Peak CPU memory allocated during one step() above what was live before it.
 
@@ -280,17 +289,24 @@ def dry_fused_kernels():
             setattr(kernels, name, value)
 
 
-def fused_launch_counts(shapes, full: bool) -> dict[str, int]:
-    """Launches of one fused step per phase, on CPU, with dry kernels (see dry_fused_kernels)."""
+def fused_launch_counts(shapes, full: bool, bf16_weights: bool = False) -> dict[str, int]:
+    """Launches of one fused step per phase, on CPU, with dry kernels (see dry_fused_kernels);
+    ``bf16_weights`` adds the bf16-state rows with bf16 weights."""
     counts = {}
     with dry_fused_kernels():
         factories = optimizers_for(shapes, full, "cpu", fused=True, state_precisions=("fp32", "bf16"))
-        for label in ("Automagic warm-up (fused)", "Automagic post-warm-up (fused)",
-                      "Automagic warm-up (fused, bf16 state)", "Automagic post-warm-up (fused, bf16 state)"):
-            optimizer = factories[label](make_params(shapes, seed=0))
+        labels = [(label, torch.float32) for label in (
+            "Automagic warm-up (fused)", "Automagic post-warm-up (fused)",
+            "Automagic warm-up (fused, bf16 state)", "Automagic post-warm-up (fused, bf16 state)")]
+        if bf16_weights:
+            labels += [(label, torch.bfloat16) for label in (
+                "Automagic warm-up (fused, bf16 state)", "Automagic post-warm-up (fused, bf16 state)")]
+        for label, dtype in labels:
+            optimizer = factories[label](make_params(shapes, seed=0, dtype=dtype))
             for _ in range(4):
                 optimizer.step()
-            counts[label] = count_launches(optimizer, "cpu")
+            name = label.replace("bf16 state", "bf16 weights, bf16 state") if dtype == torch.bfloat16 else label
+            counts[name] = count_launches(optimizer, "cpu")
     return counts
 
 
@@ -353,6 +369,8 @@ def run_set(name: str, shapes, full: bool, repeats: int, device: str = "cpu", fu
                    transient_mb=transient / 2**20)
         if launches or device == "cuda":
             row["launches"] = count_launches(optimizer, device)
+        if device == "cuda":
+            row["gb_per_s"] = minimum_traffic_bytes(optimizer) / median / 1e9
         rows.append(row)
     largest = max(torch.Size(s).numel() for s in shapes)
     return rows, dict(set=name, tensors=len(shapes), params=numel, largest_tensor_mb=largest * 4 / 2**20,
@@ -362,21 +380,65 @@ def run_set(name: str, shapes, full: bool, repeats: int, device: str = "cpu", fu
 SETS = dict(lora=lora_shapes, full=full_slice_shapes, sdxl_lora=sdxl_lora_shapes)
 
 
-def launches_only(sets, json_path: Optional[str], machine: str) -> int:
-    """Kernel launches of one step of each optimizer, counted on CPU (see count_launches)."""
+@contextlib.contextmanager
+def gpu_configuration(sms: int = 132):
+    """The step's CUDA choices made on CPU, for counting a GPU's launches here: the eager chunks and
+    rounding-noise gathers sized for a GPU (``core._launch_bound``), the kernels' programs for a
+    GPU of ``sms`` SMs (132: H100 / H200) and their split chunks' U buffer."""
+    import library.automagic_sinkgd as core
+    saved = [(core, "_launch_bound", core._launch_bound)]
+    core._launch_bound = lambda device: True
+    try:
+        from library import automagic_sinkgd_kernels as kernels
+        saved += [(kernels, "sm_count", kernels.sm_count),
+                  (kernels, "split_scratch_numel", kernels.split_scratch_numel)]
+        kernels.sm_count = lambda device: sms
+        kernels.split_scratch_numel = lambda device: kernels._SCRATCH_MAX_NUMEL
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _bf16_rows(shapes, full: bool) -> dict:
+    """Automagic with bf16 weights and the bf16 state (the SDXL full fine-tune's setting), eager."""
+    common = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, full_finetune=full, state_precision="bf16")
+    return {"Automagic warm-up (bf16 weights, bf16 state)": lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6,
+                                                                                       **common),
+            "Automagic post-warm-up (bf16 weights, bf16 state)": lambda ps: Automagic_Sinkgd(
+                ps, warmup_steps=2, orthograd=True, **common)}
+
+
+def launches_only(sets, json_path: Optional[str], machine: str, gpu_config: bool = False) -> int:
+    """Kernel launches of one step of each optimizer, counted on CPU (see count_launches); with
+    ``gpu_config`` the Automagic rows as the step would launch on a GPU (see gpu_configuration)."""
     rows, infos = [], []
     for name in sets:
         shapes = SETS[name]()
         numel = sum(torch.Size(s).numel() for s in shapes)
         infos.append(dict(set=name, tensors=len(shapes), distinct_shapes=len(set(shapes)), params=numel))
-        for label, make in optimizers_for(shapes, name == "full").items():
+        factories = optimizers_for(shapes, name == "full")
+        if gpu_config:
+            factories = {label: make for label, make in factories.items()
+                         if label.startswith("Automagic") and "per-tensor" not in label}
+        for label, make in factories.items():
             optimizer = make(make_params(shapes, seed=0))
             for _ in range(4):
                 optimizer.step()
             rows.append(dict(set=name, optimizer=label, launches=count_launches(optimizer, "cpu")))
+        if gpu_config:
+            for label, make in _bf16_rows(shapes, name == "full").items():
+                optimizer = make(make_params(shapes, seed=0, dtype=torch.bfloat16))
+                for _ in range(4):
+                    optimizer.step()
+                rows.append(dict(set=name, optimizer=label, launches=count_launches(optimizer, "cpu")))
         if fused_available_dry():
             rows += [dict(set=name, optimizer=label, launches=count, kernels_dry=True)
-                     for label, count in fused_launch_counts(shapes, name == "full").items()]
+                     for label, count in fused_launch_counts(shapes, name == "full",
+                                                             bf16_weights=gpu_config).items()]
     print("| set | tensors | optimizer | launches per step |\n|---|---:|---|---:|")
     tensors = {info["set"]: info["tensors"] for info in infos}
     for r in rows:
@@ -396,6 +458,9 @@ def main(argv=None) -> int:
     parser.add_argument("--launches-only", action="store_true",
                         help="on CPU: only count one step's kernel launches per optimizer, the fused path "
                              "with its kernels dry (see dry_fused_kernels); no timing")
+    parser.add_argument("--gpu-config", action="store_true",
+                        help="with --launches-only: count the Automagic rows as the step launches on a GPU "
+                             "(its chunking, noise gathers and kernel geometry; see gpu_configuration)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -427,6 +492,10 @@ def main(argv=None) -> int:
         machine += f", Automagic bucket math under torch.compile(dynamic={args.compile == 'dynamic'})"
     print(f"machine: {machine}")
     if args.launches_only:
+        if args.gpu_config:
+            with gpu_configuration():
+                return launches_only(args.sets, args.json, machine + ", GPU configuration (132 SMs)",
+                                     gpu_config=True)
         return launches_only(args.sets, args.json, machine)
     all_rows, infos = [], []
     for name in args.sets:
@@ -443,13 +512,14 @@ def main(argv=None) -> int:
         for label, count in info.get("fused_launches_dry", {}).items():
             print(f"{label}: {count} launches per step (host code run, kernels dry)")
         counted = "launches" in rows[0]
+        bandwidth = "gb_per_s" in rows[0]
         print("| optimizer | step ms | x AdamW(foreach) | x AdamW(fused) | state bytes/param | transient MB |"
-              + (" launches/step |" if counted else ""))
-        print("|---|---:|---:|---:|---:|---:|" + ("---:|" if counted else ""))
+              + (" launches/step |" if counted else "") + (" GB/s |" if bandwidth else ""))
+        print("|---|---:|---:|---:|---:|---:|" + ("---:|" if counted else "") + ("---:|" if bandwidth else ""))
         for r in rows:
             print(f"| {r['optimizer']} | {r['ms']:.2f} | {r['vs_foreach']:.2f} | {r['vs_fused']:.2f} | "
                   f"{r['state_bytes_per_param']:.1f} | {r['transient_mb']:.1f} |"
-                  + (f" {r['launches']} |" if counted else ""))
+                  + (f" {r['launches']} |" if counted else "") + (f" {r['gb_per_s']:.0f} |" if bandwidth else ""))
     if args.json:
         report = json.dumps(dict(machine=machine, sets=infos, rows=all_rows), indent=1)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(report))

@@ -23,6 +23,7 @@ byte arithmetic), in-place updates, and buffers whose values are spent reused fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections import defaultdict
@@ -70,6 +71,16 @@ STATE_PRECISIONS = ("fp32", "bf16")
 # by the C allocator (glibc maps allocations above 32 MB fresh, paying a page fault per 4 KB).
 _MIN_CHUNK_NUMEL = 1 << 16
 _MAX_CHUNK_NUMEL = 1 << 20
+# On a GPU a launch costs microseconds whatever its size and the caching allocator reuses blocks of
+# any size: a bucket's chunks hold up to 16M elements (64 MB of float32 per temporary), so a step
+# is a few hundred launches rather than ~110 per 1M-element chunk.
+_GPU_CHUNK_NUMEL = 1 << 24
+
+
+def _launch_bound(device: torch.device) -> bool:
+    """Whether the device runs each op as a kernel launch (a GPU): chunks and rounding-noise
+    gathers are then sized to cut launches, not for the CPU's allocator and caches."""
+    return device.type != "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,11 +161,29 @@ def sinkgd_scalings(update: Tensor, iters: int, scratch: Optional[Tensor] = None
     # Both scalings are kept as row vectors (B, 1, n): the row pass as c @ U**2^T runs ~4x faster
     # on CPU than U**2 @ c for LoRA's wide (16, n) matrices, and never slower.
     row_sq = squares.sum(dim=2).unsqueeze(1).clamp_min_(tiny).reciprocal_()  # c = 1 on the first pass
-    col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
-    for _ in range(iters - 1):
-        row_sq = torch.bmm(col_sq, squares.transpose(1, 2)).clamp_min_(tiny).reciprocal_()  # (B, 1, rows)
-        col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()
+    with _ieee_float32_matmuls():
+        col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()  # (B, 1, cols)
+        for _ in range(iters - 1):
+            row_sq = torch.bmm(col_sq, squares.transpose(1, 2)).clamp_min_(tiny).reciprocal_()  # (B, 1, rows)
+            col_sq = torch.bmm(row_sq, squares).clamp_min_(tiny).reciprocal_()
     return row_sq.sqrt_().mul_(math.sqrt(rows)).transpose(1, 2), col_sq.sqrt_()
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmuls():
+    """SinkGD's mat-vecs in true float32 whatever the trainer's TF32 setting: TF32's 10-bit
+    mantissa would leave the scalings ~1e-3 off (and the eager step unlike the fused one). Global
+    for the duration (cuBLAS reads the flag per call); left alone under torch.compile, where
+    changing it would break the graph."""
+    matmul = torch.backends.cuda.matmul
+    if torch.compiler.is_compiling() or not matmul.allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = True
 
 
 def sinkgd_normalize(update: Tensor, iters: int) -> Tensor:
@@ -501,7 +530,7 @@ def add_rounding_noise_(bits: Tensor, offsets: list[int], gather: Optional[bool]
     gather, rather than a launch per row and period."""
     batch, numel = bits.shape
     table = rounding_noise_table(bits.device)
-    if gather if gather is not None else (bits.device.type != "cpu" and batch > 1):
+    if gather if gather is not None else _launch_bound(bits.device):
         starts = offsets_tensor(offsets, torch.int64, bits.device).unsqueeze(1)
         return bits.add_(table[noise_index(starts, torch.arange(numel, device=bits.device))])
     for row, offset in zip(bits, offsets):
@@ -748,6 +777,22 @@ def _fused_kernels():
     return _KERNELS[0]
 
 
+def _fused_step_bucket(kernels, *args) -> bool:
+    """``kernels.step_bucket``; on any error from Triton or the driver (a GPU or driver it cannot
+    compile for, a failed launch) the fused kernels are dropped with one warning and the eager step
+    runs, this bucket included. The split path's kernels compile at their first launch: one failing
+    after an earlier launch of the same bucket already stepped its state would step that state
+    twice, once; on the GPUs the kernels are checked for (sm_80, sm_90) none fails."""
+    try:
+        return kernels.step_bucket(*args)
+    except Exception as error:  # noqa: BLE001 - whatever Triton raises, training goes on eagerly
+        import warnings
+        _KERNELS[:] = [None]
+        warnings.warn(f"Automagic_Sinkgd: the fused kernels failed ({type(error).__name__}: {error}); "
+                      "using the eager step from now on.", RuntimeWarning, stacklevel=4)
+        return False
+
+
 def _fused_phase(group: dict, phase: _Phase) -> bool:
     """Whether the fused kernels are asked for and cover this phase: from t = 2 (ADOPT's first
     step is eager)."""
@@ -767,8 +812,8 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
     if _fused_phase(group, phase):
         kernels = _fused_kernels()
-        if kernels is not None and kernels.step_bucket(params, grads, states, group, phase, is_matrix,
-                                                       group_stats, weight_seeds, state_seeds, stack_cache):
+        if kernels is not None and _fused_step_bucket(kernels, params, grads, states, group, phase, is_matrix,
+                                                      group_stats, weight_seeds, state_seeds, stack_cache):
             return
     shape = _matrix_shape(params[0].shape)
     compact = group["state_precision"] != "fp32"
@@ -1415,7 +1460,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             largest = max([0] + [p.numel() for g in self.param_groups for p in g["params"]])
             self._chunk_numel = min(max(largest, _MIN_CHUNK_NUMEL), _MAX_CHUNK_NUMEL)
         numel = members[0][1].numel()
-        per_chunk = max(1, self._chunk_numel // max(numel, 1))
+        limit = _GPU_CHUNK_NUMEL if _launch_bound(members[0][1].device) else self._chunk_numel
+        per_chunk = max(1, limit // max(numel, 1))
         for start in range(0, len(members), per_chunk):
             yield members[start:start + per_chunk]
 

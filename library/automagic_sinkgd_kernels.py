@@ -25,6 +25,7 @@ the tests use; otherwise CPU buckets take the eager step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -35,12 +36,20 @@ import triton.language as tl
 from library import automagic_sinkgd as core
 
 _FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the eager path's floor
-_TILE_ELEMENTS = 2048  # one tile of every pass: 16 elements per thread with 4 warps
+_NUM_WARPS = 4
+# An explicit register cap at the hardware's 255: without one, ptxas (Triton 3.9's) trades
+# registers for occupancy and spills 8-48 bytes in ~1 in 4 variants at 64-140 registers; with it
+# none spills and the most any variant takes stays under the check's margin (compile_kernels.py).
+_MAX_NREG = 255
 # One program per tensor uses one SM: a tensor larger than this (full fine-tune matrices; LoRA
 # matrices, up to 16 x 10240, stay below it) is split into blocks of rows of about
 # _SPLIT_PROGRAM_NUMEL elements, one program each, over three launches.
 _SPLIT_NUMEL = 1 << 18
 _SPLIT_PROGRAM_NUMEL = 1 << 15
+# Per-block partial sums of the split path, (tensors, blocks, _PARTIALS) float32: total, |g|,
+# Prodigy signal, OrthoGrad's <u, x>, |x|^2, |u|^2 (launch 1); |m|^2, mask sum, |u|^2 after (launch 2).
+_PARTIALS: tl.constexpr = tl.constexpr(9)
+_BLOCK_SUM_WIDTH = 128  # blocks summed side by side by _block_sum
 
 
 def interpreting() -> bool:
@@ -279,6 +288,17 @@ def _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f):
 
 
 @triton.jit
+def _block_sum(partials_ptr, b, n_blocks, k, NB: tl.constexpr):
+    """Partial sum k (of _PARTIALS) of tensor b over its row blocks, always in the same order: the
+    split path's reductions are bit-for-bit repeatable (no float atomics, whose order varies)."""
+    acc = tl.zeros([NB], dtype=tl.float32)
+    for start in range(0, n_blocks, NB):
+        blocks = start + tl.arange(0, NB)
+        acc += tl.load(partials_ptr + (b * n_blocks + blocks) * _PARTIALS + k, mask=blocks < n_blocks, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor,
                   weight_decay,
                   avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr,
@@ -371,7 +391,8 @@ def _tensor_address(table_ptr, b, BF16: tl.constexpr):
         pointer = address.to(tl.pointer_type(tl.bfloat16))
     else:
         pointer = address.to(tl.pointer_type(tl.float32))
-    return pointer
+    # 16-byte aligned (the host checks every data_ptr(), see takes_bucket): 128-bit (v4) accesses
+    return tl.multiple_of(pointer, 16)
 
 
 @triton.jit(do_not_specialize=["lr_ratio"])
@@ -441,48 +462,59 @@ def _bucket_step_kernel(
 
 
 @triton.jit
-def _split_reductions_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, x0_ptr, sums_ptr, R, C, ROWS_PER_PROGRAM,
+def _split_reductions_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, x0_ptr, partials_ptr, R, C,
+                             ROWS_PER_PROGRAM,
                              IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ABS_SUM: tl.constexpr,
                              SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
                              BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Large tensors, launch 1: pass 0 over one block of rows, summed across blocks by atomics
-    into sums[b, 0:6]."""
+    """Large tensors, launch 1: pass 0 over one block of rows, its sums into partials[b, block, 0:6]
+    (summed over the blocks by the next launches, see _block_sum)."""
     b = tl.program_id(0).to(tl.int64)
-    r_begin = tl.program_id(1) * ROWS_PER_PROGRAM
+    block = tl.program_id(1)
+    r_begin = block * ROWS_PER_PROGRAM
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
     total, abs_sum, signal, uw, ww, uu = _pass_reductions(
         _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, _tensor_address(weight_table_ptr, b, BF16), x0_ptr,
         b, R * C, r_begin, r_end, C, IS_MATRIX, GRAMS, ABS_SUM, SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
-    base = sums_ptr + b * 9
-    tl.atomic_add(base + 0, total)
-    tl.atomic_add(base + 1, abs_sum)
-    tl.atomic_add(base + 2, signal)
-    tl.atomic_add(base + 3, uw)
-    tl.atomic_add(base + 4, ww)
-    tl.atomic_add(base + 5, uu)
+    base = partials_ptr + (b * tl.num_programs(1) + block) * _PARTIALS
+    tl.store(base + 0, total)
+    tl.store(base + 1, abs_sum)
+    tl.store(base + 2, signal)
+    tl.store(base + 3, uw)
+    tl.store(base + 4, ww)
+    tl.store(base + 5, uu)
 
 
 @triton.jit
 def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr, scratch_ptr,
-                        row_sq_ptr, lr_decay_ptr, decay_rate_ptr, sums_ptr, table_ptr, noise_offsets_ptr,
+                        row_sq_ptr, lr_decay_ptr, decay_rate_ptr, partials_ptr, table_ptr, noise_offsets_ptr,
                         R, C, ROWS_PER_PROGRAM, lr_bump, d_coef, momentum_weight, min_lr, max_lr,
                         mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
                         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                         WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
                         KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
-                        COMPACT: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Large tensors, launch 2: pass 1 over one block of rows; its sums into sums[b, 6:9]; the
-    first block also steps lr_decay (read by launch 3 after this one ends)."""
+                        COMPACT: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        NB: tl.constexpr):
+    """Large tensors, launch 2: pass 1 over one block of rows; its sums into partials[b, block, 6:9];
+    the first block also steps lr_decay (read by launch 3 after this one ends)."""
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
     r_begin = block * ROWS_PER_PROGRAM
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
-    base = sums_ptr + b * 9
     state_noise_offset = 0
     if COMPACT:
         state_noise_offset = tl.load(noise_offsets_ptr + tl.num_programs(0) + b)
+    signal = 0.0
+    uw = 0.0
+    ww = 0.0
+    if SIGNAL:
+        signal = _block_sum(partials_ptr, b, n_blocks, 2, NB)
+    if ORTHO:
+        uw = _block_sum(partials_ptr, b, n_blocks, 3, NB)
+        ww = _block_sum(partials_ptr, b, n_blocks, 4, NB)
     finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
-        tl.load(base + 0), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4), lr_bump, d_coef,
+        _block_sum(partials_ptr, b, n_blocks, 0, NB), signal, uw, ww, lr_bump, d_coef,
         momentum_weight, SIGNAL, ORTHO)
     mm, mask_sum, uu_after = _pass_direction_and_state(
         _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, lr_mask_ptr, polarity_ptr,
@@ -490,9 +522,10 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
         r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
         state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
         IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, BLOCK_R, BLOCK_C)
-    tl.atomic_add(base + 6, mm)
-    tl.atomic_add(base + 7, mask_sum)
-    tl.atomic_add(base + 8, uu_after)
+    base = partials_ptr + (b * n_blocks + block) * _PARTIALS
+    tl.store(base + 6, mm)
+    tl.store(base + 7, mask_sum)
+    tl.store(base + 8, uu_after)
     if POST:
         if block == 0:
             lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
@@ -503,12 +536,13 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
 @triton.jit(do_not_specialize=["lr_ratio"])
 def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, col_ptr,
                           row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
-                          group_std_ptr, sums_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
+                          group_std_ptr, partials_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
                           decay_floor, weight_decay, sqrt_rows, mask_anchor, mask_step,
                           VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr,
                           HAS_STATS: tl.constexpr, KEEP_NORM: tl.constexpr, POST: tl.constexpr,
                           HAS_ROW_SCALING: tl.constexpr, SINKGD: tl.constexpr, ROUND_BF16: tl.constexpr,
-                          COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          NB: tl.constexpr):
     """Large tensors, last launch: the weights of one block of rows; the first
     block stores avg_lr and avg_lr_max (no other block reads them: each computes avg_lr itself)."""
     b = tl.program_id(0).to(tl.int64)
@@ -516,18 +550,31 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, c
     r_begin = block * ROWS_PER_PROGRAM
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
     numel = R * C
-    base = sums_ptr + b * 9
+    n_blocks = tl.num_programs(1)
     weight_noise_offset = 0
     if ROUND_BF16:
         weight_noise_offset = tl.load(noise_offsets_ptr + b)
-    total = tl.load(base + 0)
+    total = _block_sum(partials_ptr, b, n_blocks, 0, NB)
     finite_f = tl.where(total - total == 0.0, 1.0, 0.0)
     lr_decay = 1.0
     if POST:
         lr_decay = tl.load(lr_decay_ptr + b)
+    mm = 0.0
+    mask_sum = 0.0
+    abs_sum = 0.0
+    uu = 0.0
+    uu_after = 0.0
+    if VRADAM:
+        mm = _block_sum(partials_ptr, b, n_blocks, 6, NB)
+    if WARMUP:
+        mask_sum = _block_sum(partials_ptr, b, n_blocks, 7, NB)
+    if DECAY and HAS_STATS:
+        abs_sum = _block_sum(partials_ptr, b, n_blocks, 1, NB)
+    if KEEP_NORM:
+        uu = _block_sum(partials_ptr, b, n_blocks, 5, NB)
+        uu_after = _block_sum(partials_ptr, b, n_blocks, 8, NB)
     avg_lr, rate, weight_factor = _rate_scalars(
-        b, numel, R, finite_f, tl.load(base + 6), tl.load(base + 7), tl.load(base + 1), tl.load(base + 5),
-        tl.load(base + 8), lr_decay, lr_ratio, decay_floor, weight_decay, avg_lr_ptr, row_scaling_ptr, group_mean_ptr,
+        b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor, weight_decay, avg_lr_ptr, row_scaling_ptr, group_mean_ptr,
         group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS, KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
     if WARMUP:
         if block == 0:
@@ -564,15 +611,23 @@ def _split_sinkgd_rows_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, ROWS_PE
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(rows: int, cols: int) -> tuple[int, int]:
+def tile_elements(device: torch.device) -> int:
+    """Elements of one tile of every pass: 1024, 8 per thread of 4 warps, on every GPU, from the
+    machine-code check (benchmarks/compile_kernels.py, ptxas of Triton 3.9): with 2048 the compact
+    state's warm-up variants take 255 registers on sm_80 and some spill ~200 bytes on sm_90; with
+    1024 the most is 168 registers. A thread still reads 128 bits per access (8 bf16, 2 x 4 fp32)."""
+    return 1024
+
+
+def _blocks(rows: int, cols: int, tile: int) -> tuple[int, int]:
     """Tile shape: a short menu (each entry is one compilation per phase) sized to the matrix's
-    column count, _TILE_ELEMENTS elements per tile; vectors are one row."""
+    column count, ``tile`` elements per tile; vectors are one row."""
     if rows == 1:
-        return 1, _TILE_ELEMENTS
+        return 1, tile
     for block_c in (16, 64):
         if cols <= block_c:
-            return _TILE_ELEMENTS // block_c, block_c
-    return _TILE_ELEMENTS // 128, 128
+            return tile // block_c, block_c
+    return tile // 128, 128
 
 
 def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Optional[str]:
@@ -580,6 +635,9 @@ def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Option
     p = params[0]
     if not (p.is_cuda or (p.device.type == "cpu" and interpreting())):
         return f"tensors on {p.device} (Triton runs on CUDA, or on CPU only in its interpreter)"
+    if p.is_cuda and torch.cuda.get_device_capability(p.device) < MIN_CAPABILITY:
+        return (f"a GPU of compute capability {torch.cuda.get_device_capability(p.device)} (the kernels are "
+                f"built and checked for {MIN_CAPABILITY} and later: Ampere, Ada, Hopper)")
     if p.dtype not in (torch.float32, torch.bfloat16):
         return f"{p.dtype} weights (float32 and bfloat16 only; float16's rounding stays eager)"
     state = states[0]
@@ -598,6 +656,31 @@ def unsupported_reason(params: list[torch.Tensor], states: list[dict]) -> Option
     return None
 
 
+# The oldest GPUs the kernels take: compute capability 8.0 (A100; sm_80 and sm_90 are what the
+# machine-code check compiles). Older ones (Volta, Turing; Pascal, which Triton's CUDA 13 ptxas no
+# longer targets) take the eager step.
+MIN_CAPABILITY = (8, 0)
+_ALIGNMENT = 16  # bytes: the kernels' 128-bit accesses of gradients and weights (tl.multiple_of)
+
+
+def launch_guard(device: torch.device):
+    """The tensors' GPU made current around the launches: Triton launches on the current device
+    and its current stream, whatever device the tensors are on (parameters on cuda:1 while cuda:0
+    is current would be read through cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (cached by torch; 1 on CPU, the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def split_scratch_numel(device: torch.device) -> int:
+    """U buffer of one chunk of split (large) tensors: 128 MB on a GPU, where each chunk costs
+    10 launches (3 + 2 * iters - 1) and a bigger chunk fewer of them; 32 MB on CPU."""
+    return _SCRATCH_MAX_NUMEL if device.type == "cuda" else _SCRATCH_NUMEL
+
+
 def _counted(*names: str) -> None:
     """Launch counter per kernel, for the benchmark's and the tests' launches-per-step figures."""
     for name in names:
@@ -611,6 +694,7 @@ launches: dict[str, int] = {}
 # bucket, enough for about 50 programs side by side on (16, 10240) LoRA matrices, more on smaller
 # ones (each program steps its share of the bucket's tensors in turn). Not tuned on a GPU yet.
 _SCRATCH_NUMEL = 1 << 23
+_SCRATCH_MAX_NUMEL = 1 << 25  # 128 MB: one program per SM for buckets of tensors up to _SPLIT_NUMEL
 
 
 def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.Tensor,
@@ -653,11 +737,11 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         exp_avg, lr_mask = exp_avg.view(torch.bfloat16), lr_mask.view(torch.int16)  # uint16 as int16 bits
     if polarity is not None:
         polarity = polarity.view(torch.uint8)
-    block_r, block_c = _blocks(rows, cols)
+    block_r, block_c = _blocks(rows, cols, tile_elements(device))
     numel = rows * cols
     if numel > _SPLIT_NUMEL:
-        # One U buffer per tensor: a chunk of tensors at a time, up to _SCRATCH_NUMEL elements.
-        per_chunk = max(1, _SCRATCH_NUMEL // numel)
+        # One U buffer per tensor: a chunk of tensors at a time, up to split_scratch_numel elements.
+        per_chunk = max(1, split_scratch_numel(device) // numel)
         for start in range(0, batch, per_chunk):
             end = min(batch, start + per_chunk)
             _split_launches(
@@ -675,7 +759,9 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
                      POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact),
                 sinkgd_iters if sinkgd else 0, bf16, block_r, block_c)
         return
-    programs = min(batch, max(1, _SCRATCH_NUMEL // numel))
+    # at least one program per SM where the bucket has the tensors (their U slots may then pass the cap)
+    programs = min(batch, max(1, _SCRATCH_NUMEL // numel,
+                              min(sm_count(device), _SCRATCH_MAX_NUMEL // numel)))
     scratch = torch.empty((programs, numel), dtype=torch.float32, device=device)
     row_sq = torch.empty((programs, rows) if sinkgd else (1,), dtype=torch.float32, device=device)
     col_sq = torch.empty((programs, cols) if sinkgd else (1,), dtype=torch.float32, device=device)
@@ -691,7 +777,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         HAS_STATS=has_stats, ORTHO=use_orthograd,
         KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
         SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=bf16, COMPACT=compact,
-        BLOCK_R=block_r, BLOCK_C=block_c)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _counted("bucket_step")
 
 
@@ -707,36 +793,42 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
     col_sq = torch.empty((batch, cols) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
     rows_per_program = max(block_r, _SPLIT_PROGRAM_NUMEL // cols // block_r * block_r)
     grid = (batch, triton.cdiv(rows, rows_per_program))
-    sums = torch.zeros((batch, 9), dtype=torch.float32, device=device)
+    # every block writes all its partial sums (launches 1 and 2 share the grid): no zeroing
+    partials = torch.empty((batch, grid[1], _PARTIALS.value), dtype=torch.float32, device=device)
     f = flags
     _split_reductions_kernel[grid](
-        grad_table, exp_avg, weight_table, initial_weight, sums, rows, cols, rows_per_program,
+        grad_table, exp_avg, weight_table, initial_weight, partials, rows, cols, rows_per_program,
         IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"],
-        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c)
+        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _split_state_kernel[grid](
-        grad_table, exp_avg, lr_mask, polarity, weight_table, scratch, row_sq, lr_decay, decay_rate, sums,
+        grad_table, exp_avg, lr_mask, polarity, weight_table, scratch, row_sq, lr_decay, decay_rate, partials,
         table, noise_offsets, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1, min_lr, max_lr,
         *mask_codec, packed_bytes, IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], VRADAM=f["VRADAM"],
         WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
-        ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c)
+        ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
+        NB=_BLOCK_SUM_WIDTH, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     if sinkgd_iters:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
         cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
         col_grid = (batch, triton.cdiv(cols, cols_per_program))
         for half_step in range(2 * sinkgd_iters - 1):
             if half_step % 2 == 0:
                 _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
-                                                    BLOCK_R=block_r, BLOCK_C=block_c)
+                                                    BLOCK_R=block_r, BLOCK_C=block_c,
+                                                    num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
             else:
                 _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
-                                                BLOCK_R=block_r, BLOCK_C=block_c)
+                                                BLOCK_R=block_r, BLOCK_C=block_c,
+                                                num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
         _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
     _split_weights_kernel[grid](
         scratch, lr_mask, weight_table, row_sq, col_sq, row_scaling, avg_lr, avg_lr_max, lr_decay,
-        group_mean, group_std, sums, table, noise_offsets, rows, cols, rows_per_program, float(lr_ratio),
+        group_mean, group_std, partials, table, noise_offsets, rows, cols, rows_per_program, float(lr_ratio),
         decay_floor, weight_decay, float(rows) ** 0.5, mask_codec[0], mask_codec[1],
         VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"], HAS_STATS=f["HAS_STATS"],
         KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"], SINKGD=sinkgd_iters > 0,
-        ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c)
+        ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c, NB=_BLOCK_SUM_WIDTH,
+        num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _counted("split_reductions", "split_state", "split_weights")
 
 
@@ -753,11 +845,12 @@ def _address_table(tensors: list[torch.Tensor], cache: dict, key: str) -> torch.
 def takes_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> bool:
     """Whether the fused kernels step this bucket (else the eager step runs): a supported layout
     (``unsupported_reason``), a float lr, and gradients the kernels can read where they are
-    (contiguous, in the weights' dtype)."""
+    (contiguous, in the weights' dtype, 16-byte aligned: a view at an odd offset takes the eager step)."""
     if unsupported_reason(params, states) is not None or torch.is_tensor(group["lr"]):
         return False  # a tensor lr: a kernel argument would read it on the host each step
     dtype = params[0].dtype
-    return all(p.is_contiguous() for p in params) and all(g.is_contiguous() and g.dtype == dtype for g in grads)
+    return (all(p.is_contiguous() and p.data_ptr() % _ALIGNMENT == 0 for p in params)
+            and all(g.is_contiguous() and g.dtype == dtype and g.data_ptr() % _ALIGNMENT == 0 for g in grads))
 
 
 def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
@@ -785,6 +878,14 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         offsets = [[core.rounding_noise_offset(seed) for seed in weight_seeds] if bf16 else [0] * len(params),
                    [core.rounding_noise_offset(seed) for seed in state_seeds] if state_seeds else [0] * len(params)]
         noise_offsets = core.offsets_tensor(offsets, torch.int32, params[0].device)
+    with launch_guard(params[0].device):
+        _launch_bucket(params, grads, stacks, group, phase, is_matrix, group_stats, shape, bf16, codec,
+                       noise_offsets, stack_cache)
+    return True
+
+
+def _launch_bucket(params, grads, stacks, group, phase, is_matrix, group_stats, shape, bf16, codec,
+                   noise_offsets, stack_cache) -> None:
     bucket_math(
         _address_table(grads, stack_cache, "grad_addresses"), stacks["exp_avg"], stacks["lr_mask"],
         stacks["polarity"], _address_table(params, stack_cache, "weight_addresses"), stacks["initial_weight"],
@@ -796,4 +897,3 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
         shape=shape, weight_dtype=params[0].dtype, decay_floor=float(group["decay_floor"]),
         noise_offsets=noise_offsets, codec=codec)
-    return True

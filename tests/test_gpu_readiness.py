@@ -1,0 +1,253 @@
+"""What the fused step needs to be right on a GPU, checked on CPU: launches on the tensors' device,
+bit-for-bit repeatable results whatever order a launch's programs run in, a fallback to the
+eager step when Triton cannot compile or launch, the GPUs it refuses, aligned accesses, and
+SinkGD's mat-vecs in true float32 under TF32.
+
+The kernels run in Triton's interpreter (tests/conftest.py); a GPU is mocked where one is named.
+"""
+
+import builtins
+import contextlib
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from library import automagic_sinkgd as core
+from library.automagic_sinkgd import Automagic_Sinkgd
+
+try:
+    from library import automagic_sinkgd_kernels as kernels
+except ImportError as error:  # no Triton on this machine
+    pytest.skip(f"Triton cannot be imported ({error})", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not kernels.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+torch.set_num_threads(1)
+
+SETTINGS = dict(lr=1e-3, min_lr=1e-4, max_lr=1e-2, lr_bump=2e-4, warmup_steps=3, orthograd=True,
+                weight_decay=0.1, stats_update_freq=1, d_coef=3.0)
+# (160, 24) and (96, 40) take the split path below (five blocks of 32 rows, six of 16: sums over
+# three or more blocks change with their order), (4, 24) and the vector the one-program kernel
+SHAPES = [(160, 24), (160, 24), (96, 40), (4, 24), (4, 24), (24,)]
+
+
+def _split_small_tensors(monkeypatch):
+    monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 500)
+    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 1024)
+
+
+def _run(steps, dtype=torch.float32, seed=3, **settings):
+    """Weights and state after ``steps`` fused steps from one seed (the same gradients each run)."""
+    generator = torch.Generator().manual_seed(seed)
+    # weights of the update's size: a last-bit change of the update shows in the weights
+    params = [torch.nn.Parameter((torch.randn(s, generator=generator) * 1e-3).to(DEVICE, dtype)) for s in SHAPES]
+    optimizer = Automagic_Sinkgd(params, **{**SETTINGS, "fused": True, **settings})
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=generator) * 0.01).to(DEVICE, dtype)  # VRAdam unclipped
+        optimizer.step()
+    state = [{k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)} for p in params]
+    return [p.detach().clone() for p in params], state
+
+
+def _assert_bitwise_equal(first, second):
+    (weights_a, state_a), (weights_b, state_b) = first, second
+    for a, b in zip(weights_a, weights_b):
+        assert torch.equal(a, b), f"weights of {tuple(a.shape)} differ"
+    for sa, sb in zip(state_a, state_b):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"state {key} of shape {tuple(sa[key].shape)} differs"
+
+
+@contextlib.contextmanager
+def _programs_in_reverse_order():
+    """Triton's interpreter runs a launch's programs one after another, in grid order; a GPU runs
+    them in any order. This runs them last to first (only the interpreter's grid loop is changed)."""
+    from triton.runtime import interpreter
+    grid_loop = interpreter.GridExecutor.__call__.__code__
+
+    def program_order(*args):
+        order = builtins.range(*args)
+        return reversed(order) if sys._getframe(1).f_code is grid_loop else order
+
+    interpreter.range = program_order
+    try:
+        yield
+    finally:
+        del interpreter.range
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)],
+                         ids=["fp32-state-fp32-weights", "bf16-state-bf16-weights"])
+def test_every_fused_path_is_bitwise_repeatable(monkeypatch, precision, dtype):
+    """The same state and gradients through the one-program and the split kernels (t = 2: early
+    warm-up, Prodigy signal, weight decay; t = 3: the first post-warm-up step, OrthoGrad) twice on a
+    GPU, and once with every launch's programs run last to first: the same bits each time. Each
+    row block's sums go to a slot of its own and are added in block order; with float atomics
+    the reversed run differs (the sums follow the order the blocks finish in, as on a GPU)."""
+    _split_small_tensors(monkeypatch)
+    before = dict(kernels.launches)
+    first = _run(3, dtype, state_precision=precision)
+    launched = {k: v - before.get(k, 0) for k, v in kernels.launches.items()}
+    assert launched.get("bucket_step", 0) == 2 * 2 and launched.get("split_weights", 0) == 2 * 2, launched
+    if DEVICE == "cuda":  # the interpreter runs programs in one order: a plain rerun proves nothing here
+        _assert_bitwise_equal(first, _run(3, dtype, state_precision=precision))
+    with _programs_in_reverse_order():
+        reversed_run = _run(3, dtype, state_precision=precision)
+    _assert_bitwise_equal(first, reversed_run)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)],
+                         ids=["fp32-state-fp32-weights", "bf16-state-bf16-weights"])
+def test_the_eager_step_is_bitwise_repeatable(precision, dtype):
+    """The eager step twice from the same state and gradients: the same bits (on a GPU its
+    batched mat-vecs, gathers and multi-tensor kernels; benchmarks/gpu_check.sh runs this there)."""
+    _assert_bitwise_equal(_run(3, dtype, fused=False, state_precision=precision),
+                          _run(3, dtype, fused=False, state_precision=precision))
+
+
+def test_kernels_launch_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the kernels' launches are made with the
+    tensors' device current (a mocked cuda:1 while cuda:0 is current)."""
+    current = [0]
+
+    class MockedDevice:  # torch.cuda.device's contract: current inside, the old one restored after
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "device", MockedDevice)
+    with kernels.launch_guard(torch.device("cuda", 1)):
+        assert current[0] == 1
+    assert current[0] == 0
+    with kernels.launch_guard(torch.device("cpu")):
+        assert current[0] == 0
+
+    # every launch of a step happens inside the guard of the bucket's device
+    guarded, launched_in = [], []
+    real_guard, real_math = kernels.launch_guard, kernels.bucket_math
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        guarded.append(device)
+        with real_guard(device):
+            yield
+        guarded.pop()
+
+    def recording_math(*args, **kwargs):
+        launched_in.append(list(guarded))
+        return real_math(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch_guard", recording_guard)
+    monkeypatch.setattr(kernels, "bucket_math", recording_math)
+    _run(2)
+    assert launched_in and all(devices == [torch.device(DEVICE)] for devices in launched_in), launched_in
+
+
+def test_gpus_older_than_ampere_take_the_eager_step(monkeypatch):
+    capability = [(7, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    gpu_param = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32,
+                                      numel=lambda: 96, ndim=2, shape=torch.Size((4, 24)))
+    state = dict(exp_avg=torch.zeros(4, 24), lr_mask=torch.zeros(4, 24))
+    assert "compute capability (7, 0)" in kernels.unsupported_reason([gpu_param], [state])
+    capability[0] = (8, 0)
+    assert kernels.unsupported_reason([gpu_param], [state]) is None
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
+def test_a_kernel_that_fails_to_compile_warns_once_and_steps_eagerly(monkeypatch, split):
+    """A Triton compile or launch error (an old driver, a GPU its ptxas dropped) turns the fused
+    step into the eager one, with one warning: the weights are the eager run's, bit for bit."""
+    if split:
+        _split_small_tensors(monkeypatch)
+    monkeypatch.setattr(core, "_KERNELS", [kernels])  # the fallback drops the kernels: restored after
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PTX .target sm_60 is not supported by this ptxas (simulated)")
+            return launch
+
+    monkeypatch.setattr(kernels, "_split_reductions_kernel" if split else "_bucket_step_kernel", Uncompilable())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _run(4)
+    messages = [str(w.message) for w in caught if "fused kernels failed" in str(w.message)]
+    assert len(messages) == 1 and "simulated" in messages[0], messages
+    eager = _run(4, fused=False)
+    _assert_bitwise_equal(fused, eager)
+
+
+def test_misaligned_tensors_take_the_eager_step():
+    """The kernels read gradients and weights with 128-bit accesses (tl.multiple_of(16)): a tensor
+    whose address is not a multiple of 16 bytes (a view into a larger buffer) is left to the
+    eager step."""
+    p = torch.zeros(4, 24, device=DEVICE)
+    grad = torch.zeros(4, 24, device=DEVICE)
+    state = dict(exp_avg=torch.zeros(4, 24, device=DEVICE), lr_mask=torch.zeros(4, 24, device=DEVICE))
+    group = dict(lr=1e-3)
+    assert kernels.takes_bucket([p], [grad], [state], group)
+    shifted = torch.zeros(4 * 24 + 1, device=DEVICE)[1:].view(4, 24)  # 4 bytes past an aligned block
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 == 4
+    assert not kernels.takes_bucket([p], [shifted], [state], group)
+    assert not kernels.takes_bucket([shifted], [grad], [state], group)
+
+
+def test_sinkgd_matvecs_run_in_true_float32_under_tf32(monkeypatch):
+    """A trainer's TF32 setting (kohya sets it for speed) would make SinkGD's cuBLAS mat-vecs
+    10-bit accurate; the scalings are computed with it off, and the setting is restored."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = True  # a property of torch's backend module: set and restored by hand
+    try:
+        _check_sinkgd_matvecs_in_float32(monkeypatch, matmul)
+    finally:
+        matmul.allow_tf32 = previous
+
+
+def _check_sinkgd_matvecs_in_float32(monkeypatch, matmul):
+    seen = []
+    real_bmm = torch.bmm
+
+    def recording_bmm(*args, **kwargs):
+        seen.append(matmul.allow_tf32)
+        return real_bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", recording_bmm)
+    update = torch.randn(2, 5, 7)
+    rows, cols = core.sinkgd_scalings(update, iters=3)
+    assert seen == [False] * 5  # 2 * iters - 1 mat-vecs
+    assert matmul.allow_tf32 is True
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    assert torch.equal(rows, core.sinkgd_scalings(update, iters=3)[0])  # the math is unchanged
+
+
+def test_a_gpu_steps_eagerly_in_large_chunks_and_draws_noise_in_one_gather(monkeypatch):
+    """On a GPU (mocked: core._launch_bound) a bucket's eager chunks hold up to 16M elements, not
+    the CPU's largest tensor or 64K (launches, not the allocator, are the cost there), and a lone tensor's rounding
+    noise is one gather, not one copy per 65,536-element period: the same bits either way."""
+    params = [torch.nn.Parameter(torch.zeros(16, 320)) for _ in range(300)]  # 1.5M elements
+    optimizer = Automagic_Sinkgd(params, lr=1e-4)
+    members = [(i, p, None, None, None, True) for i, p in enumerate(params)]
+    assert len(list(optimizer._chunks(members, None))) == 25  # CPU: chunks of 64K elements, 12 tensors
+    bits = torch.randint(-2**20, 2**20, (1, 200_000), dtype=torch.int32)
+    on_cpu = core.add_rounding_noise_(bits.clone(), [12345])
+    monkeypatch.setattr(core, "_launch_bound", lambda device: True)
+    assert len(list(optimizer._chunks(members, None))) == 1
+    calls = []
+    real_index = core.noise_index
+    monkeypatch.setattr(core, "noise_index", lambda *args: calls.append(1) or real_index(*args))
+    assert torch.equal(core.add_rounding_noise_(bits.clone(), [12345]), on_cpu)
+    assert len(calls) == 1  # one gather (the CPU loop takes one per period: 4 here)
