@@ -212,6 +212,19 @@ FIXES = {
          dict(warmup_steps="{half}", decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
         # the same as the preset's 500 at 2000 steps: it differs on runs of other lengths (--steps)
         ("warmup_steps=0.25 (a quarter of the run)", dict(warmup_steps=0.25)),
+        # the robustness matrix's candidates (benchmarks/robustness.py), checked at real scale
+        ("multiplicative mask 0.2", dict(mask_rule="multiplicative", relative_bump=0.2)),
+        ("multiplicative mask 0.2 annealed after 25",
+         dict(mask_rule="multiplicative", relative_bump=0.2, mask_bump_decay=25)),
+        ("multiplicative mask 0.5 annealed after 10",
+         dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
+        ("multiplicative mask 0.5 annealed after 10, max_lr=0.01",
+         dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10, max_lr=0.01)),
+        ("multiplicative mask 0.5 annealed after 10, max_lr=0.1",
+         dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10, max_lr=0.1)),
+        ("warmup_steps=0.25, multiplicative mask 0.5 annealed after 10",
+         dict(warmup_steps=0.25, mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10),
+         "high_performance"),
     ),
     "full_real": (
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)
@@ -221,6 +234,8 @@ FIXES = {
         ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0)),
         ("no post-warm-up decay (decay_floor=1)", dict(decay_floor=1.0)),
         ("warmup_steps=0.25 (a quarter of the run)", dict(warmup_steps=0.25)),
+        ("multiplicative mask 0.5 annealed after 10",
+         dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
     ),
 }
 
@@ -628,9 +643,10 @@ def run_specs(task: str, steps: int, presets: dict, what: str) -> list[dict]:
         specs.append(dict(name="Prodigy (diffusion settings)", kind="prodigy", group="prodigy"))
     if what in ("all", "fixes") and task in FIXES:
         pname = PRESET_FOR_TASK[task]
-        for label, over in FIXES[task]:
-            specs.append(dict(name=f"{pname}: {label}", kind="automagic", group="fixes", preset=pname,
-                              change=label, kwargs=dict(presets[pname], **_fill(over, steps))))
+        for label, over, *base in FIXES[task]:
+            name = base[0] if base else pname  # a candidate may start from another preset
+            specs.append(dict(name=f"{name}: {label}", kind="automagic", group="fixes", preset=name,
+                              change=label, kwargs=dict(presets[name], **_fill(over, steps))))
     if real and what in ("ablations", "ablations_docwu", "tuning"):
         return specs  # the toy tasks' groups; the real-scale tasks have "fixes"
     if what in ("all", "ablations"):
