@@ -102,6 +102,18 @@ MUTATIONS = [
              "            group[\"group_step\"] += 1\n            if not entries:\n                continue\n"
              "            group[\"lr_max\"] = _running_max(group[\"lr_max\"], group[\"lr\"])\n",
              ("tests/test_optim_contract.py",), "zero_grad"),
+    Mutation("f", "a resumed run with a new total_steps keeps the old decay (extending a run trains nothing)", CORE,
+             "            elif group[\"decay_horizon\"] == \"run\" and state.get(\"decay_total\") != group[\"total_steps\"]:\n",
+             "            elif False:\n",
+             ("tests/test_run_length.py",), "extend or longer"),
+    Mutation("g", "a warm-up that ended restarts when a longer run moves its end (its sign history is gone)", CORE,
+             "        return ended if ended is not None else warmup_length(group[\"warmup_steps\"], group[\"total_steps\"])\n",
+             "        return warmup_length(group[\"warmup_steps\"], group[\"total_steps\"])\n",
+             ("tests/test_run_length.py",), "extend or longer"),
+    Mutation("h", "the multiplicative mask rule falls back to the additive one", CORE,
+             "        mask_update_ = rprop_mask_update_ if mask_rule == \"multiplicative\" else automagic_mask_update_\n",
+             "        mask_update_ = automagic_mask_update_\n",
+             ("tests/test_mask_rule.py",)),
 ]
 
 
