@@ -1114,7 +1114,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         hint = ""
         if lr >= 0.1:
             hint = (" Prodigy/D-Adaptation habits such as lr=1.0 do not apply: Automagic_Sinkgd takes a"
-                    " real learning rate (1e-6 .. 1e-4; the presets use 1e-5 .. 5e-5).")
+                    " real learning rate (the presets start at 1e-5 .. 5e-5).")
         _check_range("lr" + where, lr, min_lr <= lr <= max_lr, f"min_lr <= lr <= max_lr, i.e. [{min_lr}, {max_lr}]", hint)
         _check_range("lr_bump" + where, get("lr_bump"), get("lr_bump") >= 0, "lr_bump >= 0")
         _check_range("eta" + where, get("eta"), get("eta") > 0, "eta > 0")

@@ -575,3 +575,11 @@ def _train_small_classifier(steps: int = 150, **settings) -> list[float]:
 def test_a_small_model_learns():
     losses = _train_small_classifier()
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_an_lr_of_one_names_one_range_only():
+    """lr=1.0 (a Prodigy habit): the message gives the allowed range, with no second, contradictory
+    "recommended" range beside it."""
+    with pytest.raises(ValueError, match=r"allowed: min_lr <= lr <= max_lr, i.e. \[1e-06, 0.01\]") as error:
+        Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    assert "1e-6 .. 1e-4" not in str(error.value) and "Prodigy" in str(error.value)

@@ -195,3 +195,4 @@ def test_the_optimizer_anneals_its_moves():
 def test_a_bad_bump_decay_names_the_setting(kwargs):
     with pytest.raises(ValueError, match="mask_bump_decay.*allowed"):
         Automagic_Sinkgd([torch.nn.Parameter(torch.zeros(2))], lr=1e-4, **kwargs)
+
