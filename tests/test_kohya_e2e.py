@@ -157,9 +157,11 @@ _PRESET_FLAG_RUNS = {}
 
 
 def preset_flag_runs(tmp_path_factory):
-    """3 steps with --preset lora and --save_state, then a resume that extends the run to 5 steps (once)."""
+    """3 steps with --preset lora and --save_state, then a resume that extends the run to 6 steps (once).
+    (6, not 5: the preset's decay reaches 0 one step before the run's end, so a 5-step plan with its
+    one-step warm-up has factor 0 at steps 4 and 5 whether it was extended or not.)"""
     if not _PRESET_FLAG_RUNS:
-        _PRESET_FLAG_RUNS["runs"] = train_and_resume(tmp_path_factory.mktemp("preset_flag"), 3, 5, ["--preset", "lora"],
+        _PRESET_FLAG_RUNS["runs"] = train_and_resume(tmp_path_factory.mktemp("preset_flag"), 3, 6, ["--preset", "lora"],
                                                      resume_extra=["--optimizer_args", "warmup_steps=100"])
     return _PRESET_FLAG_RUNS["runs"]
 
@@ -168,7 +170,7 @@ def test_lora_with_preset_flag_trains_logs_saves_and_resumes(tmp_path_factory):
     # the resumed run asks for another warm-up: the state's settings win (torch), so it must say so and
     # its LoRA's ss_optimizer must record the warm-up that really ran
     runs = preset_flag_runs(tmp_path_factory)
-    check_lora_runs(runs, 3, 5, preset_marker=f"stats_update_freq={preset_setting('lora', 'stats_update_freq')}")
+    check_lora_runs(runs, 3, 6, preset_marker=f"stats_update_freq={preset_setting('lora', 'stats_update_freq')}")
     (_, log1), (run2, log2) = runs
     warmup = preset_setting("lora", "warmup_steps")
     assert warmup != 100
