@@ -5,8 +5,8 @@ weight scale and run length a user trains with?
 Every cell is a (task family, scale, run length) a kohya user can meet. Each optimizer's value in
 a cell is its final held-out loss divided by the best final loss of an AdamW learning-rate search
 in that cell (lower is better; 1.00 = as good as tuned AdamW). The AdamW search walks a
-half-decade grid (x sqrt(10)) from a start point until the best point has a worse point on both
-sides, so the best is never at an edge of what was tried.
+half-decade grid (x sqrt(10)) from a start point until the best point has two worse points on
+both sides, so the best is never at an edge of what was tried.
 
 Task families (all CPU-sized, no downloads):
 
@@ -67,6 +67,13 @@ from benchmarks import convergence as conv  # noqa: E402
 OUT_DEFAULT = REPO_ROOT / "benchmarks" / "results" / "robustness"
 LORA_RANK = 8
 ALPHAS = {"alpha=1": lambda r: 1.0, "alpha=rank": lambda r: float(r), "alpha=16xrank": lambda r: 16.0 * r}
+# The same three user settings on the toy calibrated to real SD learning rates: the convergence
+# benchmark's lora_real found the toy's AdamW optimum 20x above real SD's at equal alpha / rank, so
+# a user's alpha maps to 20 x alpha on the toy (alpha = 20 x rank is its lora_real task).
+CALIBRATION_K = 20.0
+CALIBRATED_ALPHAS = {"cal alpha=1": lambda r: CALIBRATION_K, "cal alpha=rank": lambda r: CALIBRATION_K * r,
+                     "cal alpha=16xrank": lambda r: CALIBRATION_K * 16.0 * r}
+ALL_ALPHAS = {**ALPHAS, **CALIBRATED_ALPHAS}
 FULL_SCALES = {"W": 1.0, "16xW'": 16.0}
 LENGTHS = {"digits": (200, 600), "charlm": (200, 1000), "digits_full": (150, 600)}
 ADAMW_START = {"digits": 3e-3, "charlm": 3e-3, "digits_full": 3e-4}
@@ -221,7 +228,7 @@ def _build(family: str, scale_name: str, ctx: Context, seed: int):
         model = CharLM()
         model.load_state_dict(base)
         model.requires_grad_(False)
-        params = inject_char_lora(model, LORA_RANK, ALPHAS[scale_name](LORA_RANK))
+        params = inject_char_lora(model, LORA_RANK, ALL_ALPHAS[scale_name](LORA_RANK))
         gen = torch.Generator().manual_seed(10_000 + seed)
         return model, params, (lambda: char_loss(model, data.batch(data.train, gen, FT_BATCH))), (
             lambda: char_loss(model, data.val).item())
@@ -230,7 +237,7 @@ def _build(family: str, scale_name: str, ctx: Context, seed: int):
     model.load_state_dict(base)
     if family == "digits":
         model.requires_grad_(False)
-        params = conv.inject_lora(model, rank=LORA_RANK, alpha=ALPHAS[scale_name](LORA_RANK))
+        params = conv.inject_lora(model, rank=LORA_RANK, alpha=ALL_ALPHAS[scale_name](LORA_RANK))
     elif FULL_SCALES[scale_name] != 1.0:
         params = conv.scale_parametrize(model, FULL_SCALES[scale_name])
     else:
@@ -271,10 +278,10 @@ def run_cell(family: str, scale: str, steps: int, spec: dict, seed: int, ctx: Co
 # the matrix
 # --------------------------------------------------------------------------------------
 
-def cells(families) -> list[tuple[str, str, int]]:
+def cells(families, calibrated: bool = False) -> list[tuple[str, str, int]]:
     out = []
     for family in families:
-        scales = FULL_SCALES if family == "digits_full" else ALPHAS
+        scales = FULL_SCALES if family == "digits_full" else (CALIBRATED_ALPHAS if calibrated else ALPHAS)
         for scale in scales:
             for steps in LENGTHS[family]:
                 out.append((family, scale, steps))
@@ -329,15 +336,19 @@ def adamw_search(store: Store, cell: tuple, seed: int, ctx: Context) -> float:
         lr = float(f"{lr:.3g}")
         return _run_cached(store, cell, dict(name=f"AdamW lr={lr:g}", kind="adamw", lr=lr), seed, ctx)
 
-    lr = ADAMW_START[cell[0]]
-    best = at(lr)
+    start = ADAMW_START[cell[0]]
+    best_lr, best = start, at(start)
+    # Walk each way until two points in a row are worse than the best so far: a diverging lr can
+    # be "better" than a slightly less diverging one, so one worse point does not bracket.
     for direction in (HALF_DECADE, 1 / HALF_DECADE):
-        while True:
-            nxt = lr * direction
-            value = at(nxt)
-            if value >= best:
-                break
-            lr, best = nxt, value
+        lr, worse = best_lr, 0
+        while worse < 2:
+            lr *= direction
+            value = at(lr)
+            if value < best:
+                best_lr, best, worse = lr, value, 0
+            else:
+                worse += 1
     return best
 
 
@@ -347,7 +358,7 @@ def run_matrix(args) -> None:
     store.data["machine"] = conv.machine_desc()
     store.data["settings"] = dict(lora_rank=LORA_RANK, lengths=LENGTHS, adamw_weight_decay=conv.ADAMW_WEIGHT_DECAY,
                                   prodigy=conv.PRODIGY_KWARGS)
-    for cell in cells(args.families):
+    for cell in cells(args.families, args.calibrated):
         if args.lengths and cell[2] not in args.lengths:
             continue
         seeds = args.seeds if (cell[2] == min(LENGTHS[cell[0]]) or not args.long_seeds) else args.long_seeds
@@ -392,7 +403,7 @@ def _cell_label(cell: str) -> str:
 
 def render_markdown(store: Store) -> str:
     table = ratios(store)
-    all_cells = [cell_key(*c) for c in cells(("digits", "charlm", "digits_full"))]
+    all_cells = list(dict.fromkeys(cell_key(*c) for cal in (False, True) for c in cells(("digits", "charlm", "digits_full"), cal)))
     present = [c for c in all_cells if c in store.data["runs"]]
     names = sorted(table, key=lambda n: (not n.startswith("preset"), n != "Prodigy", n))
     lines = ["# Robustness matrix", "",
@@ -433,7 +444,7 @@ def render_heatmap(store: Store, path: Path, names: list[str] | None = None) -> 
 
     table = ratios(store)
     names = [n for n in (names or sorted(table)) if n in table]
-    all_cells = [cell_key(*c) for c in cells(("digits", "charlm", "digits_full"))]
+    all_cells = list(dict.fromkeys(cell_key(*c) for cal in (False, True) for c in cells(("digits", "charlm", "digits_full"), cal)))
     present = [c for c in all_cells if c in store.data["runs"]]
     grid = [[table[n].get(c, (float("nan"), 0))[0] for c in present] for n in names]
     fig, ax = plt.subplots(figsize=(3.5 + 0.7 * len(present), 1.6 + 0.42 * len(names)))
@@ -478,6 +489,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(OUT_DEFAULT))
     ap.add_argument("--cache", default=str(REPO_ROOT / "benchmarks" / "results"),
                     help="where the pretrained base models are cached")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="the LoRA cells at the alphas calibrated to real SD learning rates (CALIBRATED_ALPHAS)")
     ap.add_argument("--report-only", action="store_true")
     return ap.parse_args(argv)
 
