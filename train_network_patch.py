@@ -238,10 +238,12 @@ def known_learning_rates(settings: KnownSettings) -> dict[str, float]:
     return lrs
 
 
-def check_optimizer_choice(argv: list[str]) -> None:
+def check_optimizer_choice(argv: list[str], script: str = "train_network", builtin: bool = False) -> None:
     """Fail in a second, not after the model has loaded: validate every setting of our optimizer
     the trainer will see (config file, then command line): optimizer_args keys and values, each
-    group's learning rate, the run length, and the flags the optimizer depends on."""
+    group's learning rate, the run length, the LoRA scale, and the flags the optimizer depends on.
+    ``script`` is the trainer (a network trainer passes network_alpha / network_dim as lora_scale);
+    ``builtin``: the built-in trainer, whose train_network is a full fine-tune with full_finetune=True."""
     factory = plugin_module("optimizer_factory")
     settings = KnownSettings(argv)
     optimizer_type = settings.get("optimizer_type")[0]
@@ -273,9 +275,17 @@ def check_optimizer_choice(argv: list[str]) -> None:
     steps, _ = settings.number("max_train_steps")
     run_length = int(steps) if steps and steps > 0 else plugin_module("kohya_hook").KOHYA_DEFAULT_MAX_TRAIN_STEPS
     lr = lrs.get(settings.get("learning_rate")[1] or "", factory.lr_bounds(cls, kwargs)[1])
+    # and the LoRA scale a network trainer passes (a full fine-tune has none)
+    lora_scale = None
+    lora_run = script in plugin_module("presets").NETWORK_TRAINERS and not (builtin and kwargs.get("full_finetune"))
+    if lora_run or settings.get("network_module")[0]:
+        alpha, _ = settings.number("network_alpha")
+        dim, _ = settings.number("network_dim")
+        lora_scale = factory.kohya_lora_scale(alpha, int(dim) if dim else None)
     try:
         cls([torch.zeros(1, 1, requires_grad=True)], lr=lr,
-            **factory.with_run_length(optimizer_type, kwargs, run_length))
+            **factory.with_lora_scale(optimizer_type, factory.with_run_length(optimizer_type, kwargs, run_length),
+                                      lora_scale))
     except (ValueError, TypeError) as error:  # the optimizer's own message, without a traceback
         raise optimizer_args_error(where, error) from None
 
@@ -394,7 +404,7 @@ def run(argv: list[str]) -> int:
         if sd_scripts is not None:
             check_preset_fits_script(own.preset, own.script)
         rest = apply_preset(own.preset, rest)
-    check_optimizer_choice(rest)
+    check_optimizer_choice(rest, own.script, builtin=sd_scripts is None)
     if sd_scripts is not None:
         run_kohya(sd_scripts, own.script, rest)
         return 0

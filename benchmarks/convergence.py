@@ -148,11 +148,15 @@ DOCUMENT_PRESETS = {
 # batch (8 LoRA, 4 full) to fit a 2-core CPU budget, and evaluate at 10 points.
 REAL_LORA_K = 20.0
 REAL_FULL_SCALE = 50.0
+# user_lora_scale: the network_alpha / network_dim the kohya hook would pass as lora_scale. The toy
+# task is taken at its own scale; lora_real stands for a user's alpha = rank on real SD (its K x
+# rank alpha is the toy calibrated to real SD's learning rates), so the hook would pass 1.
 TASKS = {
-    "lora": dict(kind="lora", alpha=LORA_ALPHA, weight_scale=1.0, batch_size=BATCH_SIZE, steps=200),
+    "lora": dict(kind="lora", alpha=LORA_ALPHA, weight_scale=1.0, batch_size=BATCH_SIZE, steps=200,
+                 user_lora_scale=LORA_ALPHA / LORA_RANK),
     "full": dict(kind="full", alpha=LORA_ALPHA, weight_scale=1.0, batch_size=BATCH_SIZE, steps=200),
     "lora_real": dict(kind="lora", alpha=REAL_LORA_K * LORA_RANK, weight_scale=1.0, batch_size=8, steps=2000,
-                      eval_every=0.1),
+                      eval_every=0.1, user_lora_scale=1.0),
     "full_real": dict(kind="full", alpha=LORA_ALPHA, weight_scale=REAL_FULL_SCALE, batch_size=4, steps=4000,
                       eval_every=0.1),
 }
@@ -499,11 +503,12 @@ def load_presets() -> tuple[dict, str]:
                 kw["lr"] = float(flat["learning_rate"])
             out[name] = kw
         return out, "configs/*.toml via library.presets"
-    except Exception as e:  # presets module not there (yet): use the spec's table
+    except ImportError as e:  # presets module not there (yet): use the spec's table
         return copy.deepcopy(DOCUMENT_PRESETS), f"the design document's preset table (presets module unavailable: {type(e).__name__}: {e})"
 
 
-def build_optimizer(spec: dict, params: list[nn.Parameter], steps: int | None = None):
+def build_optimizer(spec: dict, params: list[nn.Parameter], steps: int | None = None,
+                    lora_scale: float | None = None):
     kind = spec["kind"]
     groups = [{"params": params}]
     if kind == "adamw":
@@ -517,6 +522,8 @@ def build_optimizer(spec: dict, params: list[nn.Parameter], steps: int | None = 
         lr = kw.pop("lr")
         if steps is not None:  # the run's length, as kohya's hook and the built-in trainer hand it
             kw.setdefault("total_steps", steps)
+        if lora_scale is not None:  # a LoRA's alpha / rank, as kohya's hook hands it
+            kw.setdefault("lora_scale", lora_scale)
         # kohya passes the learning rate as the group's lr; the mask starts at it
         return _import_automagic()(groups, lr=lr, **kw)
     raise ValueError(kind)
@@ -555,7 +562,7 @@ def run_one(task: str, spec: dict, seed: int, steps: int, data: Data, base_state
         for p in params:
             p.requires_grad_(True)
     model.train()
-    opt = build_optimizer(spec, params, steps)
+    opt = build_optimizer(spec, params, steps, lora_scale=cfg.get("user_lora_scale"))
     gen = torch.Generator().manual_seed(10_000 + seed)  # same data stream for every optimizer
     points = task_eval_points(task, steps)
     batch_size = cfg["batch_size"]

@@ -6,7 +6,9 @@ Parameter sets with the shapes of real Stable Diffusion training, random values:
   * full: a full fine-tune slice of the SD1.5 U-Net (down_blocks.0, up_blocks.2, conv_in/out,
     time embedding): ~85M parameters, 3x3 convs, attention, 1-D norms;
   * sdxl_lora: a rank-16 kohya LoRA of SDXL (every Linear of the U-Net's Transformer2DModels,
-    taken from diffusers' SDXL U-Net built on the meta device, plus both text encoders).
+    taken from diffusers' SDXL U-Net built on the meta device, plus both text encoders);
+  * sdxl_full: every weight of the SDXL U-Net (1,680 tensors, 2.57B parameters), for
+    ``--launches-only --gpu-config`` only: counted on the meta device (shapes, no memory).
 Automagic_Sinkgd is timed in warm-up (mask, Prodigy signal, weight decay active) and after
 warm-up (frozen mask, decay, OrthoGrad on), eager and (where Triton runs) fused. Steps of all
 optimizers are interleaved in one process so load on the machine hits them alike; the median
@@ -106,7 +108,24 @@ def full_slice_shapes() -> list[tuple[int, ...]]:
     return [tuple(p.shape) for name, p in unet.named_parameters() if name.startswith(FULL_SLICE)]
 
 
+def sdxl_full_shapes() -> list[tuple[int, ...]]:
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    return [tuple(p.shape) for p in unet.parameters()]
+
+
+# Sets too large for this machine's memory: their launches are counted on the meta device, where
+# every op runs for its shapes only (see launches_only).
+META_SETS = ("sdxl_full",)
+
+
 def make_params(shapes, seed: int, dtype=torch.float32, device="cpu") -> list[torch.nn.Parameter]:
+    if device == "meta":
+        params = [torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta")) for shape in shapes]
+        for p in params:
+            p.grad = torch.empty_like(p)
+        return params
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
@@ -220,7 +239,8 @@ def cuda_transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
 # aten ops that only make views or metadata, or allocate without writing: no kernel on a GPU.
 _NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze",
               "aten::transpose", "aten::t", "aten::permute", "aten::expand", "aten::as_strided",
-              "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::detach", "aten::alias",
+              "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::empty_permuted", "aten::detach",
+              "aten::alias",
               "aten::unbind", "aten::select", "aten::slice", "aten::view_as", "aten::resolve_conj",
               "aten::resolve_neg", "aten::lift_fresh", "aten::result_type", "aten::_unsafe_view",
               "aten::contiguous", "aten::to", "aten::_to_copy", "aten::expand_as", "aten::flatten",
@@ -266,6 +286,39 @@ def count_launches(optimizer: torch.optim.Optimizer, device: str) -> int:
     return len(leaves) + triton_launches() - triton_before
 
 
+# A conversion or device copy (.to) reaches a dispatch mode as one _to_copy, whose copy_ it does not
+# see (the profiler's leaves count that copy_ instead): one kernel.
+_NO_KERNEL_DISPATCHED = _NO_KERNEL - {"aten::_to_copy"}
+
+
+def count_dispatched(optimizer: torch.optim.Optimizer, uploads: Optional[list] = None) -> int:
+    """Kernels one step() launches, counted as the aten ops it dispatches (a dispatch mode sees each
+    op as the step calls it, after composite ops decomposed, before any backend kernel) that are not
+    views or bare allocations, plus the fused path's Triton launches. Unlike the profiler's leaves
+    (``count_launches``), this count is the same on the meta device as on CPU, where the meta
+    kernels run Python decompositions of their own: it counts the sets too large for memory.
+    On the CPU sets it comes out 10-20 % below ``count_launches`` (ops whose CPU kernels call other
+    ops), so compare it only with itself. Host-to-device copies (uploads, appended to ``uploads``)
+    are counted where they happen: on the meta device, as on a GPU; on CPU they are no copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dispatched(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if f"aten::{func.overloadpacket.__name__}" not in _NO_KERNEL_DISPATCHED:
+                Dispatched.count += 1
+            out = func(*args, **(kwargs or {}))
+            if uploads is not None and func.overloadpacket is torch.ops.aten._to_copy and args[0].device != out.device:
+                uploads.append(func)
+            return out
+
+    triton_before = triton_launches()
+    with Dispatched():
+        optimizer.step()
+    return Dispatched.count + triton_launches() - triton_before
+
+
 @contextlib.contextmanager
 def dry_fused_kernels():
     """The fused path's host code on CPU with its Triton kernels replaced by counted no-ops: the
@@ -278,10 +331,14 @@ def dry_fused_kernels():
             return lambda *args, **kwargs: None
 
     launched = [name for name in vars(kernels) if name.endswith("_kernel")]
-    saved = {name: getattr(kernels, name) for name in launched + ["interpreting"]}
+    saved = {name: getattr(kernels, name) for name in launched + ["interpreting", "unsupported_reason"]}
     for name in launched:
         setattr(kernels, name, DryLaunch())
     kernels.interpreting = lambda: True
+    supported = saved["unsupported_reason"]
+    # meta tensors (the sets too large for memory) pass as CPU ones would under the interpreter
+    kernels.unsupported_reason = lambda params, states: (
+        None if params and params[0].device.type == "meta" else supported(params, states))
     try:
         yield
     finally:
@@ -289,9 +346,9 @@ def dry_fused_kernels():
             setattr(kernels, name, value)
 
 
-def fused_launch_counts(shapes, full: bool, bf16_weights: bool = False) -> dict[str, int]:
-    """Launches of one fused step per phase, on CPU, with dry kernels (see dry_fused_kernels);
-    ``bf16_weights`` adds the bf16-state rows with bf16 weights."""
+def fused_launch_counts(shapes, full: bool, bf16_weights: bool = False, device: str = "cpu") -> dict[str, int]:
+    """Launches of one fused step per phase, on CPU (or the meta device), with dry kernels (see
+    dry_fused_kernels); ``bf16_weights`` adds the bf16-state rows with bf16 weights."""
     counts = {}
     with dry_fused_kernels():
         factories = optimizers_for(shapes, full, "cpu", fused=True, state_precisions=("fp32", "bf16"))
@@ -302,11 +359,11 @@ def fused_launch_counts(shapes, full: bool, bf16_weights: bool = False) -> dict[
             labels += [(label, torch.bfloat16) for label in (
                 "Automagic warm-up (fused, bf16 state)", "Automagic post-warm-up (fused, bf16 state)")]
         for label, dtype in labels:
-            optimizer = factories[label](make_params(shapes, seed=0, dtype=dtype))
+            optimizer = factories[label](make_params(shapes, seed=0, dtype=dtype, device=device))
             for _ in range(4):
                 optimizer.step()
             name = label.replace("bf16 state", "bf16 weights, bf16 state") if dtype == torch.bfloat16 else label
-            counts[name] = count_launches(optimizer, "cpu")
+            counts[name] = count_dispatched(optimizer) if device == "meta" else count_launches(optimizer, "cpu")
     return counts
 
 
@@ -377,7 +434,8 @@ def run_set(name: str, shapes, full: bool, repeats: int, device: str = "cpu", fu
                       distinct_shapes=len(set(shapes)))
 
 
-SETS = dict(lora=lora_shapes, full=full_slice_shapes, sdxl_lora=sdxl_lora_shapes)
+SETS = dict(lora=lora_shapes, full=full_slice_shapes, sdxl_lora=sdxl_lora_shapes, sdxl_full=sdxl_full_shapes)
+FULL_SETS = ("full", "sdxl_full")
 
 
 @contextlib.contextmanager
@@ -417,28 +475,35 @@ def launches_only(sets, json_path: Optional[str], machine: str, gpu_config: bool
     ``gpu_config`` the Automagic rows as the step would launch on a GPU (see gpu_configuration)."""
     rows, infos = [], []
     for name in sets:
+        if name in META_SETS and not gpu_config:
+            raise SystemExit(f"--sets {name}: counted on the meta device, with --launches-only --gpu-config only")
+        device = "meta" if name in META_SETS else "cpu"
         shapes = SETS[name]()
         numel = sum(torch.Size(s).numel() for s in shapes)
-        infos.append(dict(set=name, tensors=len(shapes), distinct_shapes=len(set(shapes)), params=numel))
-        factories = optimizers_for(shapes, name == "full")
+        infos.append(dict(set=name, tensors=len(shapes), distinct_shapes=len(set(shapes)), params=numel,
+                          device=device))
+        factories = optimizers_for(shapes, name in FULL_SETS)
         if gpu_config:
             factories = {label: make for label, make in factories.items()
                          if label.startswith("Automagic") and "per-tensor" not in label}
+        # the meta device's own decompositions would show in the profiler: count dispatched ops there
+        count = count_dispatched if device == "meta" else (lambda optimizer: count_launches(optimizer, "cpu"))
+        counted = dict(counted="dispatched ops") if device == "meta" else {}
         for label, make in factories.items():
-            optimizer = make(make_params(shapes, seed=0))
+            optimizer = make(make_params(shapes, seed=0, device=device))
             for _ in range(4):
                 optimizer.step()
-            rows.append(dict(set=name, optimizer=label, launches=count_launches(optimizer, "cpu")))
+            rows.append(dict(set=name, optimizer=label, launches=count(optimizer), **counted))
         if gpu_config:
-            for label, make in _bf16_rows(shapes, name == "full").items():
-                optimizer = make(make_params(shapes, seed=0, dtype=torch.bfloat16))
+            for label, make in _bf16_rows(shapes, name in FULL_SETS).items():
+                optimizer = make(make_params(shapes, seed=0, dtype=torch.bfloat16, device=device))
                 for _ in range(4):
                     optimizer.step()
-                rows.append(dict(set=name, optimizer=label, launches=count_launches(optimizer, "cpu")))
+                rows.append(dict(set=name, optimizer=label, launches=count(optimizer), **counted))
         if fused_available_dry():
-            rows += [dict(set=name, optimizer=label, launches=count, kernels_dry=True)
-                     for label, count in fused_launch_counts(shapes, name == "full",
-                                                             bf16_weights=gpu_config).items()]
+            rows += [dict(set=name, optimizer=label, launches=count, kernels_dry=True, **counted)
+                     for label, count in fused_launch_counts(shapes, name in FULL_SETS, bf16_weights=gpu_config,
+                                                             device=device).items()]
     print("| set | tensors | optimizer | launches per step |\n|---|---:|---|---:|")
     tensors = {info["set"]: info["tensors"] for info in infos}
     for r in rows:
@@ -451,7 +516,7 @@ def launches_only(sets, json_path: Optional[str], machine: str, gpu_config: bool
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sets", nargs="+", default=["lora", "full"], choices=["lora", "full", "sdxl_lora"])
+    parser.add_argument("--sets", nargs="+", default=["lora", "full"], choices=list(SETS))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--count-launches", action="store_true",
                         help="also count the kernels of one step (always done on CUDA)")
@@ -470,6 +535,9 @@ def main(argv=None) -> int:
                         help="time Automagic_Sinkgd with its bucket math under torch.compile "
                              "(compile time, minutes on CPU, is left out of the step times)")
     args = parser.parse_args(argv)
+    if not args.launches_only and set(args.sets) & set(META_SETS):
+        parser.error(f"--sets {' '.join(sorted(set(args.sets) & set(META_SETS)))}: launch counts only "
+                     "(--launches-only --gpu-config), its weights do not fit in memory")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     if args.threads:

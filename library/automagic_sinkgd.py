@@ -322,6 +322,19 @@ def relative_lr_bump(lr_bump: float, relative_bump: Optional[float], base_lr: fl
     return lr_bump if relative_bump is None else relative_bump * base_lr
 
 
+def lora_scale_lr_factor(lora_scale: Optional[float], power: float, power_above: Optional[float] = None) -> float:
+    """What a LoRA group's learning rates (lr, the mask bounds, an absolute lr_bump) are multiplied
+    by so that one setting fits any kohya ``network_alpha / network_dim``: (1 / lora_scale) ** power,
+    with ``power_above`` (default: ``power``) where alpha > rank. LoRA multiplies its product by
+    lora_scale = alpha / rank, and under a normalised (Adam-like) step tuning alpha acts like
+    tuning the lr (Hu et al., 2021, LoRA, sec. 4.1). Power 1 undoes the scale in full, 0 keeps the
+    lrs as given; alpha = rank is the reference (factor 1) at any power."""
+    if lora_scale is None:
+        return 1.0
+    exponent = power if lora_scale <= 1 or power_above is None else power_above
+    return float(lora_scale) ** -exponent if exponent else 1.0
+
+
 def gradient_scaled_decay(abs_grad_mean: Tensor, group_mean: Tensor, group_std: Tensor) -> Tensor:
     """Gradient-aware weight decay strength theta = 2 * sigmoid(4 z), z = the tensor's mean |g|
     standardised by the group's; 1 for a typical tensor, up to 2 for tensors with large gradients."""
@@ -910,7 +923,8 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 
 # Settings added after the document (opt-in), with the values that give the document's step.
 _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
-                        mask_rule="additive", mask_bump_decay=None)
+                        mask_rule="additive", mask_bump_decay=None, lora_scale=None, lora_scale_power=0.0,
+                        lora_scale_power_above=None, lora_lr_factor=1.0)
 MASK_RULES = ("additive", "multiplicative")
 
 
@@ -962,6 +976,14 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             log(lr) lattice, min_lr > 0; eager step only).
         mask_bump_decay: opt-in, with mask_rule="multiplicative": after this many steps the move
             shrinks as 1 / sqrt(step) (see ``annealed_log_bump``); None keeps it constant.
+        lora_scale: the LoRA's alpha / rank (kohya's network_alpha / network_dim; the kohya hook
+            fills it for network trainers). Read only with lora_scale_power.
+        lora_scale_power: opt-in; every group's lr, min_lr, max_lr and absolute lr_bump are
+            multiplied once, when the group is added, by (1 / lora_scale) ** lora_scale_power (see
+            ``lora_scale_lr_factor``), so the lr you give is the one for alpha = rank. 0 (default)
+            keeps them as given. The factor is kept in the group as ``lora_lr_factor``.
+        lora_scale_power_above: the power where alpha > rank (lora_scale > 1); None (default)
+            uses lora_scale_power (0: the lrs are only raised, for alpha below the rank).
         eta: ALLoRA strength (LoRA mode matrices); > 0.
         beta1: momentum decay, in [0, 1).
         d_coef: Prodigy-style speed-up of the mask in the first half of warm-up; >= 1 (1 = off).
@@ -1003,7 +1025,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  state_precision: str = "fp32", foreach: Optional[bool] = None,
                  fused: Optional[bool] = None, relative_bump: Optional[float] = None,
                  decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None,
-                 mask_rule: str = "additive", mask_bump_decay: Optional[int] = None):
+                 mask_rule: str = "additive", mask_bump_decay: Optional[int] = None,
+                 lora_scale: Optional[float] = None, lora_scale_power: float = 0.0,
+                 lora_scale_power_above: Optional[float] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
@@ -1011,7 +1035,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         vradam=vradam, allora=allora, state_precision=state_precision, fused=fused,
                         foreach=foreach, mask_min_lr=min_lr, mask_max_lr=max_lr, relative_bump=relative_bump,
                         decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps,
-                        mask_rule=mask_rule, mask_bump_decay=mask_bump_decay)
+                        mask_rule=mask_rule, mask_bump_decay=mask_bump_decay, lora_scale=lora_scale,
+                        lora_scale_power=lora_scale_power, lora_scale_power_above=lora_scale_power_above,
+                        lora_lr_factor=1.0)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -1083,7 +1109,21 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._validate(group, f" (param group {len(self.param_groups) - 1})")
         self._complete_group(group)
+        self._apply_lora_scale(group)
         self._chunk_numel = None  # recomputed from the new largest tensor at the next step
+
+    @staticmethod
+    def _apply_lora_scale(group: dict) -> None:
+        """Scale a new group's learning rates by its lora_lr_factor, once (a resumed run loads
+        the scaled values from its checkpoint and never comes through here)."""
+        factor = lora_scale_lr_factor(group["lora_scale"], group["lora_scale_power"], group["lora_scale_power_above"])
+        group["lora_lr_factor"] = factor
+        if factor == 1.0:
+            return
+        for key in ("lr", "initial_lr", "min_lr", "max_lr", "mask_min_lr", "mask_max_lr", "lr_bump"):
+            if group.get(key) is not None:
+                group[key] = group[key] * factor
+        group["lr_max"] = group["lr_max"] * factor
 
     def _param_position(self, p: Tensor) -> tuple[int, int]:
         """(group index, index in group) of a parameter; cached, since the fused backward path
@@ -1173,6 +1213,23 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      decay_after is None or (isinstance(decay_after, int) and not isinstance(decay_after, bool)
                                              and decay_after >= 1 and rule == "multiplicative"),
                      "None, or an integer >= 1 (steps of full-size moves) with mask_rule='multiplicative'")
+        scale, power = get("lora_scale"), get("lora_scale_power", 0.0)
+        _check_range("lora_scale" + where, scale,
+                     scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                       and 0 < scale < math.inf),
+                     "None or a number > 0: the LoRA's alpha / rank (kohya's network_alpha / network_dim)")
+        _check_range("lora_scale_power" + where, power,
+                     isinstance(power, (int, float)) and not isinstance(power, bool) and 0 <= power <= 1,
+                     "a number in [0, 1] (0 keeps the lrs as given, 1 divides them by alpha / rank)")
+        above = get("lora_scale_power_above")
+        _check_range("lora_scale_power_above" + where, above,
+                     above is None or (isinstance(above, (int, float)) and not isinstance(above, bool)
+                                       and 0 <= above <= 1),
+                     "None (= lora_scale_power) or a number in [0, 1]")
+        for name, value in (("lora_scale_power", power), ("lora_scale_power_above", above)):
+            _check_range(name + where, value, not value or scale is not None,
+                         "0 without lora_scale; a power > 0 needs lora_scale = network_alpha / network_dim "
+                         "(the kohya hook passes it on LoRA trainers; a full fine-tune has none)")
         horizon = get("decay_horizon")
         _check_range("decay_horizon" + where, horizon, horizon in ("warmup", "run"), "'warmup' or 'run'")
         _check_range("decay_horizon" + where, horizon, horizon != "run" or total is not None,
@@ -1432,9 +1489,23 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 if self._fused_takes(members, settings):  # the kernels bound their own buffers
                     self._run_bucket(members, settings, stats, group_index)
                     continue
-                for chunk in self._chunks(members, group["foreach"]):
+                for chunk in self._chunks(members, group["foreach"], self._fused_split_chunk(members, settings)):
                     self._run_bucket(chunk, settings, stats, group_index)
         return loss
+
+    @staticmethod
+    def _fused_split_chunk(members: list, settings: dict) -> Optional[int]:
+        """Elements per chunk of a bucket of large tensors the fused split kernels will step: their
+        own U-buffer bound (each chunk costs a fixed ~12 launches and holds no stacked gradients,
+        so chunks as large as the kernels take); None for the eager step's chunks."""
+        if not _fused_phase(settings, members[0][4]) or settings["foreach"] is False:
+            return None
+        kernels = _fused_kernels()
+        p = members[0][1]
+        if kernels is None or p.numel() <= kernels._SPLIT_NUMEL or not kernels.takes_bucket(
+                [m[1] for m in members], [m[2] for m in members], [m[3] for m in members], settings):
+            return None
+        return kernels.split_scratch_numel(p.device)
 
     @staticmethod
     def _fused_takes(members: list, settings: dict) -> bool:
@@ -1449,9 +1520,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         return kernels.takes_bucket(
             [m[1] for m in members], [m[2] for m in members], [m[3] for m in members], settings)
 
-    def _chunks(self, members: list, foreach: Optional[bool]) -> Iterable[list]:
-        """Split a bucket so a stacked copy is no larger than the largest tensor (or a small floor);
-        foreach=False steps tensors one by one."""
+    def _chunks(self, members: list, foreach: Optional[bool], limit: Optional[int] = None) -> Iterable[list]:
+        """Split a bucket so a stacked copy is no larger than the largest tensor (or a small floor;
+        ``limit`` elements when given); foreach=False steps tensors one by one."""
         if foreach is False:
             for member in members:
                 yield [member]
@@ -1460,7 +1531,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             largest = max([0] + [p.numel() for g in self.param_groups for p in g["params"]])
             self._chunk_numel = min(max(largest, _MIN_CHUNK_NUMEL), _MAX_CHUNK_NUMEL)
         numel = members[0][1].numel()
-        limit = _GPU_CHUNK_NUMEL if _launch_bound(members[0][1].device) else self._chunk_numel
+        if limit is None:
+            limit = _GPU_CHUNK_NUMEL if _launch_bound(members[0][1].device) else self._chunk_numel
         per_chunk = max(1, limit // max(numel, 1))
         for start in range(0, len(members), per_chunk):
             yield members[start:start + per_chunk]

@@ -42,6 +42,7 @@ from .optimizer_factory import (
     ShardedParamsError,
     build_optimizer,
     is_automagic,
+    kohya_lora_scale,
     parse_optimizer_args,
 )
 
@@ -72,8 +73,13 @@ def kohya_build_optimizer(args, trainable_params) -> tuple[str, str, Any]:
     # max_train_epochs into max_train_steps only after building the optimizer: this length is
     # provisional, and the scheduler wrapper below puts in the final one.
     steps = getattr(args, "max_train_steps", None) or KOHYA_DEFAULT_MAX_TRAIN_STEPS
+    # A network trainer's LoRA scale (network_alpha / network_dim) as Automagic_Sinkgd's lora_scale,
+    # which its lora_scale_power reads; the full fine-tune trainers' parsers have no network options.
+    lora_scale = None
+    if getattr(args, "network_module", None) or hasattr(args, "network_alpha"):
+        lora_scale = kohya_lora_scale(getattr(args, "network_alpha", None), getattr(args, "network_dim", None))
     name, args_text, optimizer = build_optimizer(args.optimizer_type, trainable_params, args.learning_rate, kwargs,
-                                                 run_length=steps)
+                                                 run_length=steps, lora_scale=lora_scale)
     # kohya's own wording ("use <type> | {kwargs}"), plus the class it resolved to
     logger.info(f"use {args.optimizer_type} | {kwargs} -> {name}")
     _built_optimizers[:] = [ref for ref in _built_optimizers if ref() is not None] + [weakref.ref(optimizer)]

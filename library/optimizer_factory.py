@@ -220,6 +220,27 @@ def with_run_length(optimizer_type: str | None, kwargs: Mapping[str, Any], max_t
     return kwargs
 
 
+# kohya's LoRA modules: network_dim None means 4, network_alpha None means 1, alpha 0 means
+# alpha = dim (no scaling).
+KOHYA_DEFAULT_NETWORK_DIM, KOHYA_DEFAULT_NETWORK_ALPHA = 4, 1.0
+
+
+def kohya_lora_scale(network_alpha: float | None, network_dim: int | None) -> float:
+    """The LoRA's alpha / rank as kohya's LoRA modules compute it from --network_alpha / --network_dim."""
+    dim = network_dim or KOHYA_DEFAULT_NETWORK_DIM
+    alpha = KOHYA_DEFAULT_NETWORK_ALPHA if network_alpha is None else network_alpha
+    return float(alpha or dim) / dim
+
+
+def with_lora_scale(optimizer_type: str | None, kwargs: Mapping[str, Any], lora_scale: float | None) -> dict:
+    """``kwargs`` plus, for Automagic_Sinkgd on a LoRA trainer, ``lora_scale`` (network_alpha /
+    network_dim) unless the user set it: read when ``lora_scale_power`` is on."""
+    kwargs = dict(kwargs)
+    if is_automagic(optimizer_type) and lora_scale is not None:
+        kwargs.setdefault("lora_scale", float(lora_scale))
+    return kwargs
+
+
 def follow_run_length(optimizer: torch.optim.Optimizer, steps: int) -> None:
     """Keep the trainer's run length as every group's total_steps, also after a resume (the saved
     groups would bring back the length of the run that saved them, e.g. when a run is extended).
@@ -243,6 +264,7 @@ def build_optimizer(
     optimizer_args: Iterable[str] | Mapping[str, Any] | str | None = None,
     report: Callable[[str], None] | None = None,
     run_length: int | None = None,
+    lora_scale: float | None = None,
 ) -> tuple[str, str, torch.optim.Optimizer]:
     """Build the optimizer the way kohya's ``get_optimizer`` does and return its triple.
 
@@ -253,7 +275,8 @@ def build_optimizer(
     ``ss_optimizer`` metadata of the saved model. The args string follows a resume: see
     :func:`watch_resumed_settings` (``report`` receives its warning; default: logging).
     ``run_length`` (the run's max_train_steps) goes to Automagic_Sinkgd as ``total_steps`` unless
-    the user set it (:func:`with_run_length`); the args string keeps the user's own arguments.
+    the user set it (:func:`with_run_length`); ``lora_scale`` (a LoRA trainer's network_alpha /
+    network_dim) likewise (:func:`with_lora_scale`). The args string keeps the user's own arguments.
     """
     if isinstance(optimizer_args, Mapping):
         kwargs = dict(optimizer_args)
@@ -264,7 +287,7 @@ def build_optimizer(
     if is_automagic(optimizer_type):
         check_lr_bounds(cls, kwargs)
         check_learning_rates(cls, kwargs, {"learning_rate": learning_rate, **group_lrs(trainable_params)})
-    filled = with_run_length(optimizer_type, kwargs, run_length)
+    filled = with_lora_scale(optimizer_type, with_run_length(optimizer_type, kwargs, run_length), lora_scale)
     optimizer = cls(trainable_params, lr=learning_rate, **filled)
     if "total_steps" in filled and "total_steps" not in kwargs:
         follow_run_length(optimizer, filled["total_steps"])
@@ -360,6 +383,17 @@ def _same_setting(a: Any, b: Any) -> bool:
         return False
 
 
+# Settings a group holds multiplied by its lora_lr_factor (Automagic_Sinkgd's lora_scale_power).
+_LORA_SCALED = frozenset({"min_lr", "max_lr", "lr_bump"})
+
+
+def _as_given(group: Mapping[str, Any], key: str) -> Any:
+    """A saved group's setting as the user wrote it (before the LoRA-scale factor)."""
+    value = group[_group_key(group, key)]
+    factor = group.get("lora_lr_factor", 1.0)
+    return value / factor if key in _LORA_SCALED and factor != 1.0 and isinstance(value, (int, float)) else value
+
+
 def describe_overrides(changed: list[tuple[int, str, Any, Any]], n_groups: int) -> str:
     """One warning line: each overridden key with the saved value (in effect) and the requested one."""
     by_key: dict[str, list[tuple[int, Any, Any]]] = {}
@@ -422,7 +456,7 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
             report(describe_overrides(changed, len(opt.param_groups)))
         in_effect = dict(kwargs)
         for key in keys[:-1]:  # the settings, without initial_lr (not an optimizer_args key)
-            values = [g[_group_key(g, key)] for g in saved_groups if _group_key(g, key) in g]
+            values = [_as_given(g, key) for g in saved_groups if _group_key(g, key) in g]
             if values and (key in kwargs or any(not _same_setting(v, opt.defaults.get(key)) for v in values)):
                 in_effect[key] = values[0] if all(_same_setting(v, values[0]) for v in values) else values
         text.in_effect = format_optimizer_args(in_effect)

@@ -26,6 +26,7 @@ from .optimizer_factory import (
     is_automagic,
     parse_optimizer_args,
     resolve_optimizer_class,
+    with_lora_scale,
     with_run_length,
 )
 
@@ -277,9 +278,10 @@ def _validate_optimizer_args(config: Mapping[str, Any], source: str) -> None:
             import torch
 
             check_lr_bounds(cls, kwargs)
-            # total_steps comes from the run's max_train_steps at training time; any length will do here
+            # total_steps comes from the run's max_train_steps at training time, lora_scale from a LoRA
+            # trainer's network_alpha / network_dim: any length and alpha = rank will do here
             cls([torch.zeros(2, 2, requires_grad=True)], lr=float(config.get("learning_rate", 1e-5)),
-                **with_run_length(optimizer_type, kwargs, 1000))
+                **with_lora_scale(optimizer_type, with_run_length(optimizer_type, kwargs, 1000), 1.0))
     except (OptimizerArgsError, ValueError, TypeError) as e:
         raise PresetError(f"{source}: optimizer_args: {str(e).removeprefix('optimizer_args: ')}") from None
 

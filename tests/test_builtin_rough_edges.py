@@ -82,11 +82,13 @@ def test_a_warmup_longer_than_the_run_warns_in_one_line(tiny, tmp_path, capsys):
     preset = load_preset("high_performance")
     params = [torch.nn.Parameter(torch.zeros(4, 4))]
     _, _, opt = build_optimizer(preset["optimizer_type"], [{"params": params, "lr": preset["learning_rate"]}],
-                                preset["learning_rate"], preset["optimizer_args"], run_length=40)
+                                preset["learning_rate"], preset["optimizer_args"], run_length=40,
+                                lora_scale=1.0)
     message = warmup_outlasts_run(opt, 40)
     assert message and "warmup_steps=800" in message and "40 steps" in message and "\n" not in message
     _, _, opt = build_optimizer(preset["optimizer_type"], [{"params": params, "lr": preset["learning_rate"]}],
-                                preset["learning_rate"], preset["optimizer_args"], run_length=2000)
+                                preset["learning_rate"], preset["optimizer_args"], run_length=2000,
+                                lora_scale=1.0)
     assert warmup_outlasts_run(opt, 2000) is None
     assert warmup_outlasts_run(torch.optim.AdamW(params), 40) is None
 

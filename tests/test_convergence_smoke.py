@@ -142,6 +142,8 @@ def test_real_scale_run_list(conv):
     fixes = conv.run_specs("lora_real", 2000, presets, "fixes")
     run = [s["kwargs"] for s in fixes if "total_steps" in s["kwargs"]]
     assert run and all(k["total_steps"] == 2000 for k in run)
-    for spec in fixes + shipped:  # every config builds, with the run's length handed over as the trainers do
-        opt = conv.build_optimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], 2000)
+    for spec in fixes + shipped:  # every config builds, with the run's length and LoRA scale handed over as the trainers do
+        opt = conv.build_optimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], 2000,
+                                   lora_scale=conv.TASKS["lora_real"]["user_lora_scale"])
         assert opt.param_groups[0]["total_steps"] == 2000
+        assert opt.param_groups[0]["lora_lr_factor"] == 1.0  # lora_real stands for alpha = rank

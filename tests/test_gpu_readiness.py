@@ -251,3 +251,29 @@ def test_a_gpu_steps_eagerly_in_large_chunks_and_draws_noise_in_one_gather(monke
     monkeypatch.setattr(core, "noise_index", lambda *args: calls.append(1) or real_index(*args))
     assert torch.equal(core.add_rounding_noise_(bits.clone(), [12345]), on_cpu)
     assert len(calls) == 1  # one gather (the CPU loop takes one per period: 4 here)
+
+
+def test_large_tensors_take_fused_chunks_as_large_as_the_split_kernels_buffer(monkeypatch):
+    """A bucket of large tensors the split kernels step is chunked by their own U-buffer bound, not
+    by the eager step's (each chunk costs ~12 launches and stacks no gradients): an SDXL full step
+    takes 104 chunks instead of 190. Smaller or larger chunks give the same bits."""
+    _split_small_tensors(monkeypatch)
+    monkeypatch.setattr(core, "_launch_bound", lambda device: True)
+    monkeypatch.setattr(core, "_GPU_CHUNK_NUMEL", 160 * 24)  # the eager step: one tensor per chunk
+
+    def run(tensors_per_chunk):
+        monkeypatch.setattr(kernels, "split_scratch_numel", lambda device: tensors_per_chunk * 160 * 24)
+        generator = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(160, 24, generator=generator) * 1e-3) for _ in range(8)]
+        optimizer = Automagic_Sinkgd(params, **{**SETTINGS, "fused": True})
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator) * 0.01
+            before = kernels.launches.get("split_state", 0)
+            optimizer.step()
+        return [p.detach().clone() for p in params], kernels.launches.get("split_state", 0) - before
+
+    weights_one, chunks_one = run(1)
+    weights_four, chunks_four = run(4)
+    assert (chunks_one, chunks_four) == (8, 2)
+    assert all(torch.equal(a, b) for a, b in zip(weights_one, weights_four))

@@ -162,8 +162,15 @@ def fake_sd_scripts(tmp_path_factory):
     (root / "library").mkdir()
     (root / "library" / "__init__.py").write_text("")
     (root / "library" / "train_util.py").write_text(textwrap.dedent(FAKE_TRAIN_UTIL))
-    for script in ("train_network.py", "fine_tune.py", "sdxl_train_network.py"):
-        (root / script).write_text(textwrap.dedent(FAKE_TRAINER))
+    # the network trainers' parsers have kohya's network options (network_dim None = 4, network_alpha 1)
+    network = ('    parser.add_argument("--fused_backward_pass", action="store_true")\n'
+               '    parser.add_argument("--network_module")\n'
+               '    parser.add_argument("--network_dim", type=int, default=None)\n'
+               '    parser.add_argument("--network_alpha", type=float, default=1)\n')
+    for script in ("train_network.py", "sdxl_train_network.py"):
+        (root / script).write_text(textwrap.dedent(FAKE_TRAINER).replace(
+            '    parser.add_argument("--fused_backward_pass", action="store_true")\n', network))
+    (root / "fine_tune.py").write_text(textwrap.dedent(FAKE_TRAINER))
     # a full fine-tune script that implements the fused backward pass reads the flag itself
     (root / "sdxl_train.py").write_text(textwrap.dedent(FAKE_TRAINER).replace(
         "    model = torch.nn.Linear(4, 3)\n", "    model = torch.nn.Linear(4, 3)\n    fused = args.fused_backward_pass\n"))
@@ -190,7 +197,9 @@ def test_launch_from_the_repo_root_runs_kohyas_library_with_our_optimizer(fake_s
     assert Path(result["library"]).parent == fake_sd_scripts / "library"
     assert result["cls"] == "Automagic_Sinkgd"
     assert result["name"] == "automagic_sinkgd_plugin.automagic_sinkgd.Automagic_Sinkgd"
-    assert result["group_lrs"] == [2e-4, 1e-4]  # command line over the preset, per-group lrs kept
+    # command line over the preset, per-group lrs kept, raised by the preset's lora_scale_power at
+    # kohya's default network_dim 4 / network_alpha 1 (x4: the lr given is the one for alpha = rank)
+    assert result["group_lrs"] == pytest.approx([8e-4, 4e-4])
     assert result["defaults"]["warmup_steps"] == 7  # command line, merged into the preset's args
     assert result["defaults"]["max_lr"] == 1e-3 and result["defaults"]["orthograd"] is True  # preset
     assert result["cwd"] == str(REPO) and result["output_dir"] == "o"

@@ -124,7 +124,8 @@ def _lora_preset_run(steps: int, total: int):
     params = [torch.nn.Parameter(torch.randn(6, 10) * 0.1), torch.nn.Parameter(torch.zeros(10, 6)),
               torch.nn.Parameter(torch.randn(10) * 0.1)]
     _, _, opt = build_optimizer(preset["optimizer_type"], [{"params": params, "lr": preset["learning_rate"]}],
-                                preset["learning_rate"], preset["optimizer_args"], run_length=total)
+                                preset["learning_rate"], preset["optimizer_args"], run_length=total,
+                                lora_scale=1.0)
     for _ in range(steps):
         for p in params:
             p.grad = torch.randn_like(p) * 1e-2

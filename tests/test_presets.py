@@ -32,13 +32,15 @@ SPEC = {
 
 
 # What the presets change from the document, each measured by benchmarks/convergence.py (README,
-# "At real Stable Diffusion learning-rate scale"); high_performance is kept as the document's.
+# "At real Stable Diffusion learning-rate scale") or benchmarks/robustness.py (the LoRA scale).
 MEASURED_CHANGES = {
     # warmup_steps=0.25: a quarter of the run, the document's 500 / 1000 at the benchmark's
-    # 2000 / 4000 steps, and better than them at 500 / 1000 steps
-    "lora": dict(relative_bump=0.2, decay_horizon="run", decay_floor=0.0, warmup_steps=0.25),
+    # 2000 / 4000 steps, and better than them at 500 / 1000 steps; the lrs raised by rank / alpha
+    # below alpha = rank
+    "lora": dict(relative_bump=0.2, decay_horizon="run", decay_floor=0.0, warmup_steps=0.25,
+                 lora_scale_power=1.0, lora_scale_power_above=0.0),
     "full": dict(lr_bump=2e-6, warmup_steps=0.25),  # 0.2 x its lr, absolute as its bf16 state needs (measured as relative_bump=0.2)
-    "high_performance": {},
+    "high_performance": dict(lora_scale_power=1.0),  # the lrs follow rank / alpha on both sides
 }
 
 
@@ -73,8 +75,10 @@ def test_shipped_presets_build_the_optimizer_they_describe(name):
     config = load_preset(name)
     # as kohya's hook and the built-in trainer do: the run's length goes in as total_steps
     kwargs = with_run_length(config["optimizer_type"], parse_optimizer_args(config["optimizer_args"]), 300)
+    # and a LoRA trainer's alpha / rank: 1 here, so the lrs are the preset's own
+    lora_scale = None if name == "full" else 1.0
     _, _, opt = build_optimizer(config["optimizer_type"], [torch.nn.Parameter(torch.ones(2, 2))],
-                                config["learning_rate"], kwargs)
+                                config["learning_rate"], kwargs, lora_scale=lora_scale)
     assert type(opt) is Automagic_Sinkgd
     assert opt.param_groups[0]["total_steps"] == 300
     lr, args = _shipped(name)

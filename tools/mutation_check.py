@@ -114,6 +114,20 @@ MUTATIONS = [
              "        mask_update_ = rprop_mask_update_ if mask_rule == \"multiplicative\" else automagic_mask_update_\n",
              "        mask_update_ = automagic_mask_update_\n",
              ("tests/test_mask_rule.py",)),
+    Mutation("i", "lora_scale_power scales the lr but not the mask bounds", CORE,
+             "        for key in (\"lr\", \"initial_lr\", \"min_lr\", \"max_lr\", \"mask_min_lr\", \"mask_max_lr\", \"lr_bump\"):\n",
+             "        for key in (\"lr\", \"initial_lr\", \"lr_bump\"):\n",
+             ("tests/test_lora_scale.py",)),
+    Mutation("j", "a resumed run scales the saved learning rates a second time", CORE,
+             "    def __setstate__(self, state: dict) -> None:\n",
+             "    def __setstate__(self, state: dict) -> None:\n"
+             "        for group in state.get(\"param_groups\", []):\n"
+             "            group[\"lr\"] = group[\"lr\"] * group.get(\"lora_lr_factor\", 1.0)\n",
+             ("tests/test_lora_scale.py",)),
+    Mutation("k", "the fused split path takes the eager step's chunks (twice the launches on a GPU)", CORE,
+             "                for chunk in self._chunks(members, group[\"foreach\"], self._fused_split_chunk(members, settings)):\n",
+             "                for chunk in self._chunks(members, group[\"foreach\"]):\n",
+             ("tests/test_gpu_readiness.py",), "large_tensors"),
 ]
 
 

@@ -567,7 +567,8 @@ class Run:
             # the run's length goes to Automagic_Sinkgd as total_steps unless the user set it
             self.optimizer_name, self.optimizer_args, self.optimizer = build_optimizer(
                 args.optimizer_type or "AdamW", groups, args.learning_rate, args.optimizer_args or [],
-                report=warn if self.main else (lambda message: None), run_length=self.max_steps)
+                report=warn if self.main else (lambda message: None), run_length=self.max_steps,
+                lora_scale=None if setup.full_finetune else self.model.alpha / self.model.dim)
         except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
             raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
         if self.main and not args.resume:  # a resumed run follows the state's warm-up; its first run said it
