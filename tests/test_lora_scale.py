@@ -150,13 +150,26 @@ def test_kohya_network_trainer_passes_alpha_over_dim():
     assert str(resumed_text) == "lora_scale_power=1.0,min_lr=1e-06"
 
 
+def _full_trainer_args(**overrides):
+    """A full fine-tune trainer's args: its parser has none of the network options."""
+    args = _kohya_args(**overrides)
+    for name in ("network_module", "network_dim", "network_alpha"):
+        delattr(args, name)
+    return args
+
+
 def test_kohya_full_trainer_has_no_lora_scale():
-    args = _kohya_args(network_module=None, optimizer_args=["min_lr=1e-6"])
-    _, _, opt = wrap_get_optimizer(lambda a, p: None)(args, _groups())
+    _, _, opt = wrap_get_optimizer(lambda a, p: None)(_full_trainer_args(optimizer_args=["min_lr=1e-6"]), _groups())
     assert opt.param_groups[0]["lora_scale"] is None and opt.param_groups[0]["lr"] == 5e-5
     # a LoRA-scaled preset on a full trainer says what is missing before training
     with pytest.raises(ValueError, match="lora_scale_power"):
-        wrap_get_optimizer(lambda a, p: None)(_kohya_args(network_module=None), _groups())
+        wrap_get_optimizer(lambda a, p: None)(_full_trainer_args(), _groups())
+
+
+def test_kohya_network_trainer_without_network_options_uses_kohyas_defaults():
+    args = _kohya_args(network_module=None, network_dim=None, network_alpha=None)
+    _, _, opt = wrap_get_optimizer(lambda a, p: None)(args, _groups())
+    assert opt.param_groups[0]["lora_scale"] == 1 / 4  # dim 4, alpha 1
 
 
 def test_users_own_lora_scale_wins():
