@@ -89,6 +89,7 @@ CANDIDATES: tuple = (
     ("lora_scale_power 1 on both sides of alpha = rank", "lora", dict(lora_scale_power_above=None)),
     ("lora_scale_power 0.75 on both sides", "lora", dict(lora_scale_power=0.75, lora_scale_power_above=None)),
     ("lora_scale_power 0.5 on both sides", "lora", dict(lora_scale_power=0.5, lora_scale_power_above=None)),
+    ("lora_scale_power_above=0.5", "high_performance", dict(lora_scale_power_above=0.5)),
 )
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ def run_matrix(args) -> None:
     store.data["settings"] = dict(lora_rank=LORA_RANK, lengths=LENGTHS, adamw_weight_decay=conv.ADAMW_WEIGHT_DECAY,
                                   prodigy=conv.PRODIGY_KWARGS)
     for cell in cells(args.families, args.calibrated):
-        if args.lengths and cell[2] not in args.lengths:
+        if (args.lengths and cell[2] not in args.lengths) or (args.scales and cell[1] not in args.scales):
             continue
         seeds = args.seeds if (cell[2] == min(LENGTHS[cell[0]]) or not args.long_seeds) else args.long_seeds
         for seed in seeds:
@@ -500,6 +501,9 @@ def parse_args(argv=None):
     ap.add_argument("--long-seeds", nargs="+", type=int, default=None,
                     help="seeds for the long runs (default: --seeds)")
     ap.add_argument("--lengths", nargs="+", type=int, default=None, help="only these run lengths")
+    ap.add_argument("--scales", nargs="+", default=None,
+                    help="only these scales (e.g. alpha=16xrank 'cal alpha=16xrank'): a candidate that differs from a "
+                         "row only on one side of alpha = rank")
     ap.add_argument("--only", nargs="+", default=None, help="only the optimizers whose name contains one of these")
     ap.add_argument("--out", default=str(OUT_DEFAULT))
     ap.add_argument("--cache", default=str(REPO_ROOT / "benchmarks" / "results"),
