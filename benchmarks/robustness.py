@@ -75,7 +75,8 @@ CALIBRATED_ALPHAS = {"cal alpha=1": lambda r: CALIBRATION_K, "cal alpha=rank": l
                      "cal alpha=16xrank": lambda r: CALIBRATION_K * 16.0 * r}
 ALL_ALPHAS = {**ALPHAS, **CALIBRATED_ALPHAS}
 FULL_SCALES = {"W": 1.0, "16xW'": 16.0}
-LENGTHS = {"digits": (200, 600), "charlm": (200, 1000), "digits_full": (150, 600)}
+# 2000: the calibrated LoRA cells only (CPU time), 1 seed
+LENGTHS = {"digits": (200, 600, 2000), "charlm": (200, 1000, 2000), "digits_full": (150, 600)}
 ADAMW_START = {"digits": 3e-3, "charlm": 3e-3, "digits_full": 3e-4}
 HALF_DECADE = math.sqrt(10.0)
 DIGITS_PRETRAIN_STEPS = 400
@@ -305,11 +306,11 @@ def cell_key(family: str, scale: str, steps: int) -> str:
     return f"{family}|{scale}|{steps}"
 
 
-def preset_specs(family: str) -> list[dict]:
+def preset_specs(family: str, candidates: bool = True) -> list[dict]:
     presets, _ = conv.load_presets()
     names = ("full",) if family == "digits_full" else ("lora", "high_performance")
     specs = [dict(name=f"preset {n}", kind="automagic", kwargs=dict(presets[n])) for n in names]
-    for label, preset, over in CANDIDATES:
+    for label, preset, over in CANDIDATES if candidates else ():
         if preset in names:
             specs.append(dict(name=f"{preset}: {label}", kind="automagic", kwargs=dict(presets[preset], **over)))
     return specs
@@ -378,7 +379,7 @@ def run_matrix(args) -> None:
             continue
         seeds = args.seeds if (cell[2] == min(LENGTHS[cell[0]]) or not args.long_seeds) else args.long_seeds
         for seed in seeds:
-            specs = preset_specs(cell[0])
+            specs = preset_specs(cell[0], candidates=not args.no_candidates)
             if args.only:
                 specs = [s for s in specs if any(o.lower() in s["name"].lower() for o in args.only)]
             else:
@@ -505,6 +506,7 @@ def parse_args(argv=None):
                     help="only these scales (e.g. alpha=16xrank 'cal alpha=16xrank'): a candidate that differs from a "
                          "row only on one side of alpha = rank")
     ap.add_argument("--only", nargs="+", default=None, help="only the optimizers whose name contains one of these")
+    ap.add_argument("--no-candidates", action="store_true", help="the shipped presets only (no CANDIDATES rows)")
     ap.add_argument("--out", default=str(OUT_DEFAULT))
     ap.add_argument("--cache", default=str(REPO_ROOT / "benchmarks" / "results"),
                     help="where the pretrained base models are cached")

@@ -41,6 +41,7 @@ from .optimizer_factory import (
     OptimizerArgsError,
     ShardedParamsError,
     build_optimizer,
+    describe_lora_scaling,
     is_automagic,
     kohya_lora_scale,
     parse_optimizer_args,
@@ -82,6 +83,9 @@ def kohya_build_optimizer(args, trainable_params) -> tuple[str, str, Any]:
                                                  run_length=steps, lora_scale=lora_scale)
     # kohya's own wording ("use <type> | {kwargs}"), plus the class it resolved to
     logger.info(f"use {args.optimizer_type} | {kwargs} -> {name}")
+    scaling = describe_lora_scaling(optimizer)
+    if scaling:
+        logger.info(scaling)
     _built_optimizers[:] = [ref for ref in _built_optimizers if ref() is not None] + [weakref.ref(optimizer)]
     return name, args_text, optimizer
 

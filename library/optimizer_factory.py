@@ -241,6 +241,19 @@ def with_lora_scale(optimizer_type: str | None, kwargs: Mapping[str, Any], lora_
     return kwargs
 
 
+def describe_lora_scaling(optimizer: torch.optim.Optimizer) -> str | None:
+    """One line saying how ``lora_scale_power`` moved the learning rates (None when it did not), so a
+    user sees the rates that train: e.g. alpha 1 with dim 8 under the ``lora`` preset, x8."""
+    groups = [g for g in optimizer.param_groups if g.get("lora_lr_factor", 1.0) != 1.0]
+    if not groups:
+        return None
+    group = groups[0]
+    lrs = ", ".join(f"{g.get('initial_lr', g['lr']):.3g}" for g in groups)
+    return (f"network_alpha / network_dim = {group['lora_scale']:g}: learning rates x{group['lora_lr_factor']:.3g} "
+            f"(lora_scale_power; the lr given is the one for alpha = dim), now {lrs}; "
+            "lora_scale_power=0 keeps them as given")
+
+
 def follow_run_length(optimizer: torch.optim.Optimizer, steps: int) -> None:
     """Keep the trainer's run length as every group's total_steps, also after a resume (the saved
     groups would bring back the length of the run that saved them, e.g. when a run is extended).

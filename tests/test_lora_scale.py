@@ -9,7 +9,7 @@ import torch
 from library import kohya_hook
 from library.automagic_sinkgd import Automagic_Sinkgd, lora_scale_lr_factor
 from library.kohya_hook import wrap_get_optimizer
-from library.optimizer_factory import kohya_lora_scale
+from library.optimizer_factory import describe_lora_scaling, kohya_lora_scale
 
 
 def test_factor_is_one_at_alpha_equal_rank_and_off_by_default():
@@ -158,6 +158,18 @@ def _full_trainer_args(**overrides):
     return args
 
 
+def test_the_scaling_is_said_in_one_line(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="library.kohya_hook"):
+        _, _, opt = wrap_get_optimizer(lambda a, p: None)(_kohya_args(), _groups())
+    lines = [r.getMessage() for r in caplog.records if "network_alpha / network_dim" in r.getMessage()]
+    assert lines == [describe_lora_scaling(opt)]
+    assert "= 0.125: learning rates x8 " in lines[0] and "now 0.0004" in lines[0]
+    plain = wrap_get_optimizer(lambda a, p: None)(_kohya_args(optimizer_args=["min_lr=1e-6"]), _groups())[2]
+    assert describe_lora_scaling(plain) is None
+
+
 def test_kohya_full_trainer_has_no_lora_scale():
     _, _, opt = wrap_get_optimizer(lambda a, p: None)(_full_trainer_args(optimizer_args=["min_lr=1e-6"]), _groups())
     assert opt.param_groups[0]["lora_scale"] is None and opt.param_groups[0]["lr"] == 5e-5
@@ -178,7 +190,7 @@ def test_users_own_lora_scale_wins():
     assert opt.param_groups[0]["lr"] == 5e-5
 
 
-def test_builtin_trainer_passes_its_lora_scale(tmp_path, monkeypatch):
+def test_builtin_trainer_passes_its_lora_scale(tmp_path, monkeypatch, capsys):
     from builtin_fixtures import base_args, build_dataset, build_tiny_pipeline
     from library.builtin.trainer import main
 
@@ -190,4 +202,5 @@ def test_builtin_trainer_passes_its_lora_scale(tmp_path, monkeypatch):
     assert main(base_args(model, data, tmp_path / "a", 2) + automagic) == 0
     saved = torch.load(tmp_path / "a" / "tiny-state" / "optimizer.bin", weights_only=True)
     assert {g["lora_scale"] for g in saved["param_groups"]} == {0.5}
+    assert "network_alpha / network_dim = 0.5: learning rates x2 " in capsys.readouterr().out
     assert [g["initial_lr"] for g in saved["param_groups"]] == pytest.approx([2e-4] * len(saved["param_groups"]))

@@ -528,7 +528,7 @@ class Run:
     def __init__(self, setup: Setup):
         from accelerate import Accelerator
 
-        from ..optimizer_factory import OptimizerArgsError, build_optimizer
+        from ..optimizer_factory import OptimizerArgsError, build_optimizer, describe_lora_scaling
 
         self.setup, self.args = setup, setup.args
         args = self.args
@@ -571,6 +571,9 @@ class Run:
                 lora_scale=None if setup.full_finetune else self.model.alpha / self.model.dim)
         except (OptimizerArgsError, ValueError, TypeError, ImportError, AttributeError) as e:
             raise UserError(f"--optimizer_type {args.optimizer_type or 'AdamW'} / --optimizer_args: {e}") from None
+        scaling = describe_lora_scaling(self.optimizer)
+        if self.main and scaling and not args.resume:
+            print(scaling, flush=True)
         if self.main and not args.resume:  # a resumed run follows the state's warm-up; its first run said it
             outlasts = warmup_outlasts_run(self.optimizer, self.max_steps)
             if outlasts:
