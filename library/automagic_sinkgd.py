@@ -1486,39 +1486,30 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 self._refresh_group_stats(group_index, group, grads)
             stats = self._group_stats(group)
             for members in buckets.values():
-                if self._fused_takes(members, settings):  # the kernels bound their own buffers
+                kernels = self._fused_kernels_for(members, settings)
+                if kernels is not None and members[0][1].numel() <= kernels._SPLIT_NUMEL:
+                    # one launch for the whole bucket: tables of addresses, no stacked copies of
+                    # gradients or weights, so no chunks (the kernels bound their own buffers)
                     self._run_bucket(members, settings, stats, group_index)
                     continue
-                for chunk in self._chunks(members, group["foreach"], self._fused_split_chunk(members, settings)):
+                # Large tensors the split kernels step are chunked by their own U buffer (a chunk
+                # costs ~12 launches and stacks no gradients); the eager step by its chunk size.
+                limit = kernels.split_scratch_numel(members[0][1].device) if kernels is not None else None
+                for chunk in self._chunks(members, group["foreach"], limit):
                     self._run_bucket(chunk, settings, stats, group_index)
         return loss
 
     @staticmethod
-    def _fused_split_chunk(members: list, settings: dict) -> Optional[int]:
-        """Elements per chunk of a bucket of large tensors the fused split kernels will step: their
-        own U-buffer bound (each chunk costs a fixed ~12 launches and holds no stacked gradients,
-        so chunks as large as the kernels take); None for the eager step's chunks."""
+    def _fused_kernels_for(members: list, settings: dict):
+        """The fused kernels module when it will step this bucket (from t = 2, foreach not False, a
+        layout and alignment it takes; host checks only), else None: the eager step runs."""
         if not _fused_phase(settings, members[0][4]) or settings["foreach"] is False:
             return None
         kernels = _fused_kernels()
-        p = members[0][1]
-        if kernels is None or p.numel() <= kernels._SPLIT_NUMEL or not kernels.takes_bucket(
+        if kernels is None or not kernels.takes_bucket(
                 [m[1] for m in members], [m[2] for m in members], [m[3] for m in members], settings):
             return None
-        return kernels.split_scratch_numel(p.device)
-
-    @staticmethod
-    def _fused_takes(members: list, settings: dict) -> bool:
-        """Whether the fused kernels step this whole bucket in one launch (tables of addresses, no
-        stacked copies of gradients or weights, so no chunks); host checks only. Large tensors
-        (split kernels) and foreach=False keep their chunks, which bound the state's stacking."""
-        if not _fused_phase(settings, members[0][4]) or settings["foreach"] is False:
-            return False
-        kernels = _fused_kernels()
-        if kernels is None or members[0][1].numel() > kernels._SPLIT_NUMEL:
-            return False
-        return kernels.takes_bucket(
-            [m[1] for m in members], [m[2] for m in members], [m[3] for m in members], settings)
+        return kernels
 
     def _chunks(self, members: list, foreach: Optional[bool], limit: Optional[int] = None) -> Iterable[list]:
         """Split a bucket so a stacked copy is no larger than the largest tensor (or a small floor;

@@ -125,8 +125,8 @@ MUTATIONS = [
              "            group[\"lr\"] = group[\"lr\"] * group.get(\"lora_lr_factor\", 1.0)\n",
              ("tests/test_lora_scale.py",)),
     Mutation("k", "the fused split path takes the eager step's chunks (twice the launches on a GPU)", CORE,
-             "                for chunk in self._chunks(members, group[\"foreach\"], self._fused_split_chunk(members, settings)):\n",
-             "                for chunk in self._chunks(members, group[\"foreach\"]):\n",
+             "                limit = kernels.split_scratch_numel(members[0][1].device) if kernels is not None else None\n",
+             "                limit = None\n",
              ("tests/test_gpu_readiness.py",), "large_tensors"),
 ]
 
