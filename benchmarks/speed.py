@@ -319,6 +319,12 @@ def count_dispatched(optimizer: torch.optim.Optimizer, uploads: Optional[list] =
     return Dispatched.count + triton_launches() - triton_before
 
 
+def count_step(optimizer: torch.optim.Optimizer, device: str) -> int:
+    """One step's launches, counted on CPU: the profiler's leaves (``count_launches``), or on the
+    meta device, whose own decompositions the profiler would show, the dispatched ops."""
+    return count_dispatched(optimizer) if device == "meta" else count_launches(optimizer, "cpu")
+
+
 @contextlib.contextmanager
 def dry_fused_kernels():
     """The fused path's host code on CPU with its Triton kernels replaced by counted no-ops: the
@@ -363,7 +369,7 @@ def fused_launch_counts(shapes, full: bool, bf16_weights: bool = False, device: 
             for _ in range(4):
                 optimizer.step()
             name = label.replace("bf16 state", "bf16 weights, bf16 state") if dtype == torch.bfloat16 else label
-            counts[name] = count_dispatched(optimizer) if device == "meta" else count_launches(optimizer, "cpu")
+            counts[name] = count_step(optimizer, device)
     return counts
 
 
@@ -486,20 +492,18 @@ def launches_only(sets, json_path: Optional[str], machine: str, gpu_config: bool
         if gpu_config:
             factories = {label: make for label, make in factories.items()
                          if label.startswith("Automagic") and "per-tensor" not in label}
-        # the meta device's own decompositions would show in the profiler: count dispatched ops there
-        count = count_dispatched if device == "meta" else (lambda optimizer: count_launches(optimizer, "cpu"))
         counted = dict(counted="dispatched ops") if device == "meta" else {}
         for label, make in factories.items():
             optimizer = make(make_params(shapes, seed=0, device=device))
             for _ in range(4):
                 optimizer.step()
-            rows.append(dict(set=name, optimizer=label, launches=count(optimizer), **counted))
+            rows.append(dict(set=name, optimizer=label, launches=count_step(optimizer, device), **counted))
         if gpu_config:
             for label, make in _bf16_rows(shapes, name in FULL_SETS).items():
                 optimizer = make(make_params(shapes, seed=0, dtype=torch.bfloat16, device=device))
                 for _ in range(4):
                     optimizer.step()
-                rows.append(dict(set=name, optimizer=label, launches=count(optimizer), **counted))
+                rows.append(dict(set=name, optimizer=label, launches=count_step(optimizer, device), **counted))
         if fused_available_dry():
             rows += [dict(set=name, optimizer=label, launches=count, kernels_dry=True, **counted)
                      for label, count in fused_launch_counts(shapes, name in FULL_SETS, bf16_weights=gpu_config,

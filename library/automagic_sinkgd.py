@@ -1016,6 +1016,9 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
     # Group settings a resume takes from this optimizer, not from the saved state: storage and
     # execution choices (same math), which a resumed run may change (see load_state_dict).
     KEPT_ON_LOAD = ("state_precision", "foreach", "fused")
+    # Settings lora_scale_power multiplies by the group's lora_lr_factor (the group also holds the
+    # bounds as mask_min_lr / mask_max_lr, and a scheduler's base lr as initial_lr).
+    LORA_SCALED = ("lr", "min_lr", "max_lr", "lr_bump")
 
     def __init__(self, params: Iterable, lr: float = 1e-5, min_lr: float = 1e-6, max_lr: float = 1e-2,
                  lr_bump: float = 1e-5, eta: float = 2, beta1: float = 0.9, d_coef: float = 2,
@@ -1108,22 +1111,21 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate(group, f" (param group {len(self.param_groups) - 1})")
+        self._apply_lora_scale(group)  # before _complete_group, which derives lr_max from the lr
         self._complete_group(group)
-        self._apply_lora_scale(group)
         self._chunk_numel = None  # recomputed from the new largest tensor at the next step
 
-    @staticmethod
-    def _apply_lora_scale(group: dict) -> None:
+    @classmethod
+    def _apply_lora_scale(cls, group: dict) -> None:
         """Scale a new group's learning rates by its lora_lr_factor, once (a resumed run loads
         the scaled values from its checkpoint and never comes through here)."""
         factor = lora_scale_lr_factor(group["lora_scale"], group["lora_scale_power"], group["lora_scale_power_above"])
         group["lora_lr_factor"] = factor
         if factor == 1.0:
             return
-        for key in ("lr", "initial_lr", "min_lr", "max_lr", "mask_min_lr", "mask_max_lr", "lr_bump"):
+        for key in cls.LORA_SCALED + ("initial_lr", "mask_min_lr", "mask_max_lr"):
             if group.get(key) is not None:
                 group[key] = group[key] * factor
-        group["lr_max"] = group["lr_max"] * factor
 
     def _param_position(self, p: Tensor) -> tuple[int, int]:
         """(group index, index in group) of a parameter; cached, since the fused backward path

@@ -396,15 +396,12 @@ def _same_setting(a: Any, b: Any) -> bool:
         return False
 
 
-# Settings a group holds multiplied by its lora_lr_factor (Automagic_Sinkgd's lora_scale_power).
-_LORA_SCALED = frozenset({"min_lr", "max_lr", "lr_bump"})
-
-
-def _as_given(group: Mapping[str, Any], key: str) -> Any:
-    """A saved group's setting as the user wrote it (before the LoRA-scale factor)."""
+def _as_given(group: Mapping[str, Any], key: str, scaled: Iterable[str]) -> Any:
+    """A saved group's setting as the user wrote it: the ``scaled`` ones (the optimizer's
+    ``LORA_SCALED``) divided by the group's LoRA-scale factor."""
     value = group[_group_key(group, key)]
     factor = group.get("lora_lr_factor", 1.0)
-    return value / factor if key in _LORA_SCALED and factor != 1.0 and isinstance(value, (int, float)) else value
+    return value / factor if key in scaled and factor != 1.0 and isinstance(value, (int, float)) else value
 
 
 def describe_overrides(changed: list[tuple[int, str, Any, Any]], n_groups: int) -> str:
@@ -456,6 +453,7 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
     # the constructor's settings (internal group keys are not the user's; those the optimizer keeps
     # from its own configuration on load are not overridden), and the base lr
     kept = set(getattr(type(optimizer), "KEPT_ON_LOAD", ()))
+    scaled = set(getattr(type(optimizer), "LORA_SCALED", ()))
     keys = [k for k in (valid_keywords(type(optimizer)) or optimizer.defaults)
             if k not in _RUNTIME_GROUP_KEYS and k not in kept]
     if "total_steps" not in kwargs:  # the trainer's run length (follow_run_length), not a user setting
@@ -469,7 +467,7 @@ def watch_resumed_settings(optimizer: torch.optim.Optimizer, kwargs: Mapping[str
             report(describe_overrides(changed, len(opt.param_groups)))
         in_effect = dict(kwargs)
         for key in keys[:-1]:  # the settings, without initial_lr (not an optimizer_args key)
-            values = [_as_given(g, key) for g in saved_groups if _group_key(g, key) in g]
+            values = [_as_given(g, key, scaled) for g in saved_groups if _group_key(g, key) in g]
             if values and (key in kwargs or any(not _same_setting(v, opt.defaults.get(key)) for v in values)):
                 in_effect[key] = values[0] if all(_same_setting(v, values[0]) for v in values) else values
         text.in_effect = format_optimizer_args(in_effect)

@@ -115,7 +115,7 @@ MUTATIONS = [
              "        mask_update_ = automagic_mask_update_\n",
              ("tests/test_mask_rule.py",)),
     Mutation("i", "lora_scale_power scales the lr but not the mask bounds", CORE,
-             "        for key in (\"lr\", \"initial_lr\", \"min_lr\", \"max_lr\", \"mask_min_lr\", \"mask_max_lr\", \"lr_bump\"):\n",
+             "        for key in cls.LORA_SCALED + (\"initial_lr\", \"mask_min_lr\", \"mask_max_lr\"):\n",
              "        for key in (\"lr\", \"initial_lr\", \"lr_bump\"):\n",
              ("tests/test_lora_scale.py",)),
     Mutation("j", "a resumed run scales the saved learning rates a second time", CORE,
