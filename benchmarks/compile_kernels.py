@@ -53,7 +53,7 @@ from library.automagic_sinkgd import Automagic_Sinkgd  # noqa: E402
 # (65536 / (128 * 232) = 2.2) as at 255, so nothing below it changes occupancy either.
 MAX_REGISTERS = 232
 KERNEL_NAMES = ("_bucket_step_kernel", "_split_reductions_kernel", "_split_state_kernel",
-                "_split_sinkgd_cols_kernel", "_split_sinkgd_rows_kernel", "_split_weights_kernel")
+                "_split_sinkgd_kernel", "_split_weights_kernel")
 CONFIGS = [(torch.float32, "fp32"), (torch.float32, "bf16"), (torch.bfloat16, "fp32"), (torch.bfloat16, "bf16")]
 
 

@@ -87,7 +87,7 @@ def compiled_registers() -> list[dict]:
     from library import automagic_sinkgd_kernels as kernels
     rows = []
     for name in ("_bucket_step_kernel", "_split_reductions_kernel", "_split_state_kernel",
-                 "_split_sinkgd_cols_kernel", "_split_sinkgd_rows_kernel", "_split_weights_kernel"):
+                 "_split_sinkgd_kernel", "_split_weights_kernel"):
         fn = getattr(kernels, name)
         try:  # Triton's JIT caches (3.x): device -> (compiled kernels by key, ...)
             compiled_kernels = [k for caches in fn.device_caches.values() for k in caches[0].values()]

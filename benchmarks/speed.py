@@ -447,17 +447,15 @@ FULL_SETS = ("full", "sdxl_full")
 @contextlib.contextmanager
 def gpu_configuration(sms: int = 132):
     """The step's CUDA choices made on CPU, for counting a GPU's launches here: the eager chunks and
-    rounding-noise gathers sized for a GPU (``core._launch_bound``), the kernels' programs for a
-    GPU of ``sms`` SMs (132: H100 / H200) and their split chunks' U buffer."""
+    rounding-noise gathers sized for a GPU (``core._launch_bound``) and the kernels' programs for a
+    GPU of ``sms`` SMs (132: H100 / H200)."""
     import library.automagic_sinkgd as core
     saved = [(core, "_launch_bound", core._launch_bound)]
     core._launch_bound = lambda device: True
     try:
         from library import automagic_sinkgd_kernels as kernels
-        saved += [(kernels, "sm_count", kernels.sm_count),
-                  (kernels, "split_scratch_numel", kernels.split_scratch_numel)]
+        saved += [(kernels, "sm_count", kernels.sm_count)]
         kernels.sm_count = lambda device: sms
-        kernels.split_scratch_numel = lambda device: kernels._SCRATCH_MAX_NUMEL
     except ImportError:
         pass
     try:

@@ -1494,9 +1494,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                     # gradients or weights, so no chunks (the kernels bound their own buffers)
                     self._run_bucket(members, settings, stats, group_index)
                     continue
-                # Large tensors the split kernels step are chunked by their own U buffer (a chunk
-                # costs ~12 launches and stacks no gradients); the eager step by its chunk size.
-                limit = kernels.split_scratch_numel(members[0][1].device) if kernels is not None else None
+                # Large tensors the split kernels step are chunked by their own buffers (a chunk
+                # costs 2 + sinkgd_iters launches and stacks no gradients); the eager step by its
+                # chunk size.
+                limit = kernels.split_chunk_numel(_matrix_shape(members[0][1].shape)) if kernels is not None else None
                 for chunk in self._chunks(members, group["foreach"], limit):
                     self._run_bucket(chunk, settings, stats, group_index)
         return loss

@@ -6,7 +6,11 @@ or the compact ``state_precision="bf16"`` layout). One program walks a tensor's 
 so a small LoRA matrix (16 x 320 .. 16 x 10240) stays in the L2 cache across the passes SinkGD
 needs and the per-tensor scalars (finite flag, Prodigy signal, VRAdam brake, mask mean, decay)
 never leave the program; a few programs loop over the bucket's tensors, each with its own slot
-of a bounded U buffer.
+of a bounded U buffer. A large (full fine-tune) matrix is split into blocks of rows, one program
+each, over 2 + sinkgd_iters launches per chunk of same-shape tensors: no U buffer (each pass
+computes U again from the gradient, the momentum before the step and the weights, all unchanged
+until the last launch writes the momentum and the weights), and each launch's row blocks leave
+partial column sums that the next launch adds up in a fixed order (see _split_launches).
 
 The math is the eager path's (``library.automagic_sinkgd._bucket_math``, the reference), in the
 same order; ``tests/test_fused_kernels.py`` compares the two in every phase. Passes per program:
@@ -14,7 +18,7 @@ same order; ``tests/test_fused_kernels.py`` compares the two in every phase. Pas
   1. elementwise: Grams direction (+ OrthoGrad projection) written to the U buffer, momentum,
      sign history and mask; reductions: ||m||^2, mask mean, the first SinkGD row sums of U**2;
   2. SinkGD: 2 * iters - 1 more mat-vec passes over U**2 (per-row / per-column scalings kept in
-     two small per-tensor buffers);
+     two small per-tensor buffers; the split path does a column and a row half-step per launch);
   3. epilogue: weight decay and w -= mask * diag(r) U diag(c), with stochastic rounding for bf16.
 
 This module is imported only when a bucket asks for the fused step; it raises ImportError when
@@ -26,6 +30,7 @@ the tests use; otherwise CPU buckets take the eager step.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional
 
@@ -42,10 +47,12 @@ _NUM_WARPS = 4
 # none spills and the most any variant takes stays under the check's margin (compile_kernels.py).
 _MAX_NREG = 255
 # One program per tensor uses one SM: a tensor larger than this (full fine-tune matrices; LoRA
-# matrices, up to 16 x 10240, stay below it) is split into blocks of rows of about
-# _SPLIT_PROGRAM_NUMEL elements, one program each, over three launches.
+# matrices, up to 16 x 10240, stay below it) is split into blocks of rows, one program each (see
+# split_row_blocks), over 2 + sinkgd_iters launches.
 _SPLIT_NUMEL = 1 << 18
-_SPLIT_PROGRAM_NUMEL = 1 << 15
+# Float32 buffers of one chunk of split tensors (row scalings, partial column sums): 64 MB at most,
+# half the U buffer the split path had before it recomputed U (an SDXL full step: 31 chunks).
+_SPLIT_BUFFER_NUMEL = 1 << 24
 # Per-block partial sums of the split path, (tensors, blocks, _PARTIALS) float32: total, |g|,
 # Prodigy signal, OrthoGrad's <u, x>, |x|^2, |u|^2 (launch 1); |m|^2, mask sum, |u|^2 after (launch 2).
 _PARTIALS: tl.constexpr = tl.constexpr(9)
@@ -79,6 +86,35 @@ def _grams_direction(g, m, IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr):
     else:
         u = m
     return u
+
+
+@triton.jit
+def _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside, projection,
+                    IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ORTHO: tl.constexpr):
+    """The gradient (NaN/Inf as 0), the momentum before this step and the direction U of one tile
+    (Grams, minus OrthoGrad's projection on the weights): the same bits in every pass that computes
+    it, so the split path recomputes U where the one-program kernel keeps it in its buffer."""
+    g = _finite_or_zero(tl.load(grad_ptr + local, mask=inside, other=0.0).to(tl.float32))
+    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
+    if ORTHO:
+        w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
+        u = u - w * projection
+    return g, m, u
+
+
+@triton.jit
+def _momentum_step(g, m, lerp_weight):
+    """ADOPT (arXiv 2411.02853) momentum, with torch.lerp's two-branch formula."""
+    return tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
+
+
+@triton.jit
+def _store_momentum(exp_avg_ptr, offsets, local, inside, m, table_ptr, state_noise_offset, COMPACT: tl.constexpr):
+    if COMPACT:
+        tl.store(exp_avg_ptr + offsets, _round_to_bf16(m, table_ptr, state_noise_offset, local), mask=inside)
+    else:
+        tl.store(exp_avg_ptr + offsets, m, mask=inside)
 
 
 @triton.jit
@@ -142,6 +178,36 @@ def _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, numel, R, C, r_begi
             acc += tl.sum(u * u * c_sq[None, :], axis=1)
         rows = r0 + tl.arange(0, BLOCK_R)
         tl.store(row_sq_ptr + b * R + rows, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=rows < r_end)
+
+
+@triton.jit
+def _column_scalings(col_parts_ptr, col_ptr, b, n_blocks, C, BLOCK_C: tl.constexpr):
+    """SinkGD column half-step from the row blocks' partial column sums (b, block, C): their sum,
+    in block order (bit-for-bit repeatable), as 1 / max(sum, tiny) into this program's col_ptr."""
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k in range(0, n_blocks):
+            acc += tl.load(col_parts_ptr + (b * n_blocks + k) * C + cols, mask=cols < C, other=0.0)
+        tl.store(col_ptr + cols, 1.0 / tl.maximum(acc, 1.1754943508222875e-38), mask=cols < C)
+
+
+@triton.jit
+def _add_column_sums(grad_ptr, exp_avg_ptr, weight_ptr, col_out_ptr, b, numel, r0, r_begin, r_end, C, r_sq,
+                     projection, IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ORTHO: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Adds one tile row's sum over rows of U**2 * r_sq to this block's partial column sums (the
+    first tile row of the block stores them), U computed again (from L2: the tile row was just read)."""
+    for c0 in range(0, C, BLOCK_C):
+        offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
+        local = rows[:, None] * C + cols[None, :]
+        g_tile, m_tile, u = _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside, projection,
+                                            IS_MATRIX, GRAMS, ORTHO)
+        part = tl.sum(u * u * r_sq[:, None], axis=0)
+        not_first = (cols * 0 + r0) > r_begin  # the block's first tile row stores, the others add
+        part = tl.load(col_out_ptr + cols, mask=(cols < C) & not_first, other=0.0) + part
+        tl.store(col_out_ptr + cols, part, mask=cols < C)
+    tl.debug_barrier()  # stored before the next tile row's threads load them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,15 +274,18 @@ def _direction_scalars(total, signal, uw, ww, lr_bump, d_coef, momentum_weight,
 
 @triton.jit
 def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr,
-                              row_sq_ptr, table_ptr, b, slot, numel, r_begin, r_end, R, C,
+                              row_sq_ptr, col_out_ptr, table_ptr, b, slot, numel, r_begin, r_end, R, C,
                               finite, up, down, projection, lerp_weight, min_lr, max_lr,
                               state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
                               IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                               WARMUP: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
-                              ROW_SUMS: tl.constexpr, COMPACT: tl.constexpr,
+                              ROW_SUMS: tl.constexpr, COMPACT: tl.constexpr, SPLIT: tl.constexpr,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 1: direction U (+ OrthoGrad) into the scratch buffer, momentum, sign history, mask;
     returns |m|^2, sum(mask), |U|^2; with ROW_SUMS also SinkGD's first row pass into row_sq.
+    SPLIT (a block of a large tensor's rows): neither U nor the momentum is stored (the last launch
+    stores the momentum: until then every pass can compute U again), and with ROW_SUMS the block's
+    partial column sums of the next half-step go to col_out_ptr.
     COMPACT (``state_precision="bf16"``): momentum bf16 (stored with stochastic rounding), mask
     16-bit lattice codes, signs 8 per byte, ``packed_bytes`` per tensor (``core._step_bucket``)."""
     zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -228,18 +297,11 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
             local = rows[:, None] * C + cols[None, :]  # the element's index within its tensor
-            g = _finite_or_zero(tl.load(grad_ptr + local, mask=inside, other=0.0).to(tl.float32))
-            m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            u = _grams_direction(g, m, IS_MATRIX, GRAMS)  # from the momentum before this step (ADOPT)
-            if ORTHO:
-                w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
-                u = u - w * projection
-            # ADOPT (arXiv 2411.02853) momentum, with torch.lerp's two-branch formula
-            m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
-            if COMPACT:
-                tl.store(exp_avg_ptr + offsets, _round_to_bf16(m, table_ptr, state_noise_offset, local), mask=inside)
-            else:
-                tl.store(exp_avg_ptr + offsets, m, mask=inside)
+            g, m, u = _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside, projection,
+                                      IS_MATRIX, GRAMS, ORTHO)
+            m = _momentum_step(g, m, lerp_weight)
+            if not SPLIT:
+                _store_momentum(exp_avg_ptr, offsets, local, inside, m, table_ptr, state_noise_offset, COMPACT)
             if VRADAM:
                 acc_mm += m * m
             if WARMUP:  # Automagic mask: up where the sign of g held, down where it flipped
@@ -272,11 +334,15 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
                 acc_uu_after += u * u
             if ROW_SUMS:
                 row_acc += tl.sum(u * u, axis=1)
-            tl.store(scratch_ptr + slot * numel + local, u, mask=inside)
+            if not SPLIT:
+                tl.store(scratch_ptr + slot * numel + local, u, mask=inside)
         if ROW_SUMS:
             rows = r0 + tl.arange(0, BLOCK_R)
-            tl.store(row_sq_ptr + slot * R + rows, 1.0 / tl.maximum(row_acc, 1.1754943508222875e-38),
-                     mask=rows < r_end)
+            r_sq = 1.0 / tl.maximum(row_acc, 1.1754943508222875e-38)
+            tl.store(row_sq_ptr + slot * R + rows, r_sq, mask=rows < r_end)
+            if SPLIT:
+                _add_column_sums(grad_ptr, exp_avg_ptr, weight_ptr, col_out_ptr, b, numel, r0, r_begin, r_end, C,
+                                 r_sq, projection, IS_MATRIX, GRAMS, ORTHO, BLOCK_R, BLOCK_C)
     return (tl.sum(tl.sum(acc_mm, axis=1), axis=0), tl.sum(tl.sum(acc_mask, axis=1), axis=0),
             tl.sum(tl.sum(acc_uu_after, axis=1), axis=0))
 
@@ -343,12 +409,15 @@ def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr
 @triton.jit
 def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_ptr, col_ptr, row_scaling_ptr,
                   table_ptr, b, slot, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
-                  mask_anchor, mask_step, SINKGD: tl.constexpr, DECAY: tl.constexpr,
+                  mask_anchor, mask_step, grad_ptr, exp_avg_ptr, projection, lerp_weight, state_noise_offset,
+                  SINKGD: tl.constexpr, DECAY: tl.constexpr,
                   HAS_ROW_SCALING: tl.constexpr, ROUND_BF16: tl.constexpr, COMPACT: tl.constexpr,
+                  SPLIT: tl.constexpr, IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ORTHO: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 3: w = w * (1 - decay) - mask * rate * diag(r) U diag(c), r and c from SinkGD's buffers
     of 1 / norm^2 (r also times sqrt(rows), the target row norm), written into the weights in
-    place (bf16 ones rounded stochastically)."""
+    place (bf16 ones rounded stochastically). ``col_ptr`` is this program's column scalings.
+    SPLIT: U computed again (not read from a buffer), and this step's momentum stored."""
     for r0 in range(r_begin, r_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_factor = tl.zeros([BLOCK_R], dtype=tl.float32) + rate
@@ -360,9 +429,16 @@ def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_ptr, col_ptr, row_sc
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows2, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
             local = rows2[:, None] * C + cols[None, :]
-            update = tl.load(scratch_ptr + slot * numel + local, mask=inside, other=0.0) * row_factor[:, None]
+            if SPLIT:
+                g, m, u = _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside, projection,
+                                          IS_MATRIX, GRAMS, ORTHO)
+                _store_momentum(exp_avg_ptr, offsets, local, inside, _momentum_step(g, m, lerp_weight), table_ptr,
+                                state_noise_offset, COMPACT)
+            else:
+                u = tl.load(scratch_ptr + slot * numel + local, mask=inside, other=0.0)
+            update = u * row_factor[:, None]
             if SINKGD:
-                update = update * tl.sqrt(tl.load(col_ptr + slot * C + cols, mask=cols < C, other=0.0))[None, :]
+                update = update * tl.sqrt(tl.load(col_ptr + cols, mask=cols < C, other=0.0))[None, :]
             w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
             if DECAY:
                 w = w * weight_factor
@@ -378,8 +454,8 @@ def _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_ptr, col_ptr, row_sc
 # their addresses (no stacked copies, nothing copied back); the state is the optimizer's stacks.
 # A small tensor is one program of one launch per bucket: each program steps tensors pid,
 # pid + programs, ... with its own U buffer slot, so U takes (programs x numel) whatever the
-# bucket's size. A large tensor takes 3 + 2 * iters - 1 launches of one program per block of rows
-# (columns for SinkGD's column passes), a U buffer per tensor.
+# bucket's size. A large tensor takes 2 + iters launches of one program per block of rows, and
+# no U buffer (see _split_launches).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -431,10 +507,10 @@ def _bucket_step_kernel(
         finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
             total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
         mm, mask_sum, uu_after = _pass_direction_and_state(
-            grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, table_ptr, b,
-            slot, numel, 0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr, state_noise_offset,
-            mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO,
-            KEEP_NORM, sinkgd, COMPACT, BLOCK_R, BLOCK_C)
+            grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr,
+            table_ptr, b, slot, numel, 0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
+            state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS,
+            VRADAM, WARMUP, ORTHO, KEEP_NORM, sinkgd, COMPACT, False, BLOCK_R, BLOCK_C)
         lr_decay = 1.0
         if POST:
             lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
@@ -456,9 +532,11 @@ def _bucket_step_kernel(
                 tl.debug_barrier()
                 _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, slot, numel, R, C, 0, C, BLOCK_R, BLOCK_C)
         tl.debug_barrier()  # U (and SinkGD's scalings) complete before the weights pass reads them
-        _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_sq_ptr, col_sq_ptr, row_scaling_ptr,
+        _pass_weights(scratch_ptr, lr_mask_ptr, weight_ptr, row_sq_ptr, col_sq_ptr + slot * C, row_scaling_ptr,
                       table_ptr, b, slot, numel, 0, R, R, C, rate, weight_factor, sqrt_rows, weight_noise_offset,
-                      mask_anchor, mask_step, sinkgd, DECAY, HAS_ROW_SCALING, ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
+                      mask_anchor, mask_step, grad_ptr, exp_avg_ptr, projection, lerp_weight, state_noise_offset,
+                      sinkgd, DECAY, HAS_ROW_SCALING, ROUND_BF16, COMPACT, False, IS_MATRIX, GRAMS, ORTHO,
+                      BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -486,25 +564,9 @@ def _split_reductions_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, x0_p
 
 
 @triton.jit
-def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr, scratch_ptr,
-                        row_sq_ptr, lr_decay_ptr, decay_rate_ptr, partials_ptr, table_ptr, noise_offsets_ptr,
-                        R, C, ROWS_PER_PROGRAM, lr_bump, d_coef, momentum_weight, min_lr, max_lr,
-                        mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
-                        IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
-                        WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
-                        KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
-                        COMPACT: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                        NB: tl.constexpr):
-    """Large tensors, launch 2: pass 1 over one block of rows; its sums into partials[b, block, 6:9];
-    the first block also steps lr_decay (read by launch 3 after this one ends)."""
-    b = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    n_blocks = tl.num_programs(1)
-    r_begin = block * ROWS_PER_PROGRAM
-    r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
-    state_noise_offset = 0
-    if COMPACT:
-        state_noise_offset = tl.load(noise_offsets_ptr + tl.num_programs(0) + b)
+def _split_scalars(partials_ptr, b, n_blocks, lr_bump, d_coef, momentum_weight,
+                   SIGNAL: tl.constexpr, ORTHO: tl.constexpr, NB: tl.constexpr):
+    """``_direction_scalars`` of a large tensor, from the sums its row blocks left in launch 1."""
     signal = 0.0
     uw = 0.0
     ww = 0.0
@@ -513,15 +575,38 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
     if ORTHO:
         uw = _block_sum(partials_ptr, b, n_blocks, 3, NB)
         ww = _block_sum(partials_ptr, b, n_blocks, 4, NB)
-    finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
-        _block_sum(partials_ptr, b, n_blocks, 0, NB), signal, uw, ww, lr_bump, d_coef,
-        momentum_weight, SIGNAL, ORTHO)
+    return _direction_scalars(_block_sum(partials_ptr, b, n_blocks, 0, NB), signal, uw, ww, lr_bump, d_coef,
+                              momentum_weight, SIGNAL, ORTHO)
+
+
+@triton.jit
+def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr,
+                        row_sq_ptr, col_out_ptr, lr_decay_ptr, decay_rate_ptr, partials_ptr,
+                        R, C, ROWS_PER_PROGRAM, lr_bump, d_coef, momentum_weight, min_lr, max_lr,
+                        mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
+                        IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
+                        WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
+                        KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
+                        COMPACT: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        NB: tl.constexpr):
+    """Large tensors, launch 2: pass 1 over one block of rows (sign history and mask; the momentum
+    is stored by the last launch); its sums into partials[b, block, 6:9]; with ROW_SUMS SinkGD's
+    first row half-step and the block's partial column sums of the second; the first block also
+    steps lr_decay (read by the last launch)."""
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
+    r_begin = block * ROWS_PER_PROGRAM
+    r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
+    finite, finite_f, up, down, projection, lerp_weight = _split_scalars(
+        partials_ptr, b, n_blocks, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO, NB)
     mm, mask_sum, uu_after = _pass_direction_and_state(
         _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, lr_mask_ptr, polarity_ptr,
-        _tensor_address(weight_table_ptr, b, BF16), scratch_ptr, row_sq_ptr, table_ptr, b, b, R * C,
+        _tensor_address(weight_table_ptr, b, BF16), exp_avg_ptr, row_sq_ptr,
+        col_out_ptr + (b * n_blocks + block) * C, exp_avg_ptr, b, b, R * C,
         r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
-        state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
-        IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, BLOCK_R, BLOCK_C)
+        0, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
+        IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, True, BLOCK_R, BLOCK_C)
     base = partials_ptr + (b * n_blocks + block) * _PARTIALS
     tl.store(base + 6, mm)
     tl.store(base + 7, mask_sum)
@@ -533,18 +618,56 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
             tl.store(lr_decay_ptr + b, lr_decay)
 
 
+@triton.jit
+def _split_sinkgd_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, partials_ptr, row_sq_ptr, col_in_ptr,
+                         col_out_ptr, col_ptr, R, C, ROWS_PER_PROGRAM,
+                         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ORTHO: tl.constexpr, BF16: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NB: tl.constexpr):
+    """Large tensors, one SinkGD iteration per launch (launches 3 .. iters + 1), one block of rows:
+    the column half-step from the previous launch's partial column sums, the row half-step over
+    this block's rows, and this block's partial column sums for the next."""
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
+    r_begin = block * ROWS_PER_PROGRAM
+    r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
+    numel = R * C
+    _, _, _, _, projection, _ = _split_scalars(partials_ptr, b, n_blocks, 0.0, 1.0, 0.0, False, ORTHO, NB)
+    grad_ptr = _tensor_address(grad_table_ptr, b, BF16)
+    weight_ptr = _tensor_address(weight_table_ptr, b, BF16)
+    own_cols = col_ptr + (b * n_blocks + block) * C
+    _column_scalings(col_in_ptr, own_cols, b, n_blocks, C, BLOCK_C)
+    tl.debug_barrier()  # this program's column scalings stored before its threads read them
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        row_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
+            local = rows[:, None] * C + cols[None, :]
+            g_tile, m_tile, u = _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside,
+                                                projection, IS_MATRIX, GRAMS, ORTHO)
+            c_sq = tl.load(own_cols + cols, mask=cols < C, other=0.0)
+            row_acc += tl.sum(u * u * c_sq[None, :], axis=1)
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_sq = 1.0 / tl.maximum(row_acc, 1.1754943508222875e-38)
+        tl.store(row_sq_ptr + b * R + rows, r_sq, mask=rows < r_end)
+        _add_column_sums(grad_ptr, exp_avg_ptr, weight_ptr, col_out_ptr + (b * n_blocks + block) * C, b, numel,
+                         r0, r_begin, r_end, C, r_sq, projection, IS_MATRIX, GRAMS, ORTHO, BLOCK_R, BLOCK_C)
+
+
 @triton.jit(do_not_specialize=["lr_ratio"])
-def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, col_ptr,
+def _split_weights_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, col_in_ptr, col_ptr,
                           row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
                           group_std_ptr, partials_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
-                          decay_floor, weight_decay, sqrt_rows, mask_anchor, mask_step,
+                          decay_floor, weight_decay, sqrt_rows, mask_anchor, mask_step, momentum_weight,
+                          IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ORTHO: tl.constexpr,
                           VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr,
                           HAS_STATS: tl.constexpr, KEEP_NORM: tl.constexpr, POST: tl.constexpr,
                           HAS_ROW_SCALING: tl.constexpr, SINKGD: tl.constexpr, ROUND_BF16: tl.constexpr,
                           COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                           NB: tl.constexpr):
-    """Large tensors, last launch: the weights of one block of rows; the first
-    block stores avg_lr and avg_lr_max (no other block reads them: each computes avg_lr itself)."""
+    """Large tensors, last launch: SinkGD's last column half-step, then this step's momentum and
+    the weights of one block of rows; the first block stores avg_lr and avg_lr_max (no other
+    block reads them: each computes avg_lr itself)."""
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     r_begin = block * ROWS_PER_PROGRAM
@@ -552,10 +675,13 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, c
     numel = R * C
     n_blocks = tl.num_programs(1)
     weight_noise_offset = 0
+    state_noise_offset = 0
     if ROUND_BF16:
         weight_noise_offset = tl.load(noise_offsets_ptr + b)
-    total = _block_sum(partials_ptr, b, n_blocks, 0, NB)
-    finite_f = tl.where(total - total == 0.0, 1.0, 0.0)
+    if COMPACT:
+        state_noise_offset = tl.load(noise_offsets_ptr + tl.num_programs(0) + b)
+    _, finite_f, _, _, projection, lerp_weight = _split_scalars(
+        partials_ptr, b, n_blocks, 0.0, 1.0, momentum_weight, False, ORTHO, NB)
     lr_decay = 1.0
     if POST:
         lr_decay = tl.load(lr_decay_ptr + b)
@@ -574,36 +700,22 @@ def _split_weights_kernel(scratch_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, c
         uu = _block_sum(partials_ptr, b, n_blocks, 5, NB)
         uu_after = _block_sum(partials_ptr, b, n_blocks, 8, NB)
     avg_lr, rate, weight_factor = _rate_scalars(
-        b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor, weight_decay, avg_lr_ptr, row_scaling_ptr, group_mean_ptr,
-        group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS, KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
+        b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor, weight_decay,
+        avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS, KEEP_NORM,
+        POST, HAS_ROW_SCALING, BLOCK_R)
     if WARMUP:
         if block == 0:
             tl.store(avg_lr_ptr + b, avg_lr)
             tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
-    _pass_weights(scratch_ptr, lr_mask_ptr, _tensor_address(weight_table_ptr, b, ROUND_BF16), row_ptr, col_ptr,
+    own_cols = col_ptr + (b * n_blocks + block) * C
+    if SINKGD:
+        _column_scalings(col_in_ptr, own_cols, b, n_blocks, C, BLOCK_C)
+        tl.debug_barrier()  # this program's column scalings stored before its threads read them
+    _pass_weights(exp_avg_ptr, lr_mask_ptr, _tensor_address(weight_table_ptr, b, ROUND_BF16), row_ptr, own_cols,
                   row_scaling_ptr, table_ptr, b, b, numel, r_begin, r_end, R, C, rate, weight_factor, sqrt_rows,
-                  weight_noise_offset, mask_anchor, mask_step, SINKGD, DECAY, HAS_ROW_SCALING,
-                  ROUND_BF16, COMPACT, BLOCK_R, BLOCK_C)
-
-
-@triton.jit
-def _split_sinkgd_cols_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, COLS_PER_PROGRAM,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Large tensors: one SinkGD column half-step, one program per block of columns."""
-    b = tl.program_id(0).to(tl.int64)
-    c_begin = tl.program_id(1) * COLS_PER_PROGRAM
-    _sinkgd_col_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, R * C, R, C, c_begin,
-                     tl.minimum(c_begin + COLS_PER_PROGRAM, C), BLOCK_R, BLOCK_C)
-
-
-@triton.jit
-def _split_sinkgd_rows_kernel(scratch_ptr, row_sq_ptr, col_sq_ptr, R, C, ROWS_PER_PROGRAM,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Large tensors: one SinkGD row half-step, one program per block of rows."""
-    b = tl.program_id(0).to(tl.int64)
-    r_begin = tl.program_id(1) * ROWS_PER_PROGRAM
-    _sinkgd_row_pass(scratch_ptr, row_sq_ptr, col_sq_ptr, b, R * C, R, C, r_begin,
-                     tl.minimum(r_begin + ROWS_PER_PROGRAM, R), BLOCK_R, BLOCK_C)
+                  weight_noise_offset, mask_anchor, mask_step, _tensor_address(grad_table_ptr, b, ROUND_BF16),
+                  exp_avg_ptr, projection, lerp_weight, state_noise_offset, SINKGD, DECAY, HAS_ROW_SCALING,
+                  ROUND_BF16, COMPACT, True, IS_MATRIX, GRAMS, ORTHO, BLOCK_R, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,10 +787,23 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def split_scratch_numel(device: torch.device) -> int:
-    """U buffer of one chunk of split (large) tensors: 128 MB on a GPU, where each chunk costs
-    10 launches (3 + 2 * iters - 1) and a bigger chunk fewer of them; 32 MB on CPU."""
-    return _SCRATCH_MAX_NUMEL if device.type == "cuda" else _SCRATCH_NUMEL
+def split_row_blocks(rows: int, block_r: int, batch: int, sms: int) -> int:
+    """Programs (blocks of rows) per large tensor. Each program adds up the partial column sums of
+    every block (blocks x columns loads) besides its own rows' (rows / blocks x columns, twice):
+    up to sqrt(rows / 4) blocks that costs at most 1/8 of its own work; a chunk of too few tensors
+    to give each SM a program takes up to sqrt(rows) blocks (at most 1/2)."""
+    fewest = max(1, math.isqrt(rows // 4))
+    wanted = max(fewest, min(math.isqrt(rows), -(-sms // batch)))
+    return max(1, min(-(-rows // block_r), wanted))
+
+
+def split_chunk_numel(shape: tuple[int, int]) -> int:
+    """Elements of a chunk of large (rows, cols) tensors the split kernels step in one set of
+    launches: as many tensors as _SPLIT_BUFFER_NUMEL holds of their row scalings and their three
+    (blocks, cols) column buffers (two of partial sums, one of scalings)."""
+    rows, cols = shape
+    per_tensor = rows + 3 * max(1, math.isqrt(rows // 4)) * cols
+    return max(1, _SPLIT_BUFFER_NUMEL // per_tensor) * rows * cols
 
 
 def _counted(*names: str) -> None:
@@ -690,9 +815,9 @@ def _counted(*names: str) -> None:
 launches: dict[str, int] = {}
 
 
-# U buffer of the one-program kernel (and of a chunk of split tensors): at most 32 MB whatever the
-# bucket, enough for about 50 programs side by side on (16, 10240) LoRA matrices, more on smaller
-# ones (each program steps its share of the bucket's tensors in turn). Not tuned on a GPU yet.
+# U buffer of the one-program kernel: at most 32 MB whatever the bucket, enough for about 50
+# programs side by side on (16, 10240) LoRA matrices, more on smaller ones (each program steps its
+# share of the bucket's tensors in turn). Not tuned on a GPU yet.
 _SCRATCH_NUMEL = 1 << 23
 _SCRATCH_MAX_NUMEL = 1 << 25  # 128 MB: one program per SM for buckets of tensors up to _SPLIT_NUMEL
 
@@ -706,7 +831,7 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
                 min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
                 vradam: bool, shape: tuple[int, ...], weight_dtype: torch.dtype, decay_floor: float = 0.1,
                 noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None) -> None:
-    """``core._bucket_math`` in one launch per bucket (for large tensors 3 + 2 * sinkgd_iters - 1):
+    """``core._bucket_math`` in one launch per bucket (for a chunk of large tensors 2 + sinkgd_iters):
     the same state stacks, updated in place, but the gradients and weights as (B,) int64 tables of
     their addresses (contiguous tensors of ``shape`` and ``weight_dtype``, read and written where
     they are: bf16 weights rounded stochastically). ``noise_offsets``: (2, B) int32 rounding-table
@@ -739,25 +864,18 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         polarity = polarity.view(torch.uint8)
     block_r, block_c = _blocks(rows, cols, tile_elements(device))
     numel = rows * cols
-    if numel > _SPLIT_NUMEL:
-        # One U buffer per tensor: a chunk of tensors at a time, up to split_scratch_numel elements.
-        per_chunk = max(1, split_scratch_numel(device) // numel)
-        for start in range(0, batch, per_chunk):
-            end = min(batch, start + per_chunk)
-            _split_launches(
-                grad_table[start:end], exp_avg[start:end], lr_mask[start:end],
-                polarity[start:end] if warmup else any_, weight_table[start:end],
-                initial_weight[start:end] if signal else any_, avg_lr[start:end], avg_lr_max[start:end],
-                row_scaling[start:end] if row_scaling is not None else any_,
-                lr_decay[start:end] if post else any_, decay_rate[start:end] if post else any_,
-                group_mean if has_stats else any_, group_std if has_stats else any_, table,
-                noise_offsets[:, start:end].contiguous() if bf16 or compact else any_,
-                rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec,
-                packed_bytes,
-                dict(IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
-                     HAS_STATS=has_stats, ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0,
-                     POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact),
-                sinkgd_iters if sinkgd else 0, bf16, block_r, block_c)
+    if numel > _SPLIT_NUMEL:  # the caller chunks the bucket (split_chunk_numel)
+        _split_launches(
+            grad_table, exp_avg, lr_mask, polarity if warmup else any_, weight_table,
+            initial_weight if signal else any_, avg_lr, avg_lr_max,
+            row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
+            decay_rate if post else any_, group_mean if has_stats else any_, group_std if has_stats else any_,
+            table, noise_offsets, rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr,
+            weight_decay, mask_codec, packed_bytes,
+            dict(IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
+                 HAS_STATS=has_stats, ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0,
+                 POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact),
+            sinkgd_iters if sinkgd else 0, bf16, block_r, block_c)
         return
     # at least one program per SM where the bucket has the tensors (their U slots may then pass the cap)
     programs = min(batch, max(1, _SCRATCH_NUMEL // numel,
@@ -785,51 +903,47 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
                     row_scaling, lr_decay, decay_rate, group_mean, group_std, table, noise_offsets,
                     rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay,
                     mask_codec, packed_bytes, flags, sinkgd_iters, bf16, block_r, block_c) -> None:
-    """The split kernels' launches for one chunk of large tensors (its own U buffer and sums)."""
+    """A chunk of large tensors in 2 + sinkgd_iters launches over blocks of rows (one SinkGD
+    iteration each: a column half-step from the previous launch's partial column sums, then a row
+    half-step; none with sinkgd_iters 0: 3 launches), partial sums added in a fixed order."""
     batch = grad_table.shape[0]
     device = exp_avg.device
-    scratch = torch.empty((batch, rows * cols), dtype=torch.float32, device=device)
-    row_sq = torch.empty((batch, rows) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
-    col_sq = torch.empty((batch, cols) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
-    rows_per_program = max(block_r, _SPLIT_PROGRAM_NUMEL // cols // block_r * block_r)
-    grid = (batch, triton.cdiv(rows, rows_per_program))
-    # every block writes all its partial sums (launches 1 and 2 share the grid): no zeroing
+    n_blocks = split_row_blocks(rows, block_r, batch, sm_count(device))
+    rows_per_program = -(-(-(-rows // n_blocks)) // block_r) * block_r
+    grid = (batch, -(-rows // rows_per_program))
+    # every block writes all its partial sums (each launch's sums are its own): no zeroing
     partials = torch.empty((batch, grid[1], _PARTIALS.value), dtype=torch.float32, device=device)
+    row_sq = torch.empty((batch, rows) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
+    # partial column sums, written by one launch and added up by the next (two in turn), and each
+    # program's column scalings
+    col_buffers = torch.empty((3, batch, grid[1], cols) if sinkgd_iters else (3, 1, 1, 1),
+                              dtype=torch.float32, device=device)
+    col_parts, col_scalings = col_buffers[:2], col_buffers[2]
+    momentum_weight = 1.0 - beta1
     f = flags
+    common = dict(IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], ORTHO=f["ORTHO"], BLOCK_R=block_r, BLOCK_C=block_c,
+                  num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _split_reductions_kernel[grid](
         grad_table, exp_avg, weight_table, initial_weight, partials, rows, cols, rows_per_program,
-        IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"],
-        KEEP_NORM=f["KEEP_NORM"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
+        ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], KEEP_NORM=f["KEEP_NORM"], BF16=bf16, **common)
     _split_state_kernel[grid](
-        grad_table, exp_avg, lr_mask, polarity, weight_table, scratch, row_sq, lr_decay, decay_rate, partials,
-        table, noise_offsets, rows, cols, rows_per_program, lr_bump, d_coef, 1.0 - beta1, min_lr, max_lr,
-        *mask_codec, packed_bytes, IS_MATRIX=f["IS_MATRIX"], GRAMS=f["GRAMS"], VRADAM=f["VRADAM"],
-        WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], ORTHO=f["ORTHO"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
-        ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
-        NB=_BLOCK_SUM_WIDTH, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
-    if sinkgd_iters:  # SinkGD's other 2 * iters - 1 half-steps, one launch each
-        cols_per_program = max(block_c, _SPLIT_PROGRAM_NUMEL // rows // block_c * block_c)
-        col_grid = (batch, triton.cdiv(cols, cols_per_program))
-        for half_step in range(2 * sinkgd_iters - 1):
-            if half_step % 2 == 0:
-                _split_sinkgd_cols_kernel[col_grid](scratch, row_sq, col_sq, rows, cols, cols_per_program,
-                                                    BLOCK_R=block_r, BLOCK_C=block_c,
-                                                    num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
-            else:
-                _split_sinkgd_rows_kernel[grid](scratch, row_sq, col_sq, rows, cols, rows_per_program,
-                                                BLOCK_R=block_r, BLOCK_C=block_c,
-                                                num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
-        _counted(*["split_sinkgd"] * (2 * sinkgd_iters - 1))
+        grad_table, exp_avg, lr_mask, polarity, weight_table, row_sq, col_parts[0], lr_decay, decay_rate, partials,
+        rows, cols, rows_per_program, lr_bump, d_coef, momentum_weight, min_lr, max_lr, *mask_codec, packed_bytes,
+        VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
+        ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, NB=_BLOCK_SUM_WIDTH, **common)
+    for iteration in range(1, sinkgd_iters):
+        _split_sinkgd_kernel[grid](
+            grad_table, exp_avg, weight_table, partials, row_sq, col_parts[(iteration - 1) % 2],
+            col_parts[iteration % 2], col_scalings, rows, cols, rows_per_program, BF16=bf16, NB=_BLOCK_SUM_WIDTH,
+            **common)
     _split_weights_kernel[grid](
-        scratch, lr_mask, weight_table, row_sq, col_sq, row_scaling, avg_lr, avg_lr_max, lr_decay,
-        group_mean, group_std, partials, table, noise_offsets, rows, cols, rows_per_program, float(lr_ratio),
-        decay_floor, weight_decay, float(rows) ** 0.5, mask_codec[0], mask_codec[1],
-        VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"], HAS_STATS=f["HAS_STATS"],
-        KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"], SINKGD=sinkgd_iters > 0,
-        ROUND_BF16=bf16, COMPACT=f["COMPACT"], BLOCK_R=block_r, BLOCK_C=block_c, NB=_BLOCK_SUM_WIDTH,
-        num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
-    _counted("split_reductions", "split_state", "split_weights")
+        grad_table, exp_avg, lr_mask, weight_table, row_sq, col_parts[(sinkgd_iters - 1) % 2], col_scalings,
+        row_scaling, avg_lr, avg_lr_max, lr_decay, group_mean, group_std, partials, table, noise_offsets, rows, cols,
+        rows_per_program, float(lr_ratio), decay_floor, weight_decay, float(rows) ** 0.5, mask_codec[0],
+        mask_codec[1], momentum_weight, VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"],
+        HAS_STATS=f["HAS_STATS"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"],
+        SINKGD=sinkgd_iters > 0, ROUND_BF16=bf16, COMPACT=f["COMPACT"], NB=_BLOCK_SUM_WIDTH, **common)
+    _counted("split_reductions", "split_state", *["split_sinkgd"] * max(0, sinkgd_iters - 1), "split_weights")
 
 
 def _address_table(tensors: list[torch.Tensor], cache: dict, key: str) -> torch.Tensor:

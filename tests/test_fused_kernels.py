@@ -301,12 +301,11 @@ def test_fp16_weights_take_the_eager_step():
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_large_tensors_split_into_row_blocks_match_eager(monkeypatch, mode):
-    """Full fine-tune matrices are split over programs (three launches, SinkGD's mat-vecs in torch):
-    here every tensor above 50 elements is, (64, 24) in two blocks of rows, (300, 3) in three and
-    (4, 300) in three blocks of columns for SinkGD's column passes; a vector above the limit takes
-    the eager step."""
+    """Full fine-tune matrices are split over programs (blocks of rows, 2 + sinkgd_iters launches,
+    partial column sums added up by the next launch): here every tensor above 50 elements is,
+    (64, 24) in four blocks of rows, (300, 3) in five, (4, 300) in one; a vector above the limit
+    takes the eager step."""
     monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 50)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 512)
     split_before = kernels.launches.get("split_weights", 0)
     full = mode == "full"
     _lockstep([(64, 24), (64, 24), (300, 3), (4, 300), (10,), (60,)], steps=10, full_finetune=full, **PHASES)
@@ -315,8 +314,7 @@ def test_large_tensors_split_into_row_blocks_match_eager(monkeypatch, mode):
 
 def test_split_bf16_weights_round_stochastically(monkeypatch):
     """The split kernels round bf16 weights without bias, as the one-program kernel does."""
-    monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 1000)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 2048)  # four blocks of 16 rows
+    monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 1000)  # (64, 256): four blocks of 16 rows
     shape = (64, 256)
     settings = dict(lr=2e-4, min_lr=1e-4, max_lr=1e-3, lr_bump=0.0, warmup_steps=100, weight_decay=0.0,
                     d_coef=1.0, vradam=False, allora=False)
@@ -354,7 +352,6 @@ def test_compact_state_fused_matches_eager_in_every_phase(mode, weights):
 
 def test_compact_state_split_kernels_match_eager(monkeypatch):
     monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 50)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 512)
     split_before = kernels.launches.get("split_weights", 0)
     _lockstep([(64, 24), (64, 24), (300, 8), (8, 320), (10,), (60,)], steps=10, resync=True,
               state_precision="bf16", **PHASES)

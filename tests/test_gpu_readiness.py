@@ -31,14 +31,13 @@ torch.set_num_threads(1)
 
 SETTINGS = dict(lr=1e-3, min_lr=1e-4, max_lr=1e-2, lr_bump=2e-4, warmup_steps=3, orthograd=True,
                 weight_decay=0.1, stats_update_freq=1, d_coef=3.0)
-# (160, 24) and (96, 40) take the split path below (five blocks of 32 rows, six of 16: sums over
+# (160, 24) and (96, 40) take the split path below (five blocks of 32 rows, three of 32: sums over
 # three or more blocks change with their order), (4, 24) and the vector the one-program kernel
 SHAPES = [(160, 24), (160, 24), (96, 40), (4, 24), (4, 24), (24,)]
 
 
 def _split_small_tensors(monkeypatch):
     monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 500)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 1024)
 
 
 def _run(steps, dtype=torch.float32, seed=3, **settings):
@@ -254,15 +253,16 @@ def test_a_gpu_steps_eagerly_in_large_chunks_and_draws_noise_in_one_gather(monke
 
 
 def test_large_tensors_take_fused_chunks_as_large_as_the_split_kernels_buffer(monkeypatch):
-    """A bucket of large tensors the split kernels step is chunked by their own U-buffer bound, not
-    by the eager step's (each chunk costs ~12 launches and stacks no gradients): an SDXL full step
-    takes 104 chunks instead of 190. Smaller or larger chunks give the same bits."""
+    """A bucket of large tensors the split kernels step is chunked by their own buffers' bound
+    (split_chunk_numel), not by the eager step's (each chunk costs 2 + sinkgd_iters launches and
+    stacks no gradients): an SDXL full step takes 31 chunks instead of 190. Smaller or larger chunks
+    give the same bits."""
     _split_small_tensors(monkeypatch)
     monkeypatch.setattr(core, "_launch_bound", lambda device: True)
     monkeypatch.setattr(core, "_GPU_CHUNK_NUMEL", 160 * 24)  # the eager step: one tensor per chunk
 
     def run(tensors_per_chunk):
-        monkeypatch.setattr(kernels, "split_scratch_numel", lambda device: tensors_per_chunk * 160 * 24)
+        monkeypatch.setattr(kernels, "split_chunk_numel", lambda shape: tensors_per_chunk * 160 * 24)
         generator = torch.Generator().manual_seed(5)
         params = [torch.nn.Parameter(torch.randn(160, 24, generator=generator) * 1e-3) for _ in range(8)]
         optimizer = Automagic_Sinkgd(params, **{**SETTINGS, "fused": True})

@@ -109,7 +109,6 @@ def test_the_split_fused_step_has_no_host_syncs(monkeypatch, weights, precision)
     (24, 16) matrix and a 300-element vector split, as full fine-tune tensors do on a GPU)."""
     kernels = fused_kernels_or_skip()
     monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 256)
-    monkeypatch.setattr(kernels, "_SPLIT_PROGRAM_NUMEL", 128)
     kernels.launches.clear()
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s).to(weights)) for s in [(24, 16), (300,)]]

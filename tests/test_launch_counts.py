@@ -32,3 +32,27 @@ def test_dispatched_ops_are_the_same_on_the_meta_device(fused, precision, dtype)
     assert on_meta == on_cpu + len(uploads)
     assert (len(uploads) > 0) == (precision == "bf16")
     assert on_cpu > (8 if fused else 200)  # the split path's launches; the eager step's ops
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_fused_sdxl_full_step_stays_under_300_launches(precision, dtype):
+    """Every SDXL U-Net weight with fused=True, counted on the meta device as a GPU would launch:
+    2 + sinkgd_iters launches per chunk of large tensors (row blocks leave the next SinkGD column
+    half-step's partial sums), one chunk per large shape, one launch per smaller bucket (and, with
+    a bf16 state or weights, one upload of rounding offsets each). Splitting the column and row
+    half-steps again, or chunking by a U buffer, takes it back above 1,000."""
+    from library import automagic_sinkgd_kernels as kernels
+    shapes = speed.sdxl_full_shapes()
+    with speed.gpu_configuration(), speed.dry_fused_kernels():
+        optimizer = speed.Automagic_Sinkgd(speed.make_params(shapes, 0, dtype=dtype, device="meta"), lr=5e-5,
+                                           min_lr=1e-6, max_lr=1e-3, full_finetune=True, warmup_steps=10**6,
+                                           sinkgd_iters=5, state_precision=precision, fused=True)
+        for _ in range(3):
+            optimizer.step()
+        before = dict(kernels.launches)
+        launches = speed.count_dispatched(optimizer)
+    launched = {name: count - before.get(name, 0) for name, count in kernels.launches.items()}
+    chunks = launched["split_state"]
+    assert launched["split_sinkgd"] == 4 * chunks and launched["split_weights"] == chunks
+    assert chunks == 31  # one per large shape
+    assert launches <= 300, launched

@@ -125,7 +125,7 @@ MUTATIONS = [
              "            group[\"lr\"] = group[\"lr\"] * group.get(\"lora_lr_factor\", 1.0)\n",
              ("tests/test_lora_scale.py",)),
     Mutation("k", "the fused split path takes the eager step's chunks (twice the launches on a GPU)", CORE,
-             "                limit = kernels.split_scratch_numel(members[0][1].device) if kernels is not None else None\n",
+             "                limit = kernels.split_chunk_numel(_matrix_shape(members[0][1].shape)) if kernels is not None else None\n",
              "                limit = None\n",
              ("tests/test_gpu_readiness.py",), "large_tensors"),
 ]
