@@ -128,6 +128,15 @@ MUTATIONS = [
              "                limit = kernels.split_chunk_numel(_matrix_shape(members[0][1].shape)) if kernels is not None else None\n",
              "                limit = None\n",
              ("tests/test_gpu_readiness.py",), "large_tensors"),
+    Mutation("l", "the split path's partial column sums keep only each block's last tile row", KERNELS,
+             "        part = tl.load(col_out_ptr + cols, mask=(cols < C) & not_first, other=0.0) + part\n",
+             "        part = part\n",
+             ("tests/test_fused_kernels.py",), "split"),
+    Mutation("m", "the split path's last launch does not store the step's momentum", KERNELS,
+             "                _store_momentum(exp_avg_ptr, offsets, local, inside, _momentum_step(g, m, lerp_weight), table_ptr,\n"
+             "                                state_noise_offset, COMPACT)\n",
+             "                pass\n",
+             ("tests/test_fused_kernels.py",), "split"),
 ]
 
 
