@@ -304,12 +304,14 @@ def test_large_tensors_split_into_row_blocks_match_eager(monkeypatch, mode):
     """Full fine-tune matrices are split over programs (blocks of rows, 2 + sinkgd_iters launches,
     partial column sums added up by the next launch): here every tensor above 50 elements is,
     (64, 24) in four blocks of rows, (300, 3) in five, (4, 300) in one; a vector above the limit
-    takes the eager step."""
+    takes the eager step; (256, 24) in eight blocks of two tile rows each (a block's partial column
+    sums added over its tile rows)."""
     monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 50)
     split_before = kernels.launches.get("split_weights", 0)
     full = mode == "full"
-    _lockstep([(64, 24), (64, 24), (300, 3), (4, 300), (10,), (60,)], steps=10, full_finetune=full, **PHASES)
-    assert kernels.launches["split_weights"] - split_before == 9 * 3  # three split buckets, t = 2..10
+    _lockstep([(64, 24), (64, 24), (300, 3), (4, 300), (256, 24), (10,), (60,)], steps=10, full_finetune=full,
+              **PHASES)
+    assert kernels.launches["split_weights"] - split_before == 9 * 4  # four split buckets, t = 2..10
 
 
 def test_split_bf16_weights_round_stochastically(monkeypatch):
