@@ -10,7 +10,9 @@
 #      fused, fp32 and bf16 state), TF32 on against off (bit-equal weights, both step times), the
 #      registers and spills of every kernel variant that launched;
 #   4. the benchmark: eager / fused / AdamW(foreach) / AdamW(fused) on the SD1.5-LoRA, SDXL-LoRA and
-#      full sets, step times, profiler launch counts and GB/s, into benchmarks/results/speed_cuda.json.
+#      full sets, and eager / fused / AdamW(fused) on the SDXL full fine-tune (every U-Net weight in
+#      bf16, the full preset's bf16 state), step times, profiler launch counts and GB/s, into
+#      benchmarks/results/speed_cuda.json.
 # Usage: bash benchmarks/gpu_check.sh [extra benchmark args, e.g. --repeats 10]
 #        DRY_RUN=1 bash benchmarks/gpu_check.sh   # print the commands, run nothing (works anywhere)
 # Logs go beside the JSON (benchmarks/results/gpu_check_*.log); COPY_TO=<dir> copies all of it there.
@@ -57,7 +59,7 @@ if ((${#missing[@]})) && [[ -z "${DRY_RUN:-}" ]]; then
 fi
 sets=(lora)
 if "$PY" -c "import diffusers" 2>/dev/null; then
-  sets+=(sdxl_lora full)
+  sets+=(sdxl_lora full sdxl_full)  # sdxl_full: bf16 weights, one optimizer at a time (run_large_set)
 else
   echo "gpu_check: no diffusers: only the SD1.5 LoRA set"
 fi

@@ -56,3 +56,17 @@ def test_fused_sdxl_full_step_stays_under_300_launches(precision, dtype):
     assert launched["split_sinkgd"] == 4 * chunks and launched["split_weights"] == chunks
     assert chunks == 31  # one per large shape
     assert launches <= 300, launched
+
+
+def test_large_set_timing_steps_one_optimizer_at_a_time():
+    """benchmarks/gpu_check.sh times the SDXL full fine-tune with run_large_set (one optimizer's
+    parameters alive at a time, bf16 weights drawn on the device); here on CPU with small shapes,
+    so the GPU run does not meet its code for the first time."""
+    rows, info = speed.run_large_set("small", [(64, 48)] * 2 + [(48,)], repeats=2, device="cpu", fused=False,
+                                     steps_to_skip=2)
+    assert [r["optimizer"] for r in rows] == list(speed.large_set_optimizers(fused=False))
+    assert rows[0]["optimizer"] == "AdamW(fused)" and rows[0]["vs_fused"] == 1.0
+    assert all(r["ms"] > 0 and r["launches"] > 0 and r["vs_foreach"] is None for r in rows)
+    # the bf16 state of the full preset: ~6 bytes per parameter in early warm-up, AdamW's bf16 moments 4
+    assert rows[1]["state_bytes_per_param"] < rows[0]["state_bytes_per_param"] + 3
+    assert info["weights"] == "bf16" and info["params"] == 2 * 64 * 48 + 48
