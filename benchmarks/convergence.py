@@ -229,6 +229,10 @@ FIXES = {
         ("warmup_steps=0.25, multiplicative mask 0.5 annealed after 10",
          dict(warmup_steps=0.25, mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10),
          "high_performance"),
+        # longer warm-ups (the robustness matrix's toy and alpha <= rank cells gain; lora_real is alpha
+        # = rank for lora_scale_power, so lora_scale_power_above does not act here)
+        ("warmup_steps=0.5", dict(warmup_steps=0.5)),
+        ("warmup_steps=0.65", dict(warmup_steps=0.65)),
     ),
     "full_real": (
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)

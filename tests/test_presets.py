@@ -34,11 +34,10 @@ SPEC = {
 # What the presets change from the document, each measured by benchmarks/convergence.py (README,
 # "At real Stable Diffusion learning-rate scale") or benchmarks/robustness.py (the LoRA scale).
 MEASURED_CHANGES = {
-    # warmup_steps=0.25: a quarter of the run, the document's 500 / 1000 at the benchmark's
-    # 2000 / 4000 steps, and better than them at 500 / 1000 steps; the lrs raised by rank / alpha
-    # below alpha = rank
-    "lora": dict(relative_bump=0.2, decay_horizon="run", decay_floor=0.0, warmup_steps=0.25,
-                 lora_scale_power=1.0, lora_scale_power_above=0.0),
+    # warmup_steps=0.65 of the run and the lrs raised by rank / alpha below alpha = rank, lowered by
+    # sqrt(alpha / rank) above it (the robustness matrix)
+    "lora": dict(relative_bump=0.2, decay_horizon="run", decay_floor=0.0, warmup_steps=0.65,
+                 lora_scale_power=1.0, lora_scale_power_above=0.5),
     "full": dict(lr_bump=2e-6, warmup_steps=0.25),  # 0.2 x its lr, absolute as its bf16 state needs (measured as relative_bump=0.2)
     "high_performance": dict(lora_scale_power=1.0),  # the lrs follow rank / alpha on both sides
 }
@@ -49,11 +48,12 @@ def _shipped(name):
     return lr, {**args, **MEASURED_CHANGES[name]}
 
 
-def test_the_warmup_share_is_the_documents_warmup_at_the_benchmarks_run_length():
-    for name, run_length in (("lora", 2000), ("full", 4000)):
-        from library.automagic_sinkgd import warmup_length
+def test_the_full_warmup_share_is_the_documents_warmup_at_the_benchmarks_run_length():
+    """warmup_steps=0.25 of full: a quarter of the run, the document's 1000 at the benchmark's 4000
+    steps (the lora preset's 0.65 is no longer the document's 500 at 2000 steps: the matrix chose it)."""
+    from library.automagic_sinkgd import warmup_length
 
-        assert warmup_length(_shipped(name)[1]["warmup_steps"], run_length) == SPEC[name][1]["warmup_steps"]
+    assert warmup_length(_shipped("full")[1]["warmup_steps"], 4000) == SPEC["full"][1]["warmup_steps"]
 
 
 def test_lora_relative_bump_is_the_documents_bump_at_the_presets_lr():
