@@ -287,9 +287,12 @@ def post_warmup_decay_rate(avg_lr: Tensor, avg_lr_max: Tensor, warmup_steps: int
     ``horizon="warmup"`` (the document): it reaches 0 after another ``warmup_steps``.
     ``horizon="run"`` (opt-in): it reaches 0 at ``total_steps``, spreading the decay over the
     rest of the run, a linear decay to zero as in "Straight to Zero" (Bergsma et al. 2025,
-    arXiv 2502.15938) instead of a long tail at the floor.
+    arXiv 2502.15938) instead of a long tail at the floor. The decay steps are the run's steps
+    from ``warmup_steps`` to ``total_steps``, both included (each step decays before it updates),
+    so only the last one is at 0; one fewer reached 0 a step early and left a 3-step run with a
+    two-step warm-up nothing to train with.
     """
-    steps = warmup_steps if horizon == "warmup" else max(1, total_steps - warmup_steps)
+    steps = warmup_steps if horizon == "warmup" else max(1, total_steps - warmup_steps + 1)
     return avg_lr / avg_lr_max / steps
 
 

@@ -158,8 +158,8 @@ _PRESET_FLAG_RUNS = {}
 
 def preset_flag_runs(tmp_path_factory):
     """3 steps with --preset lora and --save_state, then a resume that extends the run to 6 steps (once).
-    (6, not 5: the preset's decay reaches 0 one step before the run's end, so a 5-step plan with its
-    one-step warm-up has factor 0 at steps 4 and 5 whether it was extended or not.)"""
+    (The preset's decay reaches 0 at the run's last step, so run 1's last step and a too-short
+    extension train nothing whether the decay was re-planned or not: 3 -> 6 leaves room.)"""
     if not _PRESET_FLAG_RUNS:
         _PRESET_FLAG_RUNS["runs"] = train_and_resume(tmp_path_factory.mktemp("preset_flag"), 3, 6, ["--preset", "lora"],
                                                      resume_extra=["--optimizer_args", "warmup_steps=100"])
@@ -191,6 +191,7 @@ def test_extending_a_finished_run_trains(tmp_path_factory):
 def test_lora_with_the_preset_as_kohyas_own_config_file(tmp_path):
     # 3 steps: the first step of the optimizer's ADOPT moment only initialises it, and the lora preset's
     # decay reaches 0 at the run's last step, so a 2-step run would leave the LoRA at its zero start
+    # (a 3-step run with the preset's 0.65 warm-up: steps 2 and 3 decay, step 2 at half the rate)
     runs = train_and_resume(tmp_path, 3, 4, ["--config_file", str(REPO / "configs" / "lora.toml")])
     check_lora_runs(runs, 3, 4, preset_marker=f"stats_update_freq={preset_setting('lora', 'stats_update_freq')}")
     assert "Loading settings from" in runs[0][1]

@@ -61,7 +61,7 @@ def test_pure_formulas():
     assert relative_lr_bump(1e-5, 0.1, 5e-5) == pytest.approx(5e-6)
     one, half = torch.tensor(1.0), torch.tensor(0.5)
     assert post_warmup_decay_rate(one, one, 100).item() == pytest.approx(1 / 100)
-    assert post_warmup_decay_rate(half, one, 100, "run", 500).item() == pytest.approx(0.5 / 400)
+    assert post_warmup_decay_rate(half, one, 100, "run", 500).item() == pytest.approx(0.5 / 401)  # steps 100..500
     assert post_warmup_decay_rate(one, one, 100, "run", 50).item() == pytest.approx(1.0)  # horizon >= 1
     lr_decay = torch.tensor([0.9, 0.05, -0.2])
     torch.testing.assert_close(post_warmup_decay(lr_decay, 1.0, 0.0), torch.tensor([0.9, 0.05, 0.0]))
@@ -110,13 +110,16 @@ def test_relative_bump_follows_the_schedulers_base_lr():
 def test_decay_over_the_run_reaches_zero_at_total_steps():
     total, warmup = 20, 6
     params = _params()
-    # lr_bump=0 keeps the mask at lr, so the decay's slope is exactly 1 / (total - warmup)
+    # lr_bump=0 keeps the mask at lr, so the decay's slope is exactly 1 / (total - warmup + 1): the
+    # steps warmup .. total each decay before they update
     optimizer = Automagic_Sinkgd(params, lr=1e-4, max_lr=1e-3, lr_bump=0.0, warmup_steps=warmup,
                                  decay_horizon="run", total_steps=total, decay_floor=0.0, vradam=False, allora=False)
     _run(params, optimizer, warmup + 6)
-    expected = 1.0 - 7 / (total - warmup)  # the decay started at t = warmup: 7 steps so far
+    expected = 1.0 - 7 / (total - warmup + 1)  # the decay started at t = warmup: 7 steps so far
     assert optimizer.effective_lrs()[0].item() == pytest.approx(1e-4 * expected, rel=1e-5)
-    _run(params, optimizer, total - warmup - 7, start=warmup + 6)
+    _run(params, optimizer, total - warmup - 7, start=warmup + 6)  # to t = total - 1
+    assert optimizer.effective_lrs()[0].item() == pytest.approx(1e-4 / (total - warmup + 1), rel=1e-4)
+    _run(params, optimizer, 1, start=total - 1)  # t = total: 0 at the last planned step, not before
     assert optimizer.effective_lrs()[0].item() < 1e-4 * 1e-6  # zero up to float32 rounding of the slope
     before = [p.detach().clone() for p in params]
     _run(params, optimizer, 1, start=total)  # past total_steps: the floor (0) holds
