@@ -137,6 +137,10 @@ MUTATIONS = [
              "                                state_noise_offset, COMPACT)\n",
              "                pass\n",
              ("tests/test_fused_kernels.py",), "split"),
+    Mutation("n", "decay_horizon='run' reaches 0 a step before total_steps (a 3-step run trains nothing)", CORE,
+             "    steps = warmup_steps if horizon == \"warmup\" else max(1, total_steps - warmup_steps + 1)\n",
+             "    steps = warmup_steps if horizon == \"warmup\" else max(1, total_steps - warmup_steps)\n",
+             ("tests/test_schedule_options.py", "tests/test_run_length.py")),
 ]
 
 
