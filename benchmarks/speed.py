@@ -405,6 +405,20 @@ class _Timer:
         return seconds
 
 
+def _measured_row(name: str, label: str, optimizer: torch.optim.Optimizer, median: float, numel: int, device: str,
+                  launches: bool) -> dict:
+    """One table row: the step's median time, state bytes per parameter, transient memory of a step
+    (one more step, measured), and on CUDA (or with ``launches``) its launches and achieved GB/s."""
+    transient = cuda_transient_peak_bytes(optimizer) if device == "cuda" else transient_peak_bytes(optimizer)
+    row = dict(set=name, optimizer=label, ms=median * 1e3, state_bytes_per_param=state_bytes(optimizer) / numel,
+               transient_mb=transient / 2**20)
+    if launches or device == "cuda":
+        row["launches"] = count_launches(optimizer, device)
+    if device == "cuda":
+        row["gb_per_s"] = minimum_traffic_bytes(optimizer) / median / 1e9
+    return row
+
+
 def run_set(name: str, shapes, full: bool, repeats: int, device: str = "cpu", fused: bool = False,
             launches: bool = False, warmup_steps_to_skip: int = 4, state_precisions=("fp32",)):
     factories = optimizers_for(shapes, full, device, fused, state_precisions)
@@ -426,15 +440,8 @@ def run_set(name: str, shapes, full: bool, repeats: int, device: str = "cpu", fu
     fused_adamw = statistics.median(times["AdamW(fused)"])
     for label, optimizer in optimizers.items():
         median = statistics.median(times[label])
-        transient = cuda_transient_peak_bytes(optimizer) if device == "cuda" else transient_peak_bytes(optimizer)
-        row = dict(set=name, optimizer=label, ms=median * 1e3, vs_foreach=median / base,
-                   vs_fused=median / fused_adamw, state_bytes_per_param=state_bytes(optimizer) / numel,
-                   transient_mb=transient / 2**20)
-        if launches or device == "cuda":
-            row["launches"] = count_launches(optimizer, device)
-        if device == "cuda":
-            row["gb_per_s"] = minimum_traffic_bytes(optimizer) / median / 1e9
-        rows.append(row)
+        rows.append(dict(_measured_row(name, label, optimizer, median, numel, device, launches),
+                         vs_foreach=median / base, vs_fused=median / fused_adamw))
     largest = max(torch.Size(s).numel() for s in shapes)
     return rows, dict(set=name, tensors=len(shapes), params=numel, largest_tensor_mb=largest * 4 / 2**20,
                       distinct_shapes=len(set(shapes)))
@@ -484,14 +491,7 @@ def run_large_set(name: str, shapes, repeats: int, device: str, fused: bool, ste
         seconds = [timer.time(optimizer.step) for _ in range(repeats)]
         if device == "cuda":
             seconds = timer.collect()
-        median = statistics.median(seconds)
-        row = dict(set=name, optimizer=label, ms=median * 1e3, state_bytes_per_param=state_bytes(optimizer) / numel,
-                   transient_mb=(cuda_transient_peak_bytes(optimizer) if device == "cuda"
-                                 else transient_peak_bytes(optimizer)) / 2**20,
-                   launches=count_launches(optimizer, device))
-        if device == "cuda":
-            row["gb_per_s"] = minimum_traffic_bytes(optimizer) / median / 1e9
-        rows.append(row)
+        rows.append(_measured_row(name, label, optimizer, statistics.median(seconds), numel, device, launches=True))
         del optimizer
         if device == "cuda":
             torch.cuda.empty_cache()

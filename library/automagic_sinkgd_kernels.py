@@ -787,14 +787,19 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def _fewest_row_blocks(rows: int) -> int:
+    """sqrt(rows / 4) blocks of rows: each program's sum over every block's partial column sums
+    (blocks x columns loads) then costs at most 1/8 of its own rows' work (rows / blocks x columns,
+    twice)."""
+    return max(1, math.isqrt(rows // 4))
+
+
 def split_row_blocks(rows: int, block_r: int, batch: int, sms: int) -> int:
-    """Programs (blocks of rows) per large tensor. Each program adds up the partial column sums of
-    every block (blocks x columns loads) besides its own rows' (rows / blocks x columns, twice):
-    up to sqrt(rows / 4) blocks that costs at most 1/8 of its own work; a chunk of too few tensors
-    to give each SM a program takes up to sqrt(rows) blocks (at most 1/2)."""
-    fewest = max(1, math.isqrt(rows // 4))
-    wanted = max(fewest, min(math.isqrt(rows), -(-sms // batch)))
-    return max(1, min(-(-rows // block_r), wanted))
+    """Programs (blocks of rows) per large tensor: ``_fewest_row_blocks``, or up to sqrt(rows)
+    (the column sums at most 1/2 of the work) where a chunk has too few tensors to give each SM
+    a program."""
+    wanted = max(_fewest_row_blocks(rows), min(math.isqrt(rows), triton.cdiv(sms, batch)))
+    return max(1, min(triton.cdiv(rows, block_r), wanted))
 
 
 def split_chunk_numel(shape: tuple[int, int]) -> int:
@@ -802,7 +807,7 @@ def split_chunk_numel(shape: tuple[int, int]) -> int:
     launches: as many tensors as _SPLIT_BUFFER_NUMEL holds of their row scalings and their three
     (blocks, cols) column buffers (two of partial sums, one of scalings)."""
     rows, cols = shape
-    per_tensor = rows + 3 * max(1, math.isqrt(rows // 4)) * cols
+    per_tensor = rows + 3 * _fewest_row_blocks(rows) * cols
     return max(1, _SPLIT_BUFFER_NUMEL // per_tensor) * rows * cols
 
 
@@ -909,8 +914,8 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
     batch = grad_table.shape[0]
     device = exp_avg.device
     n_blocks = split_row_blocks(rows, block_r, batch, sm_count(device))
-    rows_per_program = -(-(-(-rows // n_blocks)) // block_r) * block_r
-    grid = (batch, -(-rows // rows_per_program))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, n_blocks), block_r) * block_r
+    grid = (batch, triton.cdiv(rows, rows_per_program))
     # every block writes all its partial sums (each launch's sums are its own): no zeroing
     partials = torch.empty((batch, grid[1], _PARTIALS.value), dtype=torch.float32, device=device)
     row_sq = torch.empty((batch, rows) if sinkgd_iters else (1,), dtype=torch.float32, device=device)
