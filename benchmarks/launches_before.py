@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Launches per step of an SDXL full fine-tune for an older version of the optimizer: the "before"
-column of docs/gpu.md's launch table for the set that version's benchmark could not count.
+"""Launches per step for an older version of the optimizer: the "before" column of docs/gpu.md's
+launch table, counted by this repository's counters (``benchmarks/speed.py``).
 
 Run it from a checkout of that version (its ``library/`` is imported, this repository's
 ``benchmarks/speed.py`` counts), on the meta device (shapes only, no memory)::
@@ -9,8 +9,10 @@ Run it from a checkout of that version (its ``library/`` is imported, this repos
     cd /tmp/before && python /path/to/this/repo/benchmarks/launches_before.py --json before.json
 
 That version took the CPU's eager chunk sizes on a GPU too, so no GPU configuration is applied;
-its fused rows run the host code with the kernels dry (``speed.dry_fused_kernels``). Counted as
-dispatched ops (``speed.count_dispatched``), the count that is the same on the meta device as on CPU.
+its fused rows run the host code with the kernels dry (``speed.dry_fused_kernels``). The SDXL full
+fine-tune is counted on the meta device as dispatched ops (``speed.count_dispatched``), the other
+sets on CPU as the profiler's leaves (``speed.count_launches``), as ``speed.py --launches-only``
+counts them.
 """
 from __future__ import annotations
 
@@ -49,20 +51,23 @@ ROWS = (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--sets", nargs="+", default=["sdxl_full"], choices=sorted(speed.SETS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shapes = speed.sdxl_full_shapes()
-    common = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, full_finetune=True)
     rows = []
-    for label, settings, dtype, fused in ROWS:
-        with speed.dry_fused_kernels() if fused else contextlib.nullcontext():
-            optimizer = Automagic_Sinkgd(speed.make_params(shapes, 0, dtype=dtype, device="meta"),
-                                         fused=fused or None, **common, **settings)
-            for _ in range(4):
-                optimizer.step()
-            rows.append(dict(set="sdxl_full", optimizer=label, launches=speed.count_dispatched(optimizer),
-                             counted="dispatched ops"))
-        print(f"| sdxl_full | {label} | {rows[-1]['launches']} |", flush=True)
+    for name in args.sets:
+        device = "meta" if name in speed.META_SETS else "cpu"
+        shapes = speed.SETS[name]()
+        common = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, full_finetune=name in speed.FULL_SETS)
+        counted = dict(counted="dispatched ops") if device == "meta" else {}
+        for label, settings, dtype, fused in ROWS:
+            with speed.dry_fused_kernels() if fused else contextlib.nullcontext():
+                optimizer = Automagic_Sinkgd(speed.make_params(shapes, 0, dtype=dtype, device=device),
+                                             fused=fused or None, **common, **settings)
+                for _ in range(4):
+                    optimizer.step()
+                rows.append(dict(set=name, optimizer=label, launches=speed.count_step(optimizer, device), **counted))
+            print(f"| {name} | {label} | {rows[-1]['launches']} |", flush=True)
     if args.json:
         import subprocess
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

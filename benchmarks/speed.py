@@ -249,14 +249,31 @@ _NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::unsq
 
 _NO_KERNEL |= {"aten::_local_scalar_dense", "aten::item"}  # host reads of CPU scalars (AdamW's step)
 _ONE_KERNEL = {"aten::sum", "aten::mean", "aten::linalg_vector_norm", "aten::cat", "aten::bmm"}
+# Element-wise (TensorIterator) ops. On CPU one of them converts an operand of another dtype (a
+# Python number, wrapped as a 0-d double tensor, in ``x * 0.9``) with a ``.to`` of its own before
+# its kernel; on a GPU the kernel converts operands as it reads them and takes a Python number as
+# an argument, so those ``.to`` copies launch nothing there.
+_ELEMENTWISE = {f"aten::{name}{suffix}" for name in (
+    "add", "sub", "rsub", "mul", "div", "eq", "ne", "gt", "lt", "ge", "le", "where", "clamp", "clamp_min",
+    "clamp_max", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "pow", "copysign", "bitwise_and",
+    "bitwise_xor", "bitwise_or") for suffix in ("", "_")}
+
+
+def cpu_operand_cast(event) -> bool:
+    """A ``.to`` (or its ``_to_copy`` / ``copy_``) that a CPU element-wise op makes of an operand
+    before its kernel (see ``_ELEMENTWISE``): no launch on a GPU."""
+    while event is not None and event.name in ("aten::copy_", "aten::_to_copy"):
+        event = event.cpu_parent
+    return (event is not None and event.name == "aten::to" and event.cpu_parent is not None
+            and event.cpu_parent.name in _ELEMENTWISE)
 
 
 def count_launches(optimizer: torch.optim.Optimizer, device: str) -> int:
     """Kernels one step() launches. On CUDA: the profiler's CUDA kernel and memset/memcpy events.
     On CPU: the aten ops that would each launch a kernel on a GPU (the leaves of the op tree that
-    are not views or bare allocations; foreach ops count once, a GPU runs each as one or a few
-    multi-tensor launches) plus the Triton launches of the fused path (its interpreter runs them
-    outside aten)."""
+    are not views or bare allocations, nor an element-wise op's CPU-only operand conversions; foreach
+    ops count once, a GPU runs each as one or a few multi-tensor launches) plus the Triton launches
+    of the fused path (its interpreter runs them outside aten)."""
     from torch.profiler import ProfilerActivity, profile
     triton_before = triton_launches()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -279,7 +296,8 @@ def count_launches(optimizer: torch.optim.Optimizer, device: str) -> int:
         return False
 
     def launches_kernel(event) -> bool:
-        return event.name.startswith("aten::") and event.name not in _NO_KERNEL and not inside_multi_tensor(event)
+        return (event.name.startswith("aten::") and event.name not in _NO_KERNEL and not inside_multi_tensor(event)
+                and not cpu_operand_cast(event))
 
     leaves = [e for e in prof.events() if launches_kernel(e)
               and (multi_tensor(e) or not any(launches_kernel(c) for c in e.cpu_children))]

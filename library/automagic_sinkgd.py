@@ -101,6 +101,14 @@ def _batched_sq_norm(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1).square()
 
 
+def _store(op, out: Tensor, *args, **kwargs) -> Tensor:
+    """``out.copy_(op(*args, **kwargs))`` as one kernel where ``out=`` can take the result (its
+    dtype, a dense tensor): a state view written in place, not a temporary and a copy."""
+    if out.is_contiguous() and out.dtype == torch.result_type(args[0], args[-1]):
+        return op(*args, **kwargs, out=out)
+    return out.copy_(op(*args, **kwargs))
+
+
 def _per_tensor(values: Tensor, like: Tensor) -> Tensor:
     """Reshape a (B,) tensor so it broadcasts against a stack shaped like ``like``."""
     return values.view((-1,) + (1,) * (like.ndim - 1))
@@ -203,17 +211,22 @@ def prodigy_signal(grad: Tensor, weight: Tensor, initial_weight: Tensor) -> Tens
 
 
 def prodigy_bumps(lr_bump: float, d_coef: float, signal: Optional[Tensor], batch: int,
-                  like: Tensor) -> tuple[Tensor, Tensor]:
+                  like: Tensor, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Prodigy-style bump sizes (arXiv 2306.06101): the signal picks which way moves d_coef faster.
 
-    Returns (up, down), each (B,) in the dtype and device of ``like``.
+    Returns (up, down), each (B,) in the dtype and device of ``like``; times ``keep`` (B,), 1.0 or
+    0.0 per tensor, where given (a skipped tensor's mask does not move).
     """
-    base = torch.full((batch,), lr_bump, dtype=like.dtype, device=like.device)
+    if keep is not None and keep.dtype == like.dtype:
+        base = keep * lr_bump  # exactly lr_bump or 0, as the float32 fill times keep
+    else:
+        base = torch.full((batch,), lr_bump, dtype=like.dtype, device=like.device)
+        if keep is not None:
+            base = base * keep
     if signal is None or d_coef == 1:
         return base, base
-    up = torch.where(signal > 0, base * d_coef, base)
-    down = torch.where(signal < 0, base * d_coef, base)
-    return up, down
+    boosted = base * d_coef
+    return torch.where(signal > 0, boosted, base), torch.where(signal < 0, boosted, base)
 
 
 def sign_flips_(grad: Tensor, polarity: Tensor, keep: Tensor) -> Tensor:
@@ -259,7 +272,8 @@ def rprop_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Tensor,
 
 def vradam_brake(exp_avg: Tensor) -> Tensor:
     """VRAdam (arXiv 2505.13196): velocity-regularised step, 1 / (1 + min(3 * ||m||^2, 10)) per tensor."""
-    return 1.0 / (1.0 + (3.0 * _batched_sq_norm(exp_avg)).clamp_max(10.0))
+    # reciprocal, not 1.0 / x: the same values in one kernel instead of two
+    return torch.reciprocal(1.0 + (3.0 * _batched_sq_norm(exp_avg)).clamp_max(10.0))
 
 
 def allora_row_scaling(weight: Tensor, eta: float) -> Tensor:
@@ -680,16 +694,19 @@ class _Phase:
 
 
 def _finite_or_zeroed(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
-    """The gradient with NaN/Inf elements set to 0, and which stacked tensors were all finite (B,).
+    """The gradient with NaN/Inf elements set to 0, and which stacked tensors were all finite, as
+    1.0 / 0.0 in the gradient's dtype (B,).
 
     A tensor that held a NaN/Inf is skipped by multiplying each of its per-tensor rates by
     ``finite`` (so its weights and state updates are exact no-ops); its other elements stay, and
     only need to be finite. The test sums each tensor (NaN and Inf survive a sum; a finite sum
     would have to overflow float32, |g| ~ 1e34, to be flagged) instead of a float-to-bool isfinite
     over every element, which is an order of magnitude slower on CPU. ``in_place`` only when
-    ``grad`` is a stacked copy, never a view of the caller's .grad.
+    ``grad`` is a stacked copy, never a view of the caller's .grad. The sum times 0 is 0 exactly
+    when the sum is finite (NaN otherwise): two kernels, where ``isfinite`` takes four and a
+    conversion to float one more.
     """
-    finite = torch.isfinite(grad.reshape(grad.shape[0], -1).sum(dim=1))
+    finite = grad.reshape(grad.shape[0], -1).sum(dim=1).mul_(0.0).eq_(0.0)
     clean = torch.nan_to_num_ if in_place else torch.nan_to_num
     return clean(grad, nan=0.0, posinf=0.0, neginf=0.0), finite
 
@@ -709,8 +726,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     batch = grad.shape[0]
     # From here on ``grad`` is this step's own buffer (a stacked copy, or the cleaned copy of a
     # lone tensor's .grad), so it can be overwritten once its values are no longer needed.
-    grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy)
-    finite_f = finite.to(exp_avg.dtype)
+    grad, finite_f = _finite_or_zeroed(grad, in_place=grad_is_copy)
 
     # 2. direction, from the momentum before this step (ADOPT's ordering).
     update = grams_direction(grad, exp_avg, is_matrix) if grams else exp_avg.clone()
@@ -728,13 +744,14 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         signal = None
         if early and d_coef != 1 and initial_weight is not None:
             signal = prodigy_signal(grad, weight, initial_weight)
-        up, down = prodigy_bumps(lr_bump, d_coef, signal, batch, lr_mask)
-        flips = sign_flips_(grad, polarity, keep=finite)
+        # a skipped tensor's bumps are 0: its mask stays bit for bit
+        up, down = prodigy_bumps(lr_bump, d_coef, signal, batch, lr_mask, keep=finite_f)
+        flips = sign_flips_(grad, polarity, keep=finite_f.bool())
         mask_update_ = rprop_mask_update_ if mask_rule == "multiplicative" else automagic_mask_update_
-        mask_update_(lr_mask, flips, up * finite_f, down * finite_f, min_lr, max_lr)
+        mask_update_(lr_mask, flips, up, down, min_lr, max_lr)
         del flips
-        avg_lr.copy_(lr_mask.reshape(batch, -1).mean(dim=1))
-        avg_lr_max.copy_(torch.maximum(avg_lr_max, avg_lr))
+        _store(torch.mean, avg_lr, lr_mask.reshape(batch, -1), dim=1)
+        _store(torch.maximum, avg_lr_max, avg_lr_max, avg_lr)
 
     # 8 (its statistics). The gradient's signs are used up: take |g| in place.
     decay_theta = None
@@ -765,9 +782,11 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
 
     # 8. gradient-aware decoupled weight decay, first half of warm-up only.
     if decay_theta is not None:
-        mean_row_scaling = row_scaling.mean(dim=(1, 2)) if row_scaling is not None else 1.0
-        decay = avg_lr * mean_row_scaling * (brake if brake is not None else 1.0) * decay_theta * weight_decay
-        weight.mul_(_per_tensor(1.0 - decay * finite_f, weight))
+        # avg_lr x mean row scaling x brake x theta x weight_decay, 0 for a skipped tensor: here
+        # (early, so not post) ``rate`` is finite x brake, the same product in the same order.
+        decay = avg_lr * row_scaling.mean(dim=(1, 2)) * rate if row_scaling is not None else avg_lr * rate
+        decay = decay * decay_theta * weight_decay
+        weight.mul_(_per_tensor(1.0 - decay, weight))
 
     # 9. w = w - mask * update.
     return weight.addcmul_(update, lr_mask, value=-1.0)
