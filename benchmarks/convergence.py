@@ -244,6 +244,14 @@ FIXES = {
         ("warmup_steps=0.25 (a quarter of the run)", dict(warmup_steps=0.25)),
         ("multiplicative mask 0.5 annealed after 10",
          dict(mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
+        # the robustness matrix's full candidates (benchmarks/robustness.py), checked at real scale;
+        # the preset before it decayed over the run, for the paired seeds
+        ("the document's decay (the preset before this round)", dict(decay_horizon="warmup", decay_floor=0.1)),
+        ("decay over the run to 0, warmup_steps=0.5, lr_bump=4e-6",
+         dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0, warmup_steps=0.5, lr_bump=4e-6)),
+        ("decay over the run to 0, warmup_steps=0.5, multiplicative mask 0.5 annealed after 10",
+         dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0, warmup_steps=0.5,
+              mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
     ),
 }
 

@@ -97,6 +97,7 @@ CANDIDATES: tuple = (
     ("lora_scale_power 0.5 on both sides", "lora",
      dict(lora_scale_power=0.5, lora_scale_power_above=None, warmup_steps=0.25)),
     ("lora_scale_power_above=0.5", "high_performance", dict(lora_scale_power_above=0.5)),
+    ("lora_scale_power_above=0.75", "high_performance", dict(lora_scale_power_above=0.75)),
     # with lora_scale_power: the log-space mask reaches the toy's 20x higher rates in warm-up
     ("lora_scale_power, multiplicative mask 0.35 annealed after 10, max_lr=0.1", "lora",
      dict(mask_rule="multiplicative", relative_bump=0.35, mask_bump_decay=10, max_lr=0.1, warmup_steps=0.25,
@@ -110,6 +111,36 @@ CANDIDATES: tuple = (
     ("lora_scale_power_above 0.5 with warmup_steps=0.5", "lora", dict(warmup_steps=0.5)),
     ("warmup_steps=0.5, lora_scale_power_above=0.5, relative_bump=0.35", "lora",
      dict(warmup_steps=0.5, relative_bump=0.35)),
+    # full: the post-warm-up decay spread over the rest of the run (full_real, 4000 steps, seed 0:
+    # 1.8% better than the warm-up-long decay), and masks that reach the weight scale's rate
+    ("the document's decay (the preset before this round)", "full", dict(decay_horizon="warmup", decay_floor=0.1)),
+    ("decay over the run to 0", "full", dict(decay_horizon="run", decay_floor=0.0)),
+    ("decay over the run to 0, warmup_steps=0.5", "full", dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.5)),
+    ("decay over the run to 0, multiplicative mask 0.2 annealed after 25", "full",
+     dict(decay_horizon="run", decay_floor=0.0, mask_rule="multiplicative", relative_bump=0.2, mask_bump_decay=25)),
+    ("decay over the run to 0, multiplicative mask 0.2 annealed after 25, max_lr=5e-3", "full",
+     dict(decay_horizon="run", decay_floor=0.0, mask_rule="multiplicative", relative_bump=0.2, mask_bump_decay=25,
+          max_lr=5e-3)),
+    ("decay over the run to 0, multiplicative mask 0.5 annealed after 10", "full",
+     dict(decay_horizon="run", decay_floor=0.0, mask_rule="multiplicative", relative_bump=0.5, mask_bump_decay=10)),
+    ("decay over the run to 0, warmup_steps=0.65", "full", dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.65)),
+    ("decay over the run to 0, warmup_steps=0.5, lr_bump=4e-6", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.5, lr_bump=4e-6)),
+    ("decay over the run to 0, warmup_steps=0.5, multiplicative mask 0.5 annealed after 10", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.5, mask_rule="multiplicative", relative_bump=0.5,
+          mask_bump_decay=10)),
+    ("decay over the run to 0, warmup_steps=0.5, multiplicative mask 0.5 annealed after 10, max_lr=5e-3", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.5, mask_rule="multiplicative", relative_bump=0.5,
+          mask_bump_decay=10, max_lr=5e-3)),
+    ("decay over the run to 0, warmup_steps=0.5, multiplicative mask 0.2 annealed after 25, max_lr=5e-3", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.5, mask_rule="multiplicative", relative_bump=0.2,
+          mask_bump_decay=25, max_lr=5e-3)),
+    ("decay over the run to 0, warmup_steps=0.65, lr_bump=4e-6", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.65, lr_bump=4e-6)),
+    ("decay over the run to 0, warmup_steps=0.5, lr_bump=6e-6", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.5, lr_bump=6e-6)),
+    ("decay over the run to 0, warmup_steps=0.65, lr_bump=3e-6", "full",
+     dict(decay_horizon="run", decay_floor=0.0, warmup_steps=0.65, lr_bump=3e-6)),
 )
 
 # --------------------------------------------------------------------------------------
@@ -502,6 +533,7 @@ def render_heatmap(store: Store, path: Path, names: list[str] | None = None) -> 
 
 # The rows of the README's picture: what ships, Prodigy, and the candidate the matrix favours.
 SUMMARY_ROWS = ["preset lora", "preset high_performance", "preset full", "Prodigy",
+                "full: the document's decay (the preset before this round)",
                 "lora: warmup_steps=0.25, lora_scale_power_above=0 (the preset before this round)",
                 "lora: without lora_scale_power, quarter-run warm-up (two presets ago)",
                 "high_performance: without lora_scale_power (the previous preset)"]
