@@ -81,6 +81,11 @@ def kohya_build_optimizer(args, trainable_params) -> tuple[str, str, Any]:
         lora_scale = kohya_lora_scale(getattr(args, "network_alpha", None), getattr(args, "network_dim", None))
     name, args_text, optimizer = build_optimizer(args.optimizer_type, trainable_params, args.learning_rate, kwargs,
                                                  run_length=steps, lora_scale=lora_scale)
+    if hasattr(optimizer, "_run_length"):
+        # Only train_network's parser has --initial_step: its resumed runs go on counting steps up to
+        # max_train_steps. The fine-tune scripts (sdxl_train, flux_train, sd3_train, fine_tune,
+        # train_db) count a resumed run from 0, so their max_train_steps is the steps still to go.
+        optimizer._steps_restart_on_resume = not hasattr(args, "initial_step")
     # kohya's own wording ("use <type> | {kwargs}"), plus the class it resolved to
     logger.info(f"use {args.optimizer_type} | {kwargs} -> {name}")
     scaling = describe_lora_scaling(optimizer)

@@ -22,10 +22,13 @@ def test_with_run_length_fills_only_what_the_user_left_out():
     assert with_run_length("automagic_sinkgd", {}, None) == {}
 
 
-def _args(**overrides):
+def _args(network_trainer: bool = True, **overrides):
+    """kohya's parsed arguments; only train_network's parser (the LoRA trainers) has --initial_step."""
     values = dict(optimizer_type="automagic_sinkgd", optimizer_args=None, learning_rate=1e-4, use_8bit_adam=False,
                   use_lion_optimizer=False, fused_backward_pass=False, gradient_accumulation_steps=1,
                   deepspeed=False, max_train_steps=1600)
+    if network_trainer:
+        values["initial_step"] = None
     values.update(overrides)
     return Namespace(**values)
 
@@ -107,12 +110,12 @@ def test_a_user_set_total_steps_is_a_saved_setting():
 LORA_SCHEDULE = ["warmup_steps=0.25", "decay_horizon='run'", "decay_floor=0.0", "relative_bump=0.2", "max_lr=1e-3"]
 
 
-def _kohya_built(steps: int, params: list) -> Automagic_Sinkgd:
+def _kohya_built(steps: int, params: list, network_trainer: bool = True, schedule=LORA_SCHEDULE) -> Automagic_Sinkgd:
     """The optimizer as kohya builds it through the hook: get_optimizer with the command line's
     length, then get_scheduler_fix with the final one."""
     _, _, opt = wrap_get_optimizer(lambda a, p: None)(
-        _args(optimizer_args=LORA_SCHEDULE, max_train_steps=steps), [{"params": params, "lr": 1e-4}])
-    wrap_get_scheduler_fix(_kohya_scheduler)(_args(max_train_steps=steps), opt, 1)
+        _args(network_trainer, optimizer_args=schedule, max_train_steps=steps), [{"params": params, "lr": 1e-4}])
+    wrap_get_scheduler_fix(_kohya_scheduler)(_args(network_trainer, max_train_steps=steps), opt, 1)
     return opt
 
 
@@ -164,6 +167,35 @@ def test_a_longer_run_that_moves_the_warmup_end_past_the_saved_step_does_not_res
     before = params[0].detach().clone()
     _train(longer, params, 4, grads)
     assert longer.state[params[0]]["warmup_ended"] == 2 and not torch.equal(before, params[0])
+
+
+# The full preset's schedule: the same decay to 0 at the run's end, with its bf16 state.
+FULL_SCHEDULE = ["warmup_steps=0.25", "decay_horizon='run'", "decay_floor=0.0", "lr_bump=2e-6", "max_lr=5e-4",
+                 "full_finetune=True", "state_precision='bf16'"]
+
+
+@pytest.mark.filterwarnings("ignore:Automagic_Sinkgd. total_steps changed")
+def test_a_fine_tune_script_resumed_for_more_steps_trains_them():
+    """sdxl_train, flux_train, sd3_train, fine_tune and train_db count a resumed run's steps from 0,
+    so their --max_train_steps is the steps still to go: 8 steps, then --resume with 8 more. Taken
+    as the run's whole length, the decay had ended at step 8 and the 8 steps trained nothing."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))]
+    grads = torch.Generator().manual_seed(1)
+    first = _kohya_built(8, params, network_trainer=False, schedule=FULL_SCHEDULE)
+    _train(first, params, 8, grads)
+    more = _kohya_built(8, params, network_trainer=False, schedule=FULL_SCHEDULE)
+    more.load_state_dict(first.state_dict())
+    assert [g["total_steps"] for g in more.param_groups] == [16]
+    for step in range(9, 16):  # every step but the last, which the decay reaches 0 at, moves the weights
+        before = [p.detach().clone() for p in params]
+        _train(more, params, 1, grads)
+        assert float(more.effective_lrs()[0]) > 0, step
+        assert not torch.equal(before[0], params[0]), step
+    # a LoRA trainer (train_network's --initial_step) counts on from the saved step: 16 is the whole run
+    lora = _kohya_built(16, params)
+    lora.load_state_dict(more.state_dict())
+    assert [g["total_steps"] for g in lora.param_groups] == [16]
 
 
 def test_an_unchanged_length_resumes_bit_for_bit():
