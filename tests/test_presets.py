@@ -41,7 +41,8 @@ MEASURED_CHANGES = {
     # 0.2 x its lr, absolute as its bf16 state needs (measured as relative_bump=0.2); the decay to 0
     # at the run's end (full_real and the robustness matrix's full cells)
     "full": dict(lr_bump=2e-6, warmup_steps=0.25, decay_horizon="run", decay_floor=0.0),
-    "high_performance": dict(lora_scale_power=1.0),  # the lrs follow rank / alpha on both sides
+    # the lrs follow rank / alpha below alpha = rank, (rank / alpha) ** 0.75 above it
+    "high_performance": dict(lora_scale_power=1.0, lora_scale_power_above=0.75),
 }
 
 
