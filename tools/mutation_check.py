@@ -141,6 +141,11 @@ MUTATIONS = [
              "    steps = warmup_steps if horizon == \"warmup\" else max(1, total_steps - warmup_steps + 1)\n",
              "    steps = warmup_steps if horizon == \"warmup\" else max(1, total_steps - warmup_steps)\n",
              ("tests/test_schedule_options.py", "tests/test_run_length.py")),
+    Mutation("o", "the hook takes a resumed fine-tune script's --max_train_steps as the run's whole length "
+             "(its steps still to go: the decay has ended, the resumed run trains nothing)", "library/kohya_hook.py",
+             "        optimizer._steps_restart_on_resume = not hasattr(args, \"initial_step\")\n",
+             "        optimizer._steps_restart_on_resume = False\n",
+             ("tests/test_run_length.py", "tests/test_kohya_hook.py")),
 ]
 
 
