@@ -233,6 +233,11 @@ FIXES = {
         # = rank for lora_scale_power, so lora_scale_power_above does not act here)
         ("warmup_steps=0.5", dict(warmup_steps=0.5)),
         ("warmup_steps=0.65", dict(warmup_steps=0.65)),
+        # the robustness matrix's high_performance candidate: its 800-step warm-up, then to 0 at the end
+        ("decay over the run to 0", dict(decay_horizon="run", total_steps="{steps}", decay_floor=0.0),
+         "high_performance"),
+        ("the document's decay (the preset before this round)", dict(decay_horizon="warmup", decay_floor=0.1),
+         "high_performance"),
     ),
     "full_real": (
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)

@@ -98,6 +98,8 @@ CANDIDATES: tuple = (
      dict(lora_scale_power=0.5, lora_scale_power_above=None, warmup_steps=0.25)),
     ("lora_scale_power_above=0.5", "high_performance", dict(lora_scale_power_above=0.5)),
     ("lora_scale_power_above=0.75", "high_performance", dict(lora_scale_power_above=0.75)),
+    # its fixed 800-step warm-up then decays to 0 at the run's end (acts on runs longer than 800 only)
+    ("decay over the run to 0", "high_performance", dict(decay_horizon="run", decay_floor=0.0)),
     # with lora_scale_power: the log-space mask reaches the toy's 20x higher rates in warm-up
     ("lora_scale_power, multiplicative mask 0.35 annealed after 10, max_lr=0.1", "lora",
      dict(mask_rule="multiplicative", relative_bump=0.35, mask_bump_decay=10, max_lr=0.1, warmup_steps=0.25,

@@ -42,7 +42,8 @@ MEASURED_CHANGES = {
     # at the run's end (full_real and the robustness matrix's full cells)
     "full": dict(lr_bump=2e-6, warmup_steps=0.25, decay_horizon="run", decay_floor=0.0),
     # the lrs follow rank / alpha below alpha = rank, (rank / alpha) ** 0.75 above it
-    "high_performance": dict(lora_scale_power=1.0, lora_scale_power_above=0.75),
+    # and the decay to 0 at the run's end after its 800-step warm-up
+    "high_performance": dict(lora_scale_power=1.0, lora_scale_power_above=0.75, decay_horizon="run", decay_floor=0.0),
 }
 
 
