@@ -254,15 +254,15 @@ def describe_lora_scaling(optimizer: torch.optim.Optimizer) -> str | None:
             "lora_scale_power=0 keeps them as given")
 
 
-def follow_run_length(optimizer: torch.optim.Optimizer, steps: int, steps_restart_on_resume: bool = False) -> None:
+def follow_run_length(optimizer: torch.optim.Optimizer, steps: int) -> None:
     """Keep the trainer's run length as every group's total_steps, also after a resume (the saved
     groups would bring back the length of the run that saved them, e.g. when a run is extended).
     ``optimizer._run_length`` may be updated later (kohya knows the final length only then).
-    ``steps_restart_on_resume``: the trainer counts a resumed run's steps from 0 again, so its
-    length is the steps still to go (kohya's fine-tune scripts: sdxl_train, flux_train, ...); the
-    run then ends at the restored step count plus that length."""
+    ``optimizer._steps_restart_on_resume`` (set by the kohya hook for kohya's fine-tune scripts):
+    the trainer counts a resumed run's steps from 0 again, so its length is the steps still to go
+    and the run ends at the restored step count plus that length."""
     optimizer._run_length = int(steps)
-    optimizer._steps_restart_on_resume = steps_restart_on_resume
+    optimizer._steps_restart_on_resume = False
 
     def reapply(opt):
         length = opt._run_length
