@@ -217,12 +217,10 @@ def prodigy_bumps(lr_bump: float, d_coef: float, signal: Optional[Tensor], batch
     Returns (up, down), each (B,) in the dtype and device of ``like``; times ``keep`` (B,), 1.0 or
     0.0 per tensor, where given (a skipped tensor's mask does not move).
     """
-    if keep is not None and keep.dtype == like.dtype:
-        base = keep * lr_bump  # exactly lr_bump or 0, as the float32 fill times keep
+    if keep is not None:  # exactly lr_bump or 0, as a fill of lr_bump times keep would be
+        base = keep.to(like.dtype) * lr_bump
     else:
         base = torch.full((batch,), lr_bump, dtype=like.dtype, device=like.device)
-        if keep is not None:
-            base = base * keep
     if signal is None or d_coef == 1:
         return base, base
     boosted = base * d_coef
