@@ -244,7 +244,8 @@ _NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::unsq
               "aten::unbind", "aten::select", "aten::slice", "aten::view_as", "aten::resolve_conj",
               "aten::resolve_neg", "aten::lift_fresh", "aten::result_type", "aten::_unsafe_view",
               "aten::contiguous", "aten::to", "aten::_to_copy", "aten::expand_as", "aten::flatten",
-              "aten::split", "aten::chunk", "aten::narrow", "aten::unflatten", "aten::real", "aten::is_nonzero"}
+              "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::narrow", "aten::unflatten", "aten::real",
+              "aten::is_nonzero"}
 
 
 _NO_KERNEL |= {"aten::_local_scalar_dense", "aten::item"}  # host reads of CPU scalars (AdamW's step)

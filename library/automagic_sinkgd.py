@@ -43,6 +43,7 @@ __all__ = [
     "sign_flips_",
     "automagic_mask_update_",
     "vradam_brake",
+    "finite_flags",
     "allora_row_scaling",
     "post_warmup_decay",
     "post_warmup_decay_rate",
@@ -107,6 +108,29 @@ def _store(op, out: Tensor, *args, **kwargs) -> Tensor:
     if out.is_contiguous() and out.dtype == torch.result_type(args[0], args[-1]):
         return op(*args, **kwargs, out=out)
     return out.copy_(op(*args, **kwargs))
+
+
+def _row_means(stacked: Tensor, mean_weights: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """Each stacked tensor's mean, (B,), written into ``out`` where given. For a zero-padded stack
+    of vectors, ``mean_weights`` (B, L) holds 1 / length over each tensor's own elements and 0 over
+    its padding: the mean is then one batched dot product, as one kernel as a plain mean."""
+    batch = stacked.shape[0]
+    if mean_weights is None:
+        return _store(torch.mean, out, stacked.reshape(batch, -1), dim=1) if out is not None else \
+            stacked.reshape(batch, -1).mean(dim=1)
+    rows, weights = stacked.reshape(batch, 1, -1), mean_weights.unsqueeze(-1)
+    with _ieee_float32_matmuls():  # a mean, not a TF32 estimate of one
+        if out is not None and out.is_contiguous() and out.dtype == stacked.dtype:
+            return torch.bmm(rows, weights, out=out.view(batch, 1, 1)).view(batch)
+        means = torch.bmm(rows, weights).view(batch)
+    return out.copy_(means) if out is not None else means
+
+
+def _padded_mean_weights(tensors: list[Tensor], length: int, dtype: torch.dtype) -> Tensor:
+    """``_row_means``' weights for ``tensors`` zero-padded to ``length``: (B, length) in ``dtype``."""
+    lengths = offsets_tensor([float(t.numel()) for t in tensors], dtype, tensors[0].device)
+    columns = torch.arange(length, device=tensors[0].device)
+    return (columns < lengths.unsqueeze(1)).to(dtype) / lengths.unsqueeze(1)
 
 
 def _per_tensor(values: Tensor, like: Tensor) -> Tensor:
@@ -268,10 +292,12 @@ def rprop_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Tensor,
     return lr_mask.mul_(flips.mul_(shrink - grow).add_(grow)).clamp_(min_lr, max_lr)
 
 
-def vradam_brake(exp_avg: Tensor) -> Tensor:
-    """VRAdam (arXiv 2505.13196): velocity-regularised step, 1 / (1 + min(3 * ||m||^2, 10)) per tensor."""
+def vradam_brake(exp_avg: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """VRAdam (arXiv 2505.13196): velocity-regularised step, 1 / (1 + min(3 * ||m||^2, 10)) per tensor,
+    times ``keep`` (B,), 1.0 or 0.0, where given: the same values as multiplying afterwards."""
+    slowdown = 1.0 + (3.0 * _batched_sq_norm(exp_avg)).clamp_max(10.0)
     # reciprocal, not 1.0 / x: the same values in one kernel instead of two
-    return torch.reciprocal(1.0 + (3.0 * _batched_sq_norm(exp_avg)).clamp_max(10.0))
+    return torch.reciprocal(slowdown) if keep is None else torch.div(keep, slowdown)
 
 
 def allora_row_scaling(weight: Tensor, eta: float) -> Tensor:
@@ -289,7 +315,10 @@ def post_warmup_decay(lr_decay: Tensor, lr_ratio: Union[float, Tensor], floor: f
     """Automagic's post-warm-up schedule: the linear decay, capped by an outside LR scheduler's
     ratio group_lr / lr_max (so a scheduler can only lower it) and floored (0.1 in the document;
     ``decay_floor`` opt-in: 0 decays to zero, 1 keeps the rate)."""
-    return lr_decay.clamp_max(lr_ratio).clamp_min(floor)
+    if isinstance(lr_ratio, Tensor):
+        return lr_decay.clamp_max(lr_ratio).clamp_min(floor)
+    # max(min(x, ratio), floor) is clamp(x, floor, ratio) for floor <= ratio and floor otherwise: one kernel
+    return lr_decay.clamp(floor, max(lr_ratio, floor))
 
 
 def post_warmup_decay_rate(avg_lr: Tensor, avg_lr_max: Tensor, warmup_steps: int,
@@ -595,6 +624,16 @@ def _same_shape(tensors: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
     return tensors if _share_shape(tensors) else [t.reshape(shape) for t in tensors]
 
 
+def _is_padded(tensors: list[Tensor], shape: tuple[int, ...]) -> bool:
+    """Whether the bucket is vectors of different lengths, stacked zero-padded to ``shape``."""
+    return any(t.numel() != math.prod(shape) for t in tensors)
+
+
+def _padded_rows(stacked: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """Each tensor's own elements in its row of a (B, L) stack, as flat contiguous views."""
+    return [row[:t.numel()] for row, t in zip(stacked.unbind(0), tensors)]
+
+
 def _gathers_as_view(tensors: list[Tensor], dtype: Optional[torch.dtype] = None) -> bool:
     """Whether ``_gather`` returns a view of the tensor itself (so in-place math lands in it): a
     single contiguous tensor already in ``dtype``. Decided from shapes and strides alone, never
@@ -611,6 +650,9 @@ def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch
             # reshape may return a strided view (a transposed matrix) or a copy (channels_last):
             # make it always a copy, so the caller knows which one it holds.
             stacked = stacked.contiguous()
+    elif _is_padded(tensors, shape):
+        stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
+        torch._foreach_copy_(_padded_rows(stacked, tensors), [t.reshape(-1) for t in tensors])
     else:
         stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
     return stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
@@ -637,11 +679,18 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
     if known is not None and all(map(operator.is_, tensors, known[0])):
         return known[1]
     base = tensors[0]._base
-    numel = tensors[0].numel()
-    if (base is not None and base.is_contiguous() and base.numel() == numel * len(tensors)
-            and all(t._base is base and t.storage_offset() - base.storage_offset() == i * numel
+    row = math.prod(shape)
+    if (base is not None and base.is_contiguous() and base.numel() == row * len(tensors)
+            and all(t._base is base and t.storage_offset() - base.storage_offset() == i * row
                     for i, t in enumerate(tensors))):
         stacked = base.view((len(tensors),) + shape)
+    elif _is_padded(tensors, shape):
+        # vectors of different lengths: each state tensor becomes the front of its zero-padded row
+        stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
+        rows = _padded_rows(stacked, tensors)
+        torch._foreach_copy_(rows, [t.reshape(-1) for t in tensors])
+        for state, view, old in zip(states, rows, tensors):
+            state[key] = view.view(old.shape)
     else:
         stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
         for state, view, old in zip(states, stacked.unbind(0), tensors):
@@ -666,8 +715,8 @@ def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
     """Write a stack (a copy, see ``_gathers_as_view``) back into its tensors."""
     if _share_shape(tensors):  # one reshape instead of a view per tensor
         sources = list(stacked.reshape((len(tensors),) + tensors[0].shape).unbind(0))
-    else:
-        sources = [s.view_as(t) for s, t in zip(stacked.unbind(0), tensors)]
+    else:  # a matrix shape shared by a linear and a 1x1 conv, or a padded stack of vectors
+        sources = [s.reshape(-1)[:t.numel()].view_as(t) for s, t in zip(stacked.unbind(0), tensors)]
     torch._foreach_copy_(tensors, sources)
 
 
@@ -691,7 +740,7 @@ class _Phase:
         return (self.first, self.warmup, self.early, self.orthograd, self.post)
 
 
-def _finite_or_zeroed(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
+def _finite_or_zeroed(grad: Tensor, in_place: bool, finite: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The gradient with NaN/Inf elements set to 0, and which stacked tensors were all finite, as
     1.0 / 0.0 in the gradient's dtype (B,).
 
@@ -702,11 +751,26 @@ def _finite_or_zeroed(grad: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
     over every element, which is an order of magnitude slower on CPU. ``in_place`` only when
     ``grad`` is a stacked copy, never a view of the caller's .grad. The sum times 0 is 0 exactly
     when the sum is finite (NaN otherwise): two kernels, where ``isfinite`` takes four and a
-    conversion to float one more.
+    conversion to float one more. ``finite``, where given, is that flag computed before (see
+    ``finite_flags``).
     """
-    finite = grad.reshape(grad.shape[0], -1).sum(dim=1).mul_(0.0).eq_(0.0)
+    if finite is None:
+        finite = grad.reshape(grad.shape[0], -1).sum(dim=1).mul_(0.0).eq_(0.0)
+    elif finite.dtype != grad.dtype:
+        finite = finite.to(grad.dtype)
     clean = torch.nan_to_num_ if in_place else torch.nan_to_num
     return clean(grad, nan=0.0, posinf=0.0, neginf=0.0), finite
+
+
+def finite_flags(grads: list[Tensor]) -> Tensor:
+    """Which tensors' gradients are all finite, as 1.0 / 0.0 (N,), for a whole group at once: one
+    multi-tensor L1 norm (NaN and Inf survive it, as they survive ``_finite_or_zeroed``'s sum)
+    instead of three launches per bucket, where launches are the cost (a GPU). The two tests
+    differ only for gradients whose sum overflows float32, |g| ~ 1e34, flagged a little earlier
+    here (the sum of |g| overflows first)."""
+    wide = any(g.dtype == torch.float64 for g in grads)
+    norms = torch._foreach_norm(grads, 1, dtype=torch.float64 if wide else torch.float32)
+    return torch.stack(norms).mul_(0.0).eq_(0.0)
 
 
 def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optional[Tensor],
@@ -716,15 +780,18 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
                  warmup: bool, early: bool, use_orthograd: bool, post: bool, is_matrix: bool,
                  beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
-                 grad_is_copy: bool, decay_floor: float = 0.1, mask_rule: str = "additive") -> Tensor:
+                 grad_is_copy: bool, decay_floor: float = 0.1, mask_rule: str = "additive",
+                 mean_weights: Optional[Tensor] = None, finite: Optional[Tensor] = None) -> Tensor:
     """Steps 2-9 of the step (t >= 2) on stacked tensors (B, ...), tensor code only: no host
     reads. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max, lr_decay and ``weight`` (the
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
-    ``grad`` may be overwritten when ``grad_is_copy``, never when it views the caller's .grad."""
+    ``grad`` may be overwritten when ``grad_is_copy``, never when it views the caller's .grad.
+    ``mean_weights`` (B, L) marks a zero-padded stack of vectors (see ``_row_means``); ``finite``
+    (B,) is the gradients' finite test where it was made for the whole group (``finite_flags``)."""
     batch = grad.shape[0]
     # From here on ``grad`` is this step's own buffer (a stacked copy, or the cleaned copy of a
     # lone tensor's .grad), so it can be overwritten once its values are no longer needed.
-    grad, finite_f = _finite_or_zeroed(grad, in_place=grad_is_copy)
+    grad, finite_f = _finite_or_zeroed(grad, in_place=grad_is_copy, finite=finite)
 
     # 2. direction, from the momentum before this step (ADOPT's ordering).
     update = grams_direction(grad, exp_avg, is_matrix) if grams else exp_avg.clone()
@@ -735,7 +802,8 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
 
     # 3. momentum; a skipped tensor gets weight 0 and keeps its exp_avg bit for bit.
     exp_avg.lerp_(grad, _per_tensor((1 - beta1) * finite_f, grad))
-    brake = vradam_brake(exp_avg) if vradam else None
+    # per-tensor rate: 0 for a skipped tensor, times the VRAdam brake
+    rate = vradam_brake(exp_avg, keep=finite_f) if vradam else finite_f
 
     # 4-5. Prodigy signal and the learning-rate mask, during warm-up only.
     if warmup:
@@ -748,7 +816,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         mask_update_ = rprop_mask_update_ if mask_rule == "multiplicative" else automagic_mask_update_
         mask_update_(lr_mask, flips, up, down, min_lr, max_lr)
         del flips
-        _store(torch.mean, avg_lr, lr_mask.reshape(batch, -1), dim=1)
+        _row_means(lr_mask, mean_weights, out=avg_lr)
         _store(torch.maximum, avg_lr_max, avg_lr_max, avg_lr)
 
     # 8 (its statistics). The gradient's signs are used up: take |g| in place.
@@ -756,18 +824,15 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     if early and weight_decay > 0:
         decay_theta = 1.0  # neutral, until the fused path has gathered a first set of statistics
         if group_mean is not None:
-            abs_grad_mean = grad.abs_().reshape(batch, -1).mean(dim=1)
+            abs_grad_mean = _row_means(grad.abs_(), mean_weights)
             decay_theta = gradient_scaled_decay(abs_grad_mean, group_mean, group_std)
 
     # 6. after warm-up: frozen mask, linear decay capped by an outside scheduler.
-    rate = finite_f
     if post:
-        lr_decay.sub_(decay_rate * finite_f)
-        rate = rate * post_warmup_decay(lr_decay, lr_ratio, decay_floor)
+        lr_decay.addcmul_(decay_rate, finite_f, value=-1.0)  # a skipped tensor's decay does not advance
+        rate = post_warmup_decay(lr_decay, lr_ratio, decay_floor) * rate
 
     # 7. effective per-element lr = mask * ALLoRA row factor * VRAdam brake * decay.
-    if brake is not None:
-        rate = rate * brake
     row_scaling = row_scaling.unsqueeze(-1) if row_scaling is not None else None  # (B, rows, 1)
     if is_matrix:
         row_scale, col_scale = sinkgd_scalings(update, sinkgd_iters, scratch=grad)
@@ -836,13 +901,15 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
                  generator_for: Callable[[Tensor, int], torch.Generator], weight_seeds: list[int],
                  stack_cache: dict, state_seeds: Optional[list[int]] = None,
-                 workspace: Optional[Callable[[str, tuple, torch.dtype, torch.device], Tensor]] = None) -> None:
+                 workspace: Optional[Callable[[str, tuple, torch.dtype, torch.device], Tensor]] = None,
+                 finite: Optional[Tensor] = None) -> None:
     """Gather a bucket's stacks, run the math, write the weights back (stochastic rounding for
     bf16/fp16 weights, whose update is computed in float32; ``weight_seeds`` seed it per tensor:
     bf16 from the rounding table, fp16 from a generator seeded by the first). ``stack_cache``
     belongs to this bucket (see ``_stacked_state``). A compact state (``state_precision="bf16"``)
     is loaded to float32 around the same math and stored back; ``state_seeds`` seed its rounding
-    per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``)."""
+    per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``).
+    ``finite`` (B,): the gradients' finite test, where the caller made it for the whole group."""
     if _fused_phase(group, phase):
         kernels = _fused_kernels()
         if kernels is not None and _fused_step_bucket(kernels, params, grads, states, group, phase, is_matrix,
@@ -863,9 +930,16 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
 
     grad = _gather(grads, shape, state_dtype)
     grad_is_copy = not _gathers_as_view(grads, state_dtype)
+    mean_weights = None
+    if _is_padded(params, shape):
+        lengths = (tuple(p.numel() for p in params), state_dtype)
+        known = stack_cache.get("mean_weights")
+        if known is None or known[0] != lengths:
+            known = stack_cache["mean_weights"] = (lengths, _padded_mean_weights(params, numel, state_dtype))
+        mean_weights = known[1]
     if phase.first:
         # ADOPT (Taniguchi et al. 2024, arXiv 2411.02853): the first step only initialises state.
-        grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy)
+        grad, finite = _finite_or_zeroed(grad, in_place=grad_is_copy, finite=finite)
         grad = grad * _per_tensor(finite, grad)  # a skipped tensor starts from zero state
         if not compact:
             state("exp_avg").copy_(grad).mul_(1 - group["beta1"])
@@ -896,7 +970,8 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         is_matrix=is_matrix, beta1=group["beta1"], lr_bump=group["lr_bump"], d_coef=group["d_coef"],
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
-        grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"], mask_rule=group["mask_rule"])
+        grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"], mask_rule=group["mask_rule"],
+        mean_weights=mean_weights, finite=finite)
     if params[0].dtype == state_dtype:
         if not _gathers_as_view(params, state_dtype):  # else the math ran on the parameter itself
             _scatter(new_weight, params)
@@ -915,6 +990,31 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         del lr_mask, polarity
         stochastic_round_(state("exp_avg"), exp_avg.reshape(batch, numel).to(torch.float32),
                           noise_offsets=noise_offsets)
+
+
+def _padded_vector_chunks(members: list, limit: int) -> Iterable[list]:
+    """Vectors (biases, norms) of every length stepped as few zero-padded (B, L) stacks, longest
+    first: on a GPU each bucket costs ~50 launches whatever its size, and a model has a bucket per
+    vector length (8 for an SD1.5 U-Net's, all under 6K elements). A chunk's padding is bounded:
+    it holds at most ``limit`` elements, and at most 4x its tensors' own beyond 1M elements."""
+    members = sorted(members, key=lambda m: -m[1].numel())  # stable: equal lengths keep their order
+    chunk: list = []
+    own = 0
+    for member in members:
+        numel = member[1].numel()
+        length = chunk[0][1].numel() if chunk else numel
+        padded = (len(chunk) + 1) * length
+        if chunk and (padded > limit or padded > max(4 * (own + numel), _PADDED_VECTORS_FREE)):
+            yield chunk
+            chunk, own = [], 0
+        chunk.append(member)
+        own += numel
+    if chunk:
+        yield chunk
+
+
+# Padding up to this many elements (4 MB of float32) is always worth a bucket's launches.
+_PADDED_VECTORS_FREE = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1507,20 +1607,48 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             if needs_stats and (self._stats_due(group) or "grad_abs_mean" not in group):
                 self._refresh_group_stats(group_index, group, grads)
             stats = self._group_stats(group)
-            for members in buckets.values():
+            vectors: dict[tuple, list] = {}
+            eager: list[list] = []  # chunks the eager step takes, stepped after the fused ones
+            for key, members in buckets.items():
                 kernels = self._fused_kernels_for(members, settings)
                 if kernels is not None and members[0][1].numel() <= kernels._SPLIT_NUMEL:
                     # one launch for the whole bucket: tables of addresses, no stacked copies of
                     # gradients or weights, so no chunks (the kernels bound their own buffers)
                     self._run_bucket(members, settings, stats, group_index)
                     continue
-                # Large tensors the split kernels step are chunked by their own buffers (a chunk
-                # costs 2 + sinkgd_iters launches and stacks no gradients); the eager step by its
-                # chunk size.
-                limit = kernels.split_chunk_numel(_matrix_shape(members[0][1].shape)) if kernels is not None else None
-                for chunk in self._chunks(members, group["foreach"], limit):
-                    self._run_bucket(chunk, settings, stats, group_index)
+                if (kernels is None and not members[0][5] and group["foreach"] is not False
+                        and _launch_bound(members[0][1].device)):
+                    vectors.setdefault(key[1:], []).extend(members)  # stepped below, all lengths together
+                    continue
+                if kernels is not None:
+                    # Large tensors the split kernels step are chunked by their own buffers (a
+                    # chunk costs 2 + sinkgd_iters launches and stacks no gradients).
+                    for chunk in self._chunks(members, group["foreach"],
+                                              kernels.split_chunk_numel(_matrix_shape(members[0][1].shape))):
+                        self._run_bucket(chunk, settings, stats, group_index)
+                    continue
+                eager.extend(self._chunks(members, group["foreach"]))
+            for members in vectors.values():
+                eager.extend(_padded_vector_chunks(members, _GPU_CHUNK_NUMEL))
+            for chunk, finite in zip(eager, self._finite_flags_of(eager) if group["foreach"] is not False
+                                     else [None] * len(eager)):
+                self._run_bucket(chunk, settings, stats, group_index, finite)
         return loss
+
+    @staticmethod
+    def _finite_flags_of(chunks: list[list]) -> Iterable[Optional[Tensor]]:
+        """Each eager chunk's finite test (B,), made for all of them at once where launches are the
+        cost (``finite_flags``, per device); elsewhere None, each chunk tests its own stack."""
+        flags: list[Optional[Tensor]] = [None] * len(chunks)
+        by_device: dict[torch.device, list[int]] = {}
+        for position, chunk in enumerate(chunks):
+            if _launch_bound(chunk[0][1].device):
+                by_device.setdefault(chunk[0][1].device, []).append(position)
+        for positions in by_device.values():
+            together = finite_flags([m[2] for position in positions for m in chunks[position]])
+            for position, finite in zip(positions, together.split([len(chunks[p]) for p in positions])):
+                flags[position] = finite
+        return flags
 
     @staticmethod
     def _fused_kernels_for(members: list, settings: dict):
@@ -1565,7 +1693,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 self._stack_owner[id(member[1])] = key
         return self._stack_caches.setdefault(key, {})
 
-    def _run_bucket(self, chunk: list, settings: dict, stats: Optional[tuple], group_index: int) -> None:
+    def _run_bucket(self, chunk: list, settings: dict, stats: Optional[tuple], group_index: int,
+                    finite: Optional[Tensor] = None) -> None:
         _, _, _, _, phase, is_matrix = chunk[0]
         # Per tensor, so a bf16 tensor rounds the same stepped alone (step_param) or in any stack
         # (fp16 weights round from a generator seeded by a chunk's first tensor).
@@ -1578,7 +1707,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      group=settings, phase=phase, is_matrix=is_matrix,
                      group_stats=stats, generator_for=self._generator_for, weight_seeds=weight_seeds,
                      stack_cache=self._stack_cache_for(chunk),
-                     state_seeds=state_seeds, workspace=self._workspace if state_seeds is not None else None)
+                     state_seeds=state_seeds, workspace=self._workspace if state_seeds is not None else None,
+                     finite=finite)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:

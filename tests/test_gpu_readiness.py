@@ -277,3 +277,109 @@ def test_large_tensors_take_fused_chunks_as_large_as_the_split_kernels_buffer(mo
     weights_four, chunks_four = run(4)
     assert (chunks_one, chunks_four) == (8, 2)
     assert all(torch.equal(a, b) for a, b in zip(weights_one, weights_four))
+
+
+def _vector_model(dtype=torch.float32, seed=0):
+    """Biases and norm weights of five lengths (one alone), and matrices, as a U-Net has them."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(40,), (40,), (24,), (7,), (24,), (40,), (3,), (1,), (12, 24), (6, 5), (12, 24)]
+    return [torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.1).to(dtype)) for shape in shapes]
+
+
+def _train_vectors(monkeypatch, launch_bound: bool, steps: int, state_precision="fp32", dtype=torch.float32,
+                   nan_at=None, settings=None):
+    monkeypatch.setattr(core, "_launch_bound", lambda device: launch_bound)
+    params = _vector_model(dtype)
+    optimizer = Automagic_Sinkgd(params, **{**SETTINGS, "state_precision": state_precision, **(settings or {})})
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=generator) * 0.01).to(dtype)
+        if nan_at == step:
+            params[2].grad[5] = float("nan")
+            params[-1].grad[3, 1] = float("-inf")
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("state_precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_a_gpu_steps_vectors_of_every_length_as_one_padded_stack(monkeypatch, state_precision, dtype):
+    """On a GPU (mocked: core._launch_bound) the vectors of every length are one zero-padded (B, L)
+    stack, not a bucket per length (an SD1.5 U-Net has 8 lengths, ~50 launches each): the same
+    step as on CPU, to float32 rounding (sums run over the padding's zeros; the means are dot
+    products with 1 / length), through warm-up, a NaN gradient in one vector, and the post-warm-up
+    phase, with the fp32 and the bf16 state. The padding never reaches a tensor or its state."""
+    calls = []
+    real_step_bucket = core._step_bucket
+    monkeypatch.setattr(core, "_step_bucket", lambda params, *a, **k: calls.append(len(params))
+                        or real_step_bucket(params, *a, **k))
+    on_cpu, cpu_optimizer = _train_vectors(monkeypatch, False, 8, state_precision, dtype, nan_at=4)
+    cpu_calls, calls[:] = list(calls), []
+    on_gpu, gpu_optimizer = _train_vectors(monkeypatch, True, 8, state_precision, dtype, nan_at=4)
+    assert sorted(cpu_calls[-7:]) == [1, 1, 1, 1, 2, 2, 3]  # CPU: a bucket per shape
+    assert sorted(calls[-3:]) == [1, 2, 8]  # GPU: the matrices by shape, every vector in one stack
+    tolerance = dict(rtol=2e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    for p_cpu, p_gpu in zip(on_cpu, on_gpu):
+        assert p_cpu.shape == p_gpu.shape
+        torch.testing.assert_close(p_gpu, p_cpu, **tolerance)
+        state_cpu, state_gpu = cpu_optimizer.state[p_cpu], gpu_optimizer.state[p_gpu]
+        assert state_cpu.keys() == state_gpu.keys()
+        for key, value in state_cpu.items():
+            if isinstance(value, torch.Tensor):
+                assert value.shape == state_gpu[key].shape, key
+                if value.is_floating_point():
+                    torch.testing.assert_close(state_gpu[key], value, rtol=1e-5, atol=1e-9)
+                else:
+                    assert torch.equal(state_gpu[key], value), key
+
+
+
+def test_a_gpu_tests_the_whole_groups_gradients_for_nan_and_inf_at_once(monkeypatch):
+    """finite_flags: one flag per tensor, 0 for a NaN, +Inf or -Inf anywhere in it, whatever the
+    gradients' dtypes; on a GPU (mocked) the step skips exactly the tensors a CPU step skips."""
+    grads = [torch.ones(3), torch.tensor([1.0, float("nan")]), torch.ones(2, 2, dtype=torch.bfloat16),
+             torch.tensor([float("inf")]), torch.tensor([-float("inf"), 0.0], dtype=torch.bfloat16),
+             torch.full((4,), 3e38)]
+    assert core.finite_flags(grads).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # the last: its |g| sum overflows
+    assert core.finite_flags(grads + [torch.ones(2, dtype=torch.float64)]).dtype == torch.float64
+    for launch_bound in (False, True):
+        params, _ = _train_vectors(monkeypatch, launch_bound, 6, nan_at=4)
+        before, _ = _train_vectors(monkeypatch, launch_bound, 4)
+        after_skip, _ = _train_vectors(monkeypatch, launch_bound, 5, nan_at=4)
+        for index, (p, q) in enumerate(zip(before, after_skip)):
+            assert torch.equal(p, q) == (index in (2, len(params) - 1)), index  # only the two skipped
+
+
+def test_padded_vector_stacks_resume_bit_for_bit(monkeypatch, tmp_path):
+    """A run that saves its state (views into a padded stack) and resumes steps to the same bits as
+    one that never stopped."""
+    straight, _ = _train_vectors(monkeypatch, True, 9)
+    params, optimizer = _train_vectors(monkeypatch, True, 5)
+    torch.save(optimizer.state_dict(), tmp_path / "state.pt")
+    weights = [p.detach().clone() for p in params]
+    resumed = [torch.nn.Parameter(w) for w in weights]
+    optimizer = Automagic_Sinkgd(resumed, **SETTINGS)
+    optimizer.load_state_dict(torch.load(tmp_path / "state.pt"))
+    generator = torch.Generator().manual_seed(1)
+    for step in range(9):
+        grads = [torch.randn(p.shape, generator=generator) * 0.01 for p in resumed]
+        if step < 5:
+            continue
+        for p, g in zip(resumed, grads):
+            p.grad = g
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_padded_vector_chunks_bound_their_padding():
+    """Vectors merge longest first while the padding stays small: under 1M elements any mix, above
+    it at most 4x the tensors' own elements, and never past the chunk limit."""
+    def chunks(lengths, limit=1 << 24):
+        members = [(i, torch.empty(n), None, None, None, False) for i, n in enumerate(lengths)]
+        return [[m[1].numel() for m in chunk] for chunk in core._padded_vector_chunks(members, limit)]
+
+    assert chunks([320, 5120, 640, 4]) == [[5120, 640, 320, 4]]
+    # padded to 1M each, a fifth vector would make the chunk 5M for its 1M + 64 own elements
+    assert chunks([1 << 20] + [16] * 4) == [[1 << 20, 16, 16, 16], [16]]
+    assert chunks([1 << 19] * 3 + [1 << 18]) == [[1 << 19] * 3 + [1 << 18]]  # 2M padded, 1.75M own
+    assert chunks([64] * 10, limit=256) == [[64] * 4, [64] * 4, [64] * 2]

@@ -127,7 +127,8 @@ def test_the_cuda_step_has_no_host_syncs(per_param, fused):
     # first time, which the sync debug mode would flag); upload it before the guarded steps.
     rounding_noise_table("cuda")
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(4, 12), (4, 12), (12,), (40, 700)]]
+    # vectors of two lengths: the eager step stacks them padded
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(4, 12), (4, 12), (12,), (7,), (40, 700)]]
     params.append(torch.nn.Parameter(torch.randn(16, 24, device="cuda", dtype=torch.bfloat16)))
     _run_guarded(params, 6, per_param, **dict(_FUSED, fused=fused))
     torch.cuda.synchronize()
