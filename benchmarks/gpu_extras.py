@@ -1,6 +1,6 @@
 """The GPU checks that are not tests or timings (run by benchmarks/gpu_check.sh, on a CUDA GPU):
 
-  * sync: eager and fused steps of the SD1.5-LoRA set inside torch.cuda.set_sync_debug_mode("error"),
+  * sync: eager and fused steps of the SD1.5-LoRA set (and a few vectors) inside torch.cuda.set_sync_debug_mode("error"),
     which raises on any host-device synchronisation in step();
   * tf32: the same eager and fused steps with TF32 matmuls allowed and forbidden: SinkGD's
     mat-vecs run in true float32 either way (library.automagic_sinkgd._ieee_float32_matmuls), so
@@ -29,7 +29,8 @@ SETTINGS = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, warmup_steps=4, orthograd=Tru
 
 def _steps(fused: bool, steps: int = 6, dtype=torch.float32, state_precision: str = "fp32", sync_check=False):
     """Weights after ``steps`` steps (every phase: warm-up, its end, OrthoGrad) and the last step's ms."""
-    params = make_params(lora_shapes(), seed=0, dtype=dtype, device="cuda")
+    # and vectors of three lengths, which the eager step stacks zero-padded
+    params = make_params(lora_shapes() + [(320,), (640,), (1280,), (640,)], seed=0, dtype=dtype, device="cuda")
     optimizer = Automagic_Sinkgd(params, fused=fused, state_precision=state_precision, **SETTINGS)
     generator = torch.Generator(device="cuda").manual_seed(1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
