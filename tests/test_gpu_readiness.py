@@ -282,7 +282,7 @@ def test_large_tensors_take_fused_chunks_as_large_as_the_split_kernels_buffer(mo
 def _vector_model(dtype=torch.float32, seed=0):
     """Biases and norm weights of five lengths (one alone), and matrices, as a U-Net has them."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = [(40,), (40,), (24,), (7,), (24,), (40,), (3,), (1,), (12, 24), (6, 5), (12, 24)]
+    shapes = [(40,), (40,), (24,), (7,), (24,), (40,), (3,), (1,), (), (12, 24), (6, 5), (12, 24)]
     return [torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.1).to(dtype)) for shape in shapes]
 
 
@@ -316,8 +316,10 @@ def test_a_gpu_steps_vectors_of_every_length_as_one_padded_stack(monkeypatch, st
     on_cpu, cpu_optimizer = _train_vectors(monkeypatch, False, 8, state_precision, dtype, nan_at=4)
     cpu_calls, calls[:] = list(calls), []
     on_gpu, gpu_optimizer = _train_vectors(monkeypatch, True, 8, state_precision, dtype, nan_at=4)
-    assert sorted(cpu_calls[-7:]) == [1, 1, 1, 1, 2, 2, 3]  # CPU: a bucket per shape
-    assert sorted(calls[-3:]) == [1, 2, 8]  # GPU: the matrices by shape, every vector in one stack
+    # the last step's buckets: CPU one per shape (the 0-d tensor with the 1-element vector), GPU the
+    # matrices by shape and every vector in one stack
+    assert sorted(cpu_calls[-7:]) == [1, 1, 1, 2, 2, 2, 3]
+    assert sorted(calls[-3:]) == [1, 2, 9]
     tolerance = dict(rtol=2e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=0, atol=0)
     for p_cpu, p_gpu in zip(on_cpu, on_gpu):
         assert p_cpu.shape == p_gpu.shape
