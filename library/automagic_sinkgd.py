@@ -767,10 +767,14 @@ def finite_flags(grads: list[Tensor]) -> Tensor:
     multi-tensor L1 norm (NaN and Inf survive it, as they survive ``_finite_or_zeroed``'s sum)
     instead of three launches per bucket, where launches are the cost (a GPU). The two tests
     differ only for gradients whose sum overflows float32, |g| ~ 1e34, flagged a little earlier
-    here (the sum of |g| overflows first)."""
-    wide = any(g.dtype == torch.float64 for g in grads)
-    norms = torch._foreach_norm(grads, 1, dtype=torch.float64 if wide else torch.float32)
-    return torch.stack(norms).mul_(0.0).eq_(0.0)
+    here (the sum of |g| overflows first). Each norm comes out in its gradient's dtype (the
+    ``dtype=`` argument is not in every torch this supports), so float16 gradients, whose norm
+    would overflow at 65504, are not taken (``_FLAGGED_DTYPES``); bfloat16 has float32's range."""
+    wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return torch.stack(torch._foreach_norm(grads, 1)).to(wide).mul_(0.0).eq_(0.0)
+
+
+_FLAGGED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optional[Tensor],
@@ -1642,7 +1646,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         flags: list[Optional[Tensor]] = [None] * len(chunks)
         by_device: dict[torch.device, list[int]] = {}
         for position, chunk in enumerate(chunks):
-            if _launch_bound(chunk[0][1].device):
+            if _launch_bound(chunk[0][1].device) and all(m[2].dtype in _FLAGGED_DTYPES for m in chunk):
                 by_device.setdefault(chunk[0][1].device, []).append(position)
         for positions in by_device.values():
             together = finite_flags([m[2] for position in positions for m in chunks[position]])

@@ -344,6 +344,11 @@ def test_a_gpu_tests_the_whole_groups_gradients_for_nan_and_inf_at_once(monkeypa
              torch.full((4,), 3e38)]
     assert core.finite_flags(grads).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # the last: its |g| sum overflows
     assert core.finite_flags(grads + [torch.ones(2, dtype=torch.float64)]).dtype == torch.float64
+    # float16 gradients (their L1 norm would overflow at 65504) keep the per-chunk test
+    monkeypatch.setattr(core, "_launch_bound", lambda device: True)
+    half = [(0, torch.zeros(3), torch.full((3,), 3e4, dtype=torch.float16), None, None, False)]
+    assert core.Automagic_Sinkgd._finite_flags_of([half]) == [None]
+    assert core.Automagic_Sinkgd._finite_flags_of([[(0, torch.zeros(3), torch.ones(3), None, None, False)]])[0] == 1
     for launch_bound in (False, True):
         params, _ = _train_vectors(monkeypatch, launch_bound, 6, nan_at=4)
         before, _ = _train_vectors(monkeypatch, launch_bound, 4)
