@@ -211,11 +211,20 @@ def _ieee_float32_matmuls():
     if torch.compiler.is_compiling() or not matmul.allow_tf32:
         yield
         return
-    matmul.allow_tf32 = False
+    try:
+        medium = torch.get_float32_matmul_precision() == "medium"
+    except RuntimeError:  # the trainer mixed torch's two TF32 APIs itself: its settings stay as they are
+        medium = False
+    matmul.allow_tf32 = False  # the legacy flag: it keeps cuBLAS's legacy and per-backend settings alike
     try:
         yield
     finally:
-        matmul.allow_tf32 = True
+        # the flag turns on "high"; a trainer's "medium" (TF32, and bf16 where a backend has it) is
+        # set again, or torch.get_float32_matmul_precision() would raise on the mixed settings
+        if medium:
+            torch.set_float32_matmul_precision("medium")
+        else:
+            matmul.allow_tf32 = True
 
 
 def sinkgd_normalize(update: Tensor, iters: int) -> Tensor:
@@ -634,6 +643,15 @@ def _padded_rows(stacked: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     return [row[:t.numel()] for row, t in zip(stacked.unbind(0), tensors)]
 
 
+def _copy_into_rows(rows: list[Tensor], tensors: list[Tensor]) -> None:
+    """``rows[i].copy_(tensors[i])`` as one multi-tensor copy. CUDA's multi-tensor copy has no
+    unsigned 16-bit kernel: the bf16 state's mask codes are copied as the int16 they are bit for bit."""
+    sources = [t.reshape(-1) for t in tensors]
+    if rows and rows[0].dtype == torch.uint16:
+        rows, sources = [r.view(torch.int16) for r in rows], [t.view(torch.int16) for t in sources]
+    torch._foreach_copy_(rows, sources)
+
+
 def _gathers_as_view(tensors: list[Tensor], dtype: Optional[torch.dtype] = None) -> bool:
     """Whether ``_gather`` returns a view of the tensor itself (so in-place math lands in it): a
     single contiguous tensor already in ``dtype``. Decided from shapes and strides alone, never
@@ -652,7 +670,7 @@ def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch
             stacked = stacked.contiguous()
     elif _is_padded(tensors, shape):
         stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
-        torch._foreach_copy_(_padded_rows(stacked, tensors), [t.reshape(-1) for t in tensors])
+        _copy_into_rows(_padded_rows(stacked, tensors), tensors)
     else:
         stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
     return stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
@@ -688,7 +706,7 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
         # vectors of different lengths: each state tensor becomes the front of its zero-padded row
         stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
         rows = _padded_rows(stacked, tensors)
-        torch._foreach_copy_(rows, [t.reshape(-1) for t in tensors])
+        _copy_into_rows(rows, tensors)
         for state, view, old in zip(states, rows, tensors):
             state[key] = view.view(old.shape)
     else:
@@ -914,12 +932,13 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     is loaded to float32 around the same math and stored back; ``state_seeds`` seed its rounding
     per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``).
     ``finite`` (B,): the gradients' finite test, where the caller made it for the whole group."""
-    if _fused_phase(group, phase):
+    shape = _matrix_shape(params[0].shape)
+    # The kernels take tensors of one shape; a padded stack of vectors (the eager step's own) never.
+    if _fused_phase(group, phase) and not _is_padded(params, shape):
         kernels = _fused_kernels()
         if kernels is not None and _fused_step_bucket(kernels, params, grads, states, group, phase, is_matrix,
                                                       group_stats, weight_seeds, state_seeds, stack_cache):
             return
-    shape = _matrix_shape(params[0].shape)
     compact = group["state_precision"] != "fp32"
     # The math's dtype: float32, or float64 for float64 weights, whatever the storage.
     state_dtype = torch.promote_types(params[0].dtype, torch.float32) if compact else states[0]["exp_avg"].dtype

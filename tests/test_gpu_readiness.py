@@ -216,6 +216,18 @@ def test_sinkgd_matvecs_run_in_true_float32_under_tf32(monkeypatch):
         matmul.allow_tf32 = previous
 
 
+def test_sinkgd_matvecs_leave_a_medium_matmul_precision_as_it_was(monkeypatch):
+    """torch.set_float32_matmul_precision("medium") (TF32, and bf16 where a backend has it) is
+    restored as "medium", not "high", and torch.get_float32_matmul_precision() still answers (it
+    raises once the legacy flag and the per-backend settings disagree)."""
+    torch.set_float32_matmul_precision("medium")
+    try:
+        _check_sinkgd_matvecs_in_float32(monkeypatch, torch.backends.cuda.matmul)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")  # torch's default
+
+
 def _check_sinkgd_matvecs_in_float32(monkeypatch, matmul):
     seen = []
     real_bmm = torch.bmm
@@ -390,3 +402,60 @@ def test_padded_vector_chunks_bound_their_padding():
     assert chunks([1 << 20] + [16] * 4) == [[1 << 20, 16, 16, 16], [16]]
     assert chunks([1 << 19] * 3 + [1 << 18]) == [[1 << 19] * 3 + [1 << 18]]  # 2M padded, 1.75M own
     assert chunks([64] * 10, limit=256) == [[64] * 4, [64] * 4, [64] * 2]
+
+
+def test_a_padded_stack_of_vectors_never_reaches_the_fused_kernels(monkeypatch):
+    """With fused=True, a vector bucket the kernels refuse (here: a misaligned gradient view) joins
+    the eager step's padded stack of every length; the kernels, which step tensors of one shape,
+    must not be offered that stack again (they would read and write each shorter vector for the
+    longest one's length: past its end). Memory next to the vectors stays untouched, and the
+    weights and masks are the CPU step's."""
+    monkeypatch.setattr(core, "_GPU_CHUNK_NUMEL", 128)  # small chunks, as the 16M limit splits large sets
+    monkeypatch.setattr(core, "_PADDED_VECTORS_FREE", 0)
+    offered = []
+    real_fused = core._fused_step_bucket
+    monkeypatch.setattr(core, "_fused_step_bucket", lambda kernels, params, *a: offered.append(
+        {p.numel() for p in params}) or real_fused(kernels, params, *a))
+
+    def run(launch_bound):
+        monkeypatch.setattr(core, "_launch_bound", lambda device: launch_bound or DEVICE != "cpu")
+        generator = torch.Generator().manual_seed(0)
+        storage = torch.full((64,), 7.0, device=DEVICE)  # three vectors, then memory that is not a parameter
+        storage[:24] = torch.randn(24, generator=generator).to(DEVICE) * 0.1
+        params = [torch.nn.Parameter(torch.randn(n, generator=generator).to(DEVICE) * 0.1) for n in (64, 32, 32)]
+        params += [torch.nn.Parameter(storage[8 * i:8 * i + 8]) for i in range(3)]
+        params.append(torch.nn.Parameter(torch.randn(8, generator=generator).to(DEVICE) * 0.1))
+        optimizer = Automagic_Sinkgd(params, **{**SETTINGS, "fused": True, "warmup_steps": 8})
+        for _ in range(3):
+            flat = torch.zeros(400, device=DEVICE)
+            start = 0
+            for index, p in enumerate(params):
+                shift = 1 if index in (0, 1, 6) else 0  # 4 bytes off: not a 16-byte aligned start
+                p.grad = flat[start + shift:start + shift + p.numel()]
+                p.grad.copy_(torch.randn(p.numel(), generator=generator).to(DEVICE) * 0.01)
+                start += 64
+            optimizer.step()
+        return storage, params, optimizer
+
+    cpu_storage, cpu_params, cpu_optimizer = run(False)
+    offered.clear()
+    storage, params, optimizer = run(True)
+    assert offered and all(len(lengths) == 1 for lengths in offered), offered
+    assert torch.equal(storage[24:], torch.full((40,), 7.0, device=DEVICE))
+    for p, q in zip(cpu_params, params):
+        torch.testing.assert_close(q, p, rtol=2e-6, atol=1e-9)
+        torch.testing.assert_close(optimizer.state[q]["avg_lr"], cpu_optimizer.state[p]["avg_lr"])
+
+
+def test_the_padded_stacks_multi_tensor_copies_take_no_unsigned_16_bit_tensors(monkeypatch):
+    """The bf16 state's mask codes are uint16; CUDA's multi-tensor copy has no kernel for them, so
+    the padded stack copies them as int16 (the same bits)."""
+    dtypes = set()
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda rows, sources, *a, **k: dtypes.update(
+        {r.dtype for r in rows} | {s.dtype for s in sources}) or real_copy(rows, sources, *a, **k))
+    on_gpu, gpu_optimizer = _train_vectors(monkeypatch, True, 4, "bf16", torch.bfloat16)
+    assert torch.int16 in dtypes and torch.uint16 not in dtypes, dtypes
+    on_cpu, _ = _train_vectors(monkeypatch, False, 4, "bf16", torch.bfloat16)
+    assert all(torch.equal(p, q) for p, q in zip(on_cpu, on_gpu))
+    assert all(gpu_optimizer.state[p]["lr_mask"].dtype == torch.uint16 for p in on_gpu)
