@@ -238,6 +238,8 @@ FIXES = {
          "high_performance"),
         ("the document's decay (the preset before this round)", dict(decay_horizon="warmup", decay_floor=0.1),
          "high_performance"),
+        # a share of the run: min(800, 0.8 x run) on runs under 1,000 steps, which leave warm-up
+        ("warmup_steps=0.8", dict(warmup_steps=0.8), "high_performance"),
     ),
     "full_real": (
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)

@@ -100,6 +100,11 @@ CANDIDATES: tuple = (
     ("lora_scale_power_above=0.75", "high_performance", dict(lora_scale_power_above=0.75)),
     # its fixed 800-step warm-up then decays to 0 at the run's end (acts on runs longer than 800 only)
     ("decay over the run to 0", "high_performance", dict(decay_horizon="run", decay_floor=0.0)),
+    # the warm-up as a share of the run, at most 800 steps (the shipped preset takes 0.8): a short
+    # run decays over its last part instead of never leaving warm-up
+    ("warmup_steps=0.9", "high_performance", dict(warmup_steps=0.9)),
+    ("fixed 800-step warm-up (the preset before this round)", "high_performance",
+     dict(warmup_steps=800, max_warmup_steps=None)),
     # with lora_scale_power: the log-space mask reaches the toy's 20x higher rates in warm-up
     ("lora_scale_power, multiplicative mask 0.35 annealed after 10, max_lr=0.1", "lora",
      dict(mask_rule="multiplicative", relative_bump=0.35, mask_bump_decay=10, max_lr=0.1, warmup_steps=0.25,
@@ -538,7 +543,8 @@ SUMMARY_ROWS = ["preset lora", "preset high_performance", "preset full", "Prodig
                 "full: the document's decay (the preset before this round)",
                 "lora: warmup_steps=0.25, lora_scale_power_above=0 (the preset before this round)",
                 "lora: without lora_scale_power, quarter-run warm-up (two presets ago)",
-                "high_performance: without lora_scale_power (the previous preset)"]
+                "high_performance: without lora_scale_power (the previous preset)",
+                "high_performance: fixed 800-step warm-up (the preset before this round)"]
 
 
 def write_report(out: Path) -> None:

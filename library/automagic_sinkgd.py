@@ -359,13 +359,14 @@ def annealed_log_bump(log_bump: float, decay_after: Optional[int], t: int, latti
     return max(1, round(move / lattice_step)) * lattice_step if lattice_step > 0 else move
 
 
-def warmup_length(warmup_steps: Union[int, float], total_steps: Optional[int]) -> int:
+def warmup_length(warmup_steps: Union[int, float], total_steps: Optional[int],
+                  max_steps: Optional[int] = None) -> int:
     """The warm-up in steps: an integer count (the document), or a share in (0, 1) of the run's
     total_steps (opt-in, as kohya reads its own --lr_warmup_steps), so that the phase split
-    follows the run length: a 300-step run leaves warm-up, a 5000-step run adapts longer."""
-    if isinstance(warmup_steps, float):
-        return max(1, round(warmup_steps * total_steps))
-    return warmup_steps
+    follows the run length: a 300-step run leaves warm-up, a 5000-step run adapts longer.
+    ``max_steps`` (opt-in) caps it: a share of a short run, a fixed length on long ones."""
+    length = max(1, round(warmup_steps * total_steps)) if isinstance(warmup_steps, float) else warmup_steps
+    return length if max_steps is None else min(length, max_steps)
 
 
 def relative_lr_bump(lr_bump: float, relative_bump: Optional[float], base_lr: float) -> float:
@@ -1067,8 +1068,13 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 # Settings added after the document (opt-in), with the values that give the document's step.
 _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
                         mask_rule="additive", mask_bump_decay=None, lora_scale=None, lora_scale_power=0.0,
-                        lora_scale_power_above=None, lora_lr_factor=1.0)
+                        lora_scale_power_above=None, lora_lr_factor=1.0, max_warmup_steps=None)
 MASK_RULES = ("additive", "multiplicative")
+
+
+def _planned_warmup(group: dict) -> int:
+    """The group's warm-up in steps for its present settings (``warmup_length``)."""
+    return warmup_length(group["warmup_steps"], group["total_steps"], group["max_warmup_steps"])
 
 
 def _group_mask_codec(group: dict) -> tuple:
@@ -1134,6 +1140,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         warmup_steps: steps during which the mask adapts: an integer >= 1, or a share in (0, 1)
             of total_steps (opt-in, kohya's --lr_warmup_steps convention; the kohya hook and the
             built-in trainer use 0.25 when neither your arguments nor the preset set it).
+        max_warmup_steps: opt-in, None or an integer >= 1: the warm-up is at most this many steps
+            (with a share: that share of a short run, this length on long ones).
         full_finetune: False = LoRA mode (4 SinkGD iterations, ALLoRA), True = 5 iterations.
         orthograd: apply OrthoGrad to matrix updates after warm-up.
         stats_update_freq: refresh the group's gradient statistics every N steps; >= 1.
@@ -1173,7 +1181,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None,
                  mask_rule: str = "additive", mask_bump_decay: Optional[int] = None,
                  lora_scale: Optional[float] = None, lora_scale_power: float = 0.0,
-                 lora_scale_power_above: Optional[float] = None):
+                 lora_scale_power_above: Optional[float] = None, max_warmup_steps: Optional[int] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
@@ -1183,7 +1191,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps,
                         mask_rule=mask_rule, mask_bump_decay=mask_bump_decay, lora_scale=lora_scale,
                         lora_scale_power=lora_scale_power, lora_scale_power_above=lora_scale_power_above,
-                        lora_lr_factor=1.0)
+                        lora_lr_factor=1.0, max_warmup_steps=max_warmup_steps)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -1313,6 +1321,10 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      "an integer >= 1 (steps), or a number in (0, 1): that share of total_steps")
         _check_range("warmup_steps" + where, warmup, not share or get("total_steps") is not None,
                      "a share in (0, 1) together with total_steps (kohya's max_train_steps), or an integer >= 1")
+        cap = get("max_warmup_steps")
+        _check_range("max_warmup_steps" + where, cap,
+                     cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1),
+                     "None or an integer >= 1 (the longest warm-up, in steps)")
         freq = get("stats_update_freq")
         _check_range("stats_update_freq" + where, freq, isinstance(freq, int) and freq >= 1,
                      "an integer >= 1")
@@ -1387,7 +1399,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             return self._init_compact_state(p, group)
         state = self.state[p]
         state_dtype = torch.promote_types(p.dtype, torch.float32)
-        warmup = warmup_length(group["warmup_steps"], group["total_steps"])
+        warmup = _planned_warmup(group)
         # The mask starts at the group's base lr: kohya's schedulers with warm-up put 0 into
         # group["lr"] at step 0 and keep the base in "initial_lr".
         start_lr = _start_lr(group.get("initial_lr", group["lr"]))
@@ -1411,7 +1423,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         """The layout of ``state_precision="bf16"`` (see the class docstring); per-tensor scalars
         stay float32."""
         state = self.state[p]
-        warmup = warmup_length(group["warmup_steps"], group["total_steps"])
+        warmup = _planned_warmup(group)
         start_lr = _start_lr(group.get("initial_lr", group["lr"]))
         codec = _group_mask_codec(group)
         state["step"] = 0
@@ -1446,14 +1458,14 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         ended at. A resumed run with a longer total_steps moves a share-based warm-up's end, but
         a warm-up that has ended has freed its sign history: it must stay ended."""
         ended = state.get("warmup_ended")
-        return ended if ended is not None else warmup_length(group["warmup_steps"], group["total_steps"])
+        return ended if ended is not None else _planned_warmup(group)
 
     def _advance_phase(self, state: dict, group: dict) -> int:
         """Advance the tensor's own step counter; free state its next phases no longer need."""
         state["step"] += 1
         t = state["step"]
         if "lr_decay" in state and "warmup_ended" not in state:  # saved before the end was recorded
-            state["warmup_ended"] = min(warmup_length(group["warmup_steps"], group["total_steps"]), t - 1)
+            state["warmup_ended"] = min(_planned_warmup(group), t - 1)
         warmup = self._warmup_of(state, group)
         freed = False
         if t >= warmup / 2:

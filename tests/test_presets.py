@@ -41,9 +41,10 @@ MEASURED_CHANGES = {
     # 0.2 x its lr, absolute as its bf16 state needs (measured as relative_bump=0.2); the decay to 0
     # at the run's end (full_real and the robustness matrix's full cells)
     "full": dict(lr_bump=2e-6, warmup_steps=0.25, decay_horizon="run", decay_floor=0.0),
-    # the lrs follow rank / alpha below alpha = rank, (rank / alpha) ** 0.75 above it
-    # and the decay to 0 at the run's end after its 800-step warm-up
-    "high_performance": dict(lora_scale_power=1.0, lora_scale_power_above=0.75, decay_horizon="run", decay_floor=0.0),
+    # the lrs follow rank / alpha below alpha = rank, (rank / alpha) ** 0.75 above it, the decay to
+    # 0 at the run's end, and a warm-up of 0.8 of the run up to the document's 800 steps
+    "high_performance": dict(lora_scale_power=1.0, lora_scale_power_above=0.75, decay_horizon="run", decay_floor=0.0,
+                             warmup_steps=0.8, max_warmup_steps=800),
 }
 
 
@@ -58,6 +59,16 @@ def test_the_full_warmup_share_is_the_documents_warmup_at_the_benchmarks_run_len
     from library.automagic_sinkgd import warmup_length
 
     assert warmup_length(_shipped("full")[1]["warmup_steps"], 4000) == SPEC["full"][1]["warmup_steps"]
+
+
+def test_the_high_performance_warmup_is_the_documents_on_runs_of_1000_steps_or_more():
+    """0.8 of the run, at most 800 steps: the document's 800 from 1,000 steps on, 0.8 of a shorter run
+    (which the document's 800 steps never let leave warm-up)."""
+    from library.automagic_sinkgd import warmup_length
+
+    args = _shipped("high_performance")[1]
+    assert [warmup_length(args["warmup_steps"], steps, args["max_warmup_steps"]) for steps in (200, 600, 1000, 5000)] \
+        == [160, 480, SPEC["high_performance"][1]["warmup_steps"], 800]
 
 
 def test_lora_relative_bump_is_the_documents_bump_at_the_presets_lr():

@@ -290,3 +290,24 @@ def test_a_bad_warmup_is_a_clear_error(value, total, message):
     with pytest.raises(ValueError, match="warmup_steps") as error:
         Automagic_Sinkgd(_groups()[0]["params"], lr=1e-4, warmup_steps=value, total_steps=total)
     assert message in str(error.value)
+
+
+def test_max_warmup_steps_caps_the_warmup_and_is_validated():
+    """A share of a short run, a fixed length on long ones; a group saved before the option existed
+    has none (the document's warm-up)."""
+    assert warmup_length(0.8, 500, 800) == 400 and warmup_length(0.8, 2000, 800) == 800
+    assert warmup_length(500, None, 300) == 300 and warmup_length(0.8, 500, None) == 400
+    params = [torch.nn.Parameter(torch.zeros(3, 4))]
+    for bad in (0, -5, 2.5, True, "800"):
+        with pytest.raises(ValueError, match="max_warmup_steps"):
+            Automagic_Sinkgd(params, warmup_steps=0.8, total_steps=500, max_warmup_steps=bad)
+    optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=0.8, total_steps=20, max_warmup_steps=6)
+    for step in range(8):
+        params[0].grad = torch.full((3, 4), 0.1 if step % 2 else -0.1)
+        optimizer.step()
+        assert ("lr_decay" in optimizer.state[params[0]]) == (step + 1 >= 6), step  # warm-up ends at step 6, not 16
+    saved = optimizer.state_dict()
+    del saved["param_groups"][0]["max_warmup_steps"]  # as an older version wrote it
+    older = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=0.8, total_steps=20, max_warmup_steps=6)
+    older.load_state_dict(saved)
+    assert older.param_groups[0]["max_warmup_steps"] is None

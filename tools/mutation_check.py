@@ -107,8 +107,8 @@ MUTATIONS = [
              "            elif False:\n",
              ("tests/test_run_length.py",), "extend or longer"),
     Mutation("g", "a warm-up that ended restarts when a longer run moves its end (its sign history is gone)", CORE,
-             "        return ended if ended is not None else warmup_length(group[\"warmup_steps\"], group[\"total_steps\"])\n",
-             "        return warmup_length(group[\"warmup_steps\"], group[\"total_steps\"])\n",
+             "        return ended if ended is not None else _planned_warmup(group)\n",
+             "        return _planned_warmup(group)\n",
              ("tests/test_run_length.py",), "extend or longer"),
     Mutation("h", "the multiplicative mask rule falls back to the additive one", CORE,
              "        mask_update_ = rprop_mask_update_ if mask_rule == \"multiplicative\" else automagic_mask_update_\n",
@@ -146,6 +146,10 @@ MUTATIONS = [
              "        optimizer._steps_restart_on_resume = not hasattr(args, \"initial_step\")\n",
              "        optimizer._steps_restart_on_resume = False\n",
              ("tests/test_run_length.py", "tests/test_kohya_hook.py")),
+    Mutation("p", "max_warmup_steps is ignored (high_performance's short runs never leave warm-up again)", CORE,
+             "    return warmup_length(group[\"warmup_steps\"], group[\"total_steps\"], group[\"max_warmup_steps\"])\n",
+             "    return warmup_length(group[\"warmup_steps\"], group[\"total_steps\"])\n",
+             ("tests/test_run_length.py", "tests/test_presets.py", "tests/test_builtin_rough_edges.py")),
 ]
 
 

@@ -947,13 +947,16 @@ def resume_command(state: Path) -> str:
 
 def warmup_outlasts_run(optimizer, steps: int) -> str | None:
     """One line when Automagic_Sinkgd's warm-up is not shorter than the run: its mask would adapt to the
-    end and never settle or decay (e.g. the high_performance preset's 800 steps on a short run)."""
+    end and never settle or decay (e.g. warmup_steps=800 on a short run)."""
     if not hasattr(optimizer, "effective_lrs") or "warmup_steps" not in optimizer.param_groups[0]:
         return None
     from ..automagic_sinkgd import warmup_length
 
-    group = max(optimizer.param_groups, key=lambda g: warmup_length(g["warmup_steps"], g.get("total_steps")))
-    warmup = warmup_length(group["warmup_steps"], group.get("total_steps"))
+    def planned(g):
+        return warmup_length(g["warmup_steps"], g.get("total_steps"), g.get("max_warmup_steps"))
+
+    group = max(optimizer.param_groups, key=planned)
+    warmup = planned(group)
     if warmup < steps:
         return None
     return (f"warmup_steps={group['warmup_steps']} is not shorter than this run ({steps} steps): the mask adapts "
