@@ -238,8 +238,10 @@ FIXES = {
          "high_performance"),
         ("the document's decay (the preset before this round)", dict(decay_horizon="warmup", decay_floor=0.1),
          "high_performance"),
-        # a share of the run: min(800, 0.8 x run) on runs under 1,000 steps, which leave warm-up
-        ("warmup_steps=0.8", dict(warmup_steps=0.8), "high_performance"),
+        # the preset's warm-up before it took 0.8 of a run shorter than 1,000 steps (such a run never
+        # left this one)
+        ("fixed 800-step warm-up (the preset before this round)", dict(warmup_steps=800, max_warmup_steps=None),
+         "high_performance"),
     ),
     "full_real": (
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)
