@@ -8,7 +8,8 @@
 #      the eager step, compared bit for bit;
 #   3. benchmarks/gpu_extras.py: step() under torch.cuda.set_sync_debug_mode("error") (eager and
 #      fused, fp32 and bf16 state), TF32 on against off (bit-equal weights, both step times), the
-#      registers and spills of every kernel variant that launched;
+#      GPU's steps against the CPU's eager step (each tensor's update within 1 %), the registers and
+#      spills of every kernel variant that launched;
 #   4. the benchmark: eager / fused / AdamW(foreach) / AdamW(fused) on the SD1.5-LoRA, SDXL-LoRA and
 #      full sets, and eager / fused / AdamW(fused) on the SDXL full fine-tune (every U-Net weight in
 #      bf16, the full preset's bf16 state), step times, profiler launch counts and GB/s, into

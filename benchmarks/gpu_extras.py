@@ -5,7 +5,12 @@
   * tf32: the same eager and fused steps with TF32 matmuls allowed and forbidden: SinkGD's
     mat-vecs run in true float32 either way (library.automagic_sinkgd._ieee_float32_matmuls), so
     the weights must agree bit for bit; the step times of both are printed;
-  * registers: registers and spills of every kernel variant the runs above compiled.
+  * registers: registers and spills of every kernel variant the runs above compiled;
+  * cpu: the eager and fused GPU steps against the CPU's eager step from the same weights and
+    gradients (LoRA-sized and split-sized matrices, vectors of four lengths), fp32 and bf16 state:
+    each tensor's total update must agree to 1 % (float32 sums in another order may flip a few mask
+    decisions, not more); a GPU-only defect (a padded stack's padding leaking, a kernel's missing
+    dtype) shows as an error or an O(1) difference.
 
     python benchmarks/gpu_extras.py [--json benchmarks/results/gpu_extras.json]
 """
@@ -57,9 +62,51 @@ def check_sync() -> dict:
             try:
                 _steps(fused, dtype=dtype, state_precision=precision, sync_check=True)
                 results[label] = "no host sync"
-            except RuntimeError as error:
-                results[label] = f"SYNC: {error}"
+            except RuntimeError as error:  # a sync, or the step failing on this GPU
+                kind = "SYNC" if "synchroniz" in str(error).lower() else "ERROR"
+                results[label] = f"{kind}: {error}"
             print(f"sync  {label:22s} {results[label]}", flush=True)
+    return results
+
+
+AGREEMENT_SHAPES = [(4, 320)] * 3 + [(320, 4)] * 3 + [(640, 640)] * 2 + [(320,), (640,), (1280,), (7,), (640,)]
+
+
+def _trained_updates(device: str, fused: bool, state_precision: str, steps: int = 6) -> list[torch.Tensor]:
+    """Each tensor's total update after ``steps`` steps from seeded weights and gradients (drawn on
+    the CPU, so every device gets the same ones), as float64 on the CPU."""
+    params = make_params(AGREEMENT_SHAPES, seed=0, device=device)
+    start = [p.detach().double().cpu() for p in params]
+    optimizer = Automagic_Sinkgd(params, fused=fused, state_precision=state_precision, **SETTINGS)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(device)
+        optimizer.step()
+    return [p.detach().double().cpu() - w for p, w in zip(params, start)]
+
+
+def update_disagreement(device: str, fused: bool, state_precision: str, reference: str = "cpu") -> float:
+    """The largest relative difference between a tensor's total update on ``device`` and on the
+    ``reference`` device's eager step: ||u_device - u_ref|| / ||u_ref||."""
+    ours = _trained_updates(device, fused, state_precision)
+    theirs = _trained_updates(reference, False, state_precision)
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, theirs))
+
+
+def check_cpu_agreement() -> dict:
+    results = {}
+    for fused in (False, True):
+        for precision in ("fp32", "bf16"):
+            label = f"{'fused' if fused else 'eager'}, {precision} state"
+            try:
+                worst = update_disagreement("cuda", fused, precision)
+                results[label] = dict(relative_difference=worst, agrees=worst <= 1e-2)
+                verdict = "agrees" if worst <= 1e-2 else "DIFFERS"
+                print(f"cpu   {label:22s} {verdict} with the CPU step (worst tensor {worst:.2e})", flush=True)
+            except Exception as error:  # noqa: BLE001 - reported, and counted as a failure
+                results[label] = dict(error=f"{type(error).__name__}: {error}", agrees=False)
+                print(f"cpu   {label:22s} ERROR {type(error).__name__}: {error}", flush=True)
     return results
 
 
@@ -109,12 +156,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, sync=check_sync(),
-                  tf32=check_tf32(), registers=compiled_registers())
+                  tf32=check_tf32(), cpu=check_cpu_agreement(), registers=compiled_registers())
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=1)
     failed = [k for k, v in report["sync"].items() if v != "no host sync"]
     failed += [k for k, v in report["tf32"].items() if not v["bitwise_equal"]]
+    failed += [f"cpu agreement, {k}" for k, v in report["cpu"].items() if not v["agrees"]]
     failed += [r["kernel"] for r in report["registers"] if r["spills"]]
     print("gpu_extras: " + ("all checks passed" if not failed else f"FAILED: {failed}"))
     return 1 if failed else 0

@@ -80,7 +80,8 @@ _GPU_CHUNK_NUMEL = 1 << 24
 
 def _launch_bound(device: torch.device) -> bool:
     """Whether the device runs each op as a kernel launch (a GPU): chunks and rounding-noise
-    gathers are then sized to cut launches, not for the CPU's allocator and caches."""
+    gathers are then sized to cut launches, not for the CPU's allocator and caches, vectors of
+    every length share one padded stack, and the finite test is made once per group."""
     return device.type != "cpu"
 
 

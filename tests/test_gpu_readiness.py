@@ -459,3 +459,22 @@ def test_the_padded_stacks_multi_tensor_copies_take_no_unsigned_16_bit_tensors(m
     on_cpu, _ = _train_vectors(monkeypatch, False, 4, "bf16", torch.bfloat16)
     assert all(torch.equal(p, q) for p, q in zip(on_cpu, on_gpu))
     assert all(gpu_optimizer.state[p]["lr_mask"].dtype == torch.uint16 for p in on_gpu)
+
+
+def test_the_gpu_checks_comparison_with_the_cpu_tells_a_defect_from_rounding(monkeypatch):
+    """benchmarks/gpu_extras.py compares each tensor's total update on the GPU with the CPU step's
+    (1 % allowed). Stood in for on CPU by the GPU's eager choices: they agree within it, and a
+    padded stack whose padding counted in the means (a GPU-only defect) is 30x over it."""
+    from benchmarks import gpu_extras
+
+    real_trained = gpu_extras._trained_updates
+
+    def trained(device, fused, precision, steps=6):
+        monkeypatch.setattr(core, "_launch_bound", lambda d: device == "gpu")
+        return real_trained("cpu", fused, precision, steps)
+
+    monkeypatch.setattr(gpu_extras, "_trained_updates", trained)
+    assert gpu_extras.update_disagreement("gpu", False, "fp32") < 1e-2
+    real_means = core._row_means
+    monkeypatch.setattr(core, "_row_means", lambda stacked, weights=None, out=None: real_means(stacked, None, out))
+    assert gpu_extras.update_disagreement("gpu", False, "fp32") > 0.1
