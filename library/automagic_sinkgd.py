@@ -645,6 +645,14 @@ def _padded_rows(stacked: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     return [row[:t.numel()] for row, t in zip(stacked.unbind(0), tensors)]
 
 
+def _padded_stack(tensors: list[Tensor], shape: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+    """Vectors of different lengths as one zero-padded (B, *shape) copy, and each one's row in it."""
+    stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
+    rows = _padded_rows(stacked, tensors)
+    _copy_into_rows(rows, tensors)
+    return stacked, rows
+
+
 def _copy_into_rows(rows: list[Tensor], tensors: list[Tensor]) -> None:
     """``rows[i].copy_(tensors[i])`` as one multi-tensor copy. CUDA's multi-tensor copy has no
     unsigned 16-bit kernel: the bf16 state's mask codes are copied as the int16 they are bit for bit."""
@@ -671,8 +679,7 @@ def _gather(tensors: list[Tensor], shape: tuple[int, ...], dtype: Optional[torch
             # make it always a copy, so the caller knows which one it holds.
             stacked = stacked.contiguous()
     elif _is_padded(tensors, shape):
-        stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
-        _copy_into_rows(_padded_rows(stacked, tensors), tensors)
+        stacked = _padded_stack(tensors, shape)[0]
     else:
         stacked = torch.stack(_same_shape(tensors, shape)).reshape((len(tensors),) + shape)
     return stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
@@ -706,9 +713,7 @@ def _stacked_state(states: list[dict], key: str, shape: tuple[int, ...], cache: 
         stacked = base.view((len(tensors),) + shape)
     elif _is_padded(tensors, shape):
         # vectors of different lengths: each state tensor becomes the front of its zero-padded row
-        stacked = torch.zeros((len(tensors),) + shape, dtype=tensors[0].dtype, device=tensors[0].device)
-        rows = _padded_rows(stacked, tensors)
-        _copy_into_rows(rows, tensors)
+        stacked, rows = _padded_stack(tensors, shape)
         for state, view, old in zip(states, rows, tensors):
             state[key] = view.view(old.shape)
     else:
