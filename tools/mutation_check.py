@@ -125,8 +125,8 @@ MUTATIONS = [
              "            group[\"lr\"] = group[\"lr\"] * group.get(\"lora_lr_factor\", 1.0)\n",
              ("tests/test_lora_scale.py",)),
     Mutation("k", "the fused split path takes the eager step's chunks (twice the launches on a GPU)", CORE,
-             "                limit = kernels.split_chunk_numel(_matrix_shape(members[0][1].shape)) if kernels is not None else None\n",
-             "                limit = None\n",
+             "                                              kernels.split_chunk_numel(_matrix_shape(members[0][1].shape))):\n",
+             "                                              None):\n",
              ("tests/test_gpu_readiness.py",), "large_tensors"),
     Mutation("l", "the split path's partial column sums keep only each block's last tile row", KERNELS,
              "        part = tl.load(col_out_ptr + cols, mask=(cols < C) & not_first, other=0.0) + part\n",
@@ -150,6 +150,15 @@ MUTATIONS = [
              "    return warmup_length(group[\"warmup_steps\"], group[\"total_steps\"], group[\"max_warmup_steps\"])\n",
              "    return warmup_length(group[\"warmup_steps\"], group[\"total_steps\"])\n",
              ("tests/test_run_length.py", "tests/test_presets.py", "tests/test_builtin_rough_edges.py")),
+    Mutation("q", "a padded stack of vectors is offered to the fused kernels (they step one shape: past a shorter "
+             "vector's end)", CORE,
+             "    if _fused_phase(group, phase) and not _is_padded(params, shape):\n",
+             "    if _fused_phase(group, phase):\n",
+             ("tests/test_gpu_readiness.py",), "never_reaches"),
+    Mutation("r", "a padded stack's mask mean counts its padding (GPU eager step)", CORE,
+             "        _row_means(lr_mask, mean_weights, out=avg_lr)\n",
+             "        _row_means(lr_mask, None, out=avg_lr)\n",
+             ("tests/test_gpu_readiness.py",), "padded or vectors"),
 ]
 
 
