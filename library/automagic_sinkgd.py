@@ -940,8 +940,9 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     per tensor, and ``workspace`` lends the float32 buffers it is loaded into (see ``_workspace``).
     ``finite`` (B,): the gradients' finite test, where the caller made it for the whole group."""
     shape = _matrix_shape(params[0].shape)
+    padded = _is_padded(params, shape)
     # The kernels take tensors of one shape; a padded stack of vectors (the eager step's own) never.
-    if _fused_phase(group, phase) and not _is_padded(params, shape):
+    if _fused_phase(group, phase) and not padded:
         kernels = _fused_kernels()
         if kernels is not None and _fused_step_bucket(kernels, params, grads, states, group, phase, is_matrix,
                                                       group_stats, weight_seeds, state_seeds, stack_cache):
@@ -961,7 +962,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     grad = _gather(grads, shape, state_dtype)
     grad_is_copy = not _gathers_as_view(grads, state_dtype)
     mean_weights = None
-    if _is_padded(params, shape):
+    if padded:
         lengths = (tuple(p.numel() for p in params), state_dtype)
         known = stack_cache.get("mean_weights")
         if known is None or known[0] != lengths:

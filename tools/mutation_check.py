@@ -152,7 +152,7 @@ MUTATIONS = [
              ("tests/test_run_length.py", "tests/test_presets.py", "tests/test_builtin_rough_edges.py")),
     Mutation("q", "a padded stack of vectors is offered to the fused kernels (they step one shape: past a shorter "
              "vector's end)", CORE,
-             "    if _fused_phase(group, phase) and not _is_padded(params, shape):\n",
+             "    if _fused_phase(group, phase) and not padded:\n",
              "    if _fused_phase(group, phase):\n",
              ("tests/test_gpu_readiness.py",), "never_reaches"),
     Mutation("r", "a padded stack's mask mean counts its padding (GPU eager step)", CORE,

@@ -950,13 +950,10 @@ def warmup_outlasts_run(optimizer, steps: int) -> str | None:
     end and never settle or decay (e.g. warmup_steps=800 on a short run)."""
     if not hasattr(optimizer, "effective_lrs") or "warmup_steps" not in optimizer.param_groups[0]:
         return None
-    from ..automagic_sinkgd import warmup_length
+    from ..automagic_sinkgd import _planned_warmup
 
-    def planned(g):
-        return warmup_length(g["warmup_steps"], g.get("total_steps"), g.get("max_warmup_steps"))
-
-    group = max(optimizer.param_groups, key=planned)
-    warmup = planned(group)
+    group = max(optimizer.param_groups, key=_planned_warmup)
+    warmup = _planned_warmup(group)
     if warmup < steps:
         return None
     return (f"warmup_steps={group['warmup_steps']} is not shorter than this run ({steps} steps): the mask adapts "
