@@ -242,8 +242,12 @@ FIXES = {
         # left this one)
         ("fixed 800-step warm-up (the preset before this round)", dict(warmup_steps=800, max_warmup_steps=None),
          "high_performance"),
+        # the robustness matrix's per-tensor growth factor, checked at real scale
+        ("lr_growth=1", dict(lr_growth=1.0)),
+        ("lr_growth=1", dict(lr_growth=1.0), "high_performance"),
     ),
     "full_real": (
+        ("lr_growth=1", dict(lr_growth=1.0)),
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)
         ("relative_bump=0.2, fp32 state", dict(relative_bump=0.2, state_precision="fp32")),
         ("warm-up advice + relative_bump=0.2, fp32 state",

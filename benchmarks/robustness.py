@@ -105,6 +105,9 @@ CANDIDATES: tuple = (
     ("warmup_steps=0.9", "high_performance", dict(warmup_steps=0.9)),
     ("fixed 800-step warm-up (the preset before this round)", "high_performance",
      dict(warmup_steps=800, max_warmup_steps=None)),
+    # a longer cap on the warm-up: runs over 1,000 steps warm up longer (acts on them only)
+    ("max_warmup_steps=1200", "high_performance", dict(max_warmup_steps=1200)),
+    ("max_warmup_steps=1600", "high_performance", dict(max_warmup_steps=1600)),
     # with lora_scale_power: the log-space mask reaches the toy's 20x higher rates in warm-up
     ("lora_scale_power, multiplicative mask 0.35 annealed after 10, max_lr=0.1", "lora",
      dict(mask_rule="multiplicative", relative_bump=0.35, mask_bump_decay=10, max_lr=0.1, warmup_steps=0.25,
@@ -118,6 +121,11 @@ CANDIDATES: tuple = (
     ("lora_scale_power_above 0.5 with warmup_steps=0.5", "lora", dict(warmup_steps=0.5)),
     ("warmup_steps=0.5, lora_scale_power_above=0.5, relative_bump=0.35", "lora",
      dict(warmup_steps=0.5, relative_bump=0.35)),
+    # a per-tensor factor that grows while gradient and momentum agree (tensor-level hypergradient
+    # sign test): the mask's travel becomes geometric where the model wants far higher rates
+    ("lr_growth=1", "lora", dict(lr_growth=1.0)),
+    ("lr_growth=1", "high_performance", dict(lr_growth=1.0)),
+    ("lr_growth=1", "full", dict(lr_growth=1.0)),
     # full: the post-warm-up decay spread over the rest of the run (full_real, 4000 steps, seed 0:
     # 1.8% better than the warm-up-long decay), and masks that reach the weight scale's rate
     ("the document's decay (the preset before this round)", "full", dict(decay_horizon="warmup", decay_floor=0.1)),

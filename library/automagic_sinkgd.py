@@ -302,6 +302,22 @@ def rprop_mask_update_(lr_mask: Tensor, flips: Tensor, up: Tensor, down: Tensor,
     return lr_mask.mul_(flips.mul_(shrink - grow).add_(grow)).clamp_(min_lr, max_lr)
 
 
+def momentum_agreement_growth_(lr_growth: Tensor, grad: Tensor, exp_avg: Tensor, growth_rate: float,
+                               growth_max: float, keep: Tensor, mean_weights: Optional[Tensor] = None) -> Tensor:
+    """Per-tensor lr factor, grown where the gradient still agrees with the momentum: a tensor-level
+    hypergradient sign test (Baydin et al. 2018, arXiv 1703.04782). ``lr_growth`` (B,) is multiplied
+    by exp(growth_rate x a), a = the mean of sign(g) x sign(m) over the tensor, in [-1, 1], and
+    clamped to [1, growth_max]. Averaged over a tensor the per-element sign noise cancels (a is
+    about 0 when the gradient is noise), so only a tensor whose gradient keeps pointing the way it
+    has been moving climbs, geometrically: a rate 100x too small is found in tens of steps, where
+    the additive mask needs hundreds. It only grows (never below 1, the mask's own rate): a greedy
+    one-step signal is biased towards rates that are too small (Wu et al. 2018, arXiv 1803.02021),
+    and lowering rates is the mask's sign-flip rule's job. ``keep`` (B,) 0.0 leaves a skipped
+    tensor's factor as it was. Called with the momentum before this step's update."""
+    agreement = _row_means(torch.mul(grad, exp_avg).sign_(), mean_weights)
+    return lr_growth.mul_(agreement.mul_(keep).mul_(growth_rate).exp_()).clamp_(1.0, growth_max)
+
+
 def vradam_brake(exp_avg: Tensor, keep: Optional[Tensor] = None) -> Tensor:
     """VRAdam (arXiv 2505.13196): velocity-regularised step, 1 / (1 + min(3 * ||m||^2, 10)) per tensor,
     times ``keep`` (B,), 1.0 or 0.0, where given: the same values as multiplying afterwards."""
@@ -746,7 +762,7 @@ def _scatter(stacked: Tensor, tensors: list[Tensor]) -> None:
 
 
 # State entries holding one value per tensor (0-d), whatever the parameter's shape.
-_PER_TENSOR_STATE = frozenset({"avg_lr", "avg_lr_max", "lr_decay", "decay_rate"})
+_PER_TENSOR_STATE = frozenset({"avg_lr", "avg_lr_max", "lr_decay", "decay_rate", "lr_growth"})
 
 
 class _Phase:
@@ -810,13 +826,16 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
                  beta1: float, lr_bump: float, d_coef: float, min_lr: float, max_lr: float,
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
                  grad_is_copy: bool, decay_floor: float = 0.1, mask_rule: str = "additive",
-                 mean_weights: Optional[Tensor] = None, finite: Optional[Tensor] = None) -> Tensor:
+                 mean_weights: Optional[Tensor] = None, finite: Optional[Tensor] = None,
+                 lr_growth: Optional[Tensor] = None, growth_rate: float = 0.0, growth_max: float = 1.0) -> Tensor:
     """Steps 2-9 of the step (t >= 2) on stacked tensors (B, ...), tensor code only: no host
     reads. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max, lr_decay and ``weight`` (the
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
     ``grad`` may be overwritten when ``grad_is_copy``, never when it views the caller's .grad.
     ``mean_weights`` (B, L) marks a zero-padded stack of vectors (see ``_row_means``); ``finite``
-    (B,) is the gradients' finite test where it was made for the whole group (``finite_flags``)."""
+    (B,) is the gradients' finite test where it was made for the whole group (``finite_flags``);
+    ``lr_growth`` (B,), where given, the per-tensor factor of ``momentum_agreement_growth_``
+    (opt-in), grown in warm-up and applied at every step."""
     batch = grad.shape[0]
     # From here on ``grad`` is this step's own buffer (a stacked copy, or the cleaned copy of a
     # lone tensor's .grad), so it can be overwritten once its values are no longer needed.
@@ -829,10 +848,16 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         # per-tensor scalar) would be undone; it is only computed when SinkGD is off.
         update = orthograd(update, weight, keep_norm=sinkgd_iters <= 0)
 
+    # opt-in: the per-tensor factor grows in warm-up, from the momentum before this step.
+    if lr_growth is not None and warmup:
+        momentum_agreement_growth_(lr_growth, grad, exp_avg, growth_rate, growth_max, finite_f, mean_weights)
+
     # 3. momentum; a skipped tensor gets weight 0 and keeps its exp_avg bit for bit.
     exp_avg.lerp_(grad, _per_tensor((1 - beta1) * finite_f, grad))
     # per-tensor rate: 0 for a skipped tensor, times the VRAdam brake
     rate = vradam_brake(exp_avg, keep=finite_f) if vradam else finite_f
+    if lr_growth is not None:
+        rate = rate * lr_growth
 
     # 4-5. Prodigy signal and the learning-rate mask, during warm-up only.
     if warmup:
@@ -875,7 +900,8 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     # 8. gradient-aware decoupled weight decay, first half of warm-up only.
     if decay_theta is not None:
         # avg_lr x mean row scaling x brake x theta x weight_decay, 0 for a skipped tensor: here
-        # (early, so not post) ``rate`` is finite x brake, the same product in the same order.
+        # (early, so not post) ``rate`` is finite x brake (x the opt-in growth factor), the same
+        # product in the same order.
         decay = avg_lr * row_scaling.mean(dim=(1, 2)) * rate if row_scaling is not None else avg_lr * rate
         decay = decay * decay_theta * weight_decay
         weight.mul_(_per_tensor(1.0 - decay, weight))
@@ -922,8 +948,10 @@ def _fused_step_bucket(kernels, *args) -> bool:
 
 def _fused_phase(group: dict, phase: _Phase) -> bool:
     """Whether the fused kernels are asked for and cover this phase: from t = 2 (ADOPT's first
-    step is eager)."""
-    return bool(group.get("fused")) and not phase.first and group.get("mask_rule", "additive") == "additive"
+    step is eager), with the additive mask and without the opt-in growth factor (the kernels
+    implement neither)."""
+    return (bool(group.get("fused")) and not phase.first and group.get("mask_rule", "additive") == "additive"
+            and not group.get("lr_growth"))
 
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
@@ -1002,7 +1030,9 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
         grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"], mask_rule=group["mask_rule"],
-        mean_weights=mean_weights, finite=finite)
+        mean_weights=mean_weights, finite=finite,
+        lr_growth=state("lr_growth") if group["lr_growth"] else None,
+        growth_rate=group["lr_growth"] or 0.0, growth_max=group["lr_growth_max"])
     if params[0].dtype == state_dtype:
         if not _gathers_as_view(params, state_dtype):  # else the math ran on the parameter itself
             _scatter(new_weight, params)
@@ -1075,7 +1105,8 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 # Settings added after the document (opt-in), with the values that give the document's step.
 _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
                         mask_rule="additive", mask_bump_decay=None, lora_scale=None, lora_scale_power=0.0,
-                        lora_scale_power_above=None, lora_lr_factor=1.0, max_warmup_steps=None)
+                        lora_scale_power_above=None, lora_lr_factor=1.0, max_warmup_steps=None,
+                        lr_growth=None, lr_growth_max=100.0)
 MASK_RULES = ("additive", "multiplicative")
 
 
@@ -1149,6 +1180,12 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             built-in trainer use 0.25 when neither your arguments nor the preset set it).
         max_warmup_steps: opt-in, None or an integer >= 1: the warm-up is at most this many steps
             (with a share: that share of a short run, this length on long ones).
+        lr_growth: opt-in, None or a number in (0, 10]: during warm-up each tensor's rate is also
+            multiplied by a factor that grows by exp(lr_growth x a) per step, a = the tensor's mean
+            sign agreement of gradient and momentum (see ``momentum_agreement_growth_``), so a run
+            whose lrs are far too small for its model climbs in tens of steps; frozen with the mask
+            after warm-up. Eager step only.
+        lr_growth_max: the factor's bound, a number >= 1 (default 100).
         full_finetune: False = LoRA mode (4 SinkGD iterations, ALLoRA), True = 5 iterations.
         orthograd: apply OrthoGrad to matrix updates after warm-up.
         stats_update_freq: refresh the group's gradient statistics every N steps; >= 1.
@@ -1188,7 +1225,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  decay_horizon: str = "warmup", decay_floor: float = 0.1, total_steps: Optional[int] = None,
                  mask_rule: str = "additive", mask_bump_decay: Optional[int] = None,
                  lora_scale: Optional[float] = None, lora_scale_power: float = 0.0,
-                 lora_scale_power_above: Optional[float] = None, max_warmup_steps: Optional[int] = None):
+                 lora_scale_power_above: Optional[float] = None, max_warmup_steps: Optional[int] = None,
+                 lr_growth: Optional[float] = None, lr_growth_max: float = 100.0):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
@@ -1198,7 +1236,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         decay_horizon=decay_horizon, decay_floor=decay_floor, total_steps=total_steps,
                         mask_rule=mask_rule, mask_bump_decay=mask_bump_decay, lora_scale=lora_scale,
                         lora_scale_power=lora_scale_power, lora_scale_power_above=lora_scale_power_above,
-                        lora_lr_factor=1.0, max_warmup_steps=max_warmup_steps)
+                        lora_lr_factor=1.0, max_warmup_steps=max_warmup_steps, lr_growth=lr_growth,
+                        lr_growth_max=lr_growth_max)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -1332,6 +1371,17 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         _check_range("max_warmup_steps" + where, cap,
                      cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1),
                      "None or an integer >= 1 (the longest warm-up, in steps)")
+        growth = get("lr_growth")
+        _check_range("lr_growth" + where, growth,
+                     growth is None or (isinstance(growth, (int, float)) and not isinstance(growth, bool)
+                                        and 0 < growth <= 10),
+                     "None (off) or a number in (0, 10]: the per-tensor factor's growth per step at full "
+                     "gradient-momentum agreement, in log units (1.0 is the presets')")
+        growth_max = get("lr_growth_max", 100.0)
+        _check_range("lr_growth_max" + where, growth_max,
+                     isinstance(growth_max, (int, float)) and not isinstance(growth_max, bool)
+                     and 1 <= growth_max < math.inf,
+                     "a number >= 1 (the largest factor lr_growth may reach)")
         freq = get("stats_update_freq")
         _check_range("stats_update_freq" + where, freq, isinstance(freq, int) and freq >= 1,
                      "an integer >= 1")
@@ -1417,6 +1467,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state["lr_mask"] = torch.empty_like(p, dtype=state_dtype, memory_format=torch.contiguous_format).fill_(start_lr)
         state["avg_lr"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
         state["avg_lr_max"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
+        if group["lr_growth"]:
+            state["lr_growth"] = torch.ones((), dtype=state_dtype, device=p.device)
         if warmup > 1:
             state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.contiguous_format)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -1440,6 +1492,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state["lr_mask_codec"] = codec
         state["avg_lr"] = torch.empty((), dtype=torch.float32, device=p.device).fill_(start_lr)
         state["avg_lr_max"] = torch.empty((), dtype=torch.float32, device=p.device).fill_(start_lr)
+        if group["lr_growth"]:
+            state["lr_growth"] = torch.ones((), dtype=torch.float32, device=p.device)
         if warmup > 1:
             state["polarity"] = torch.zeros(((p.numel() + 7) // 8,), dtype=torch.uint8, device=p.device)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -1484,6 +1538,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             self._stack_owner.clear()
         if t < warmup and "lr_mask_codec" in state:
             self._rebase_lr_mask(state, group)
+        if group["lr_growth"] and "lr_growth" not in state:  # switched on for a resumed run: from 1
+            state["lr_growth"] = torch.ones_like(state["avg_lr"])
         if t >= warmup:
             if "lr_decay" not in state:
                 state["decay_rate"] = post_warmup_decay_rate(state["avg_lr"], state["avg_lr_max"], warmup,
@@ -1644,7 +1700,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], is_matrix)
                 needs_stats |= phase.early and group["weight_decay"] > 0
                 key = (_matrix_shape(p.shape), p.dtype, p.device, phase.key(),
-                       "row_scaling" in state, "initial_weight" in state, "polarity" in state)
+                       "row_scaling" in state, "initial_weight" in state, "polarity" in state,
+                       "lr_growth" in state)
                 buckets.setdefault(key, []).append((index, p, grad, state, phase, is_matrix))
             if needs_stats and (self._stats_due(group) or "grad_abs_mean" not in group):
                 self._refresh_group_stats(group_index, group, grads)
@@ -1812,6 +1869,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                     lr = lr * vradam_brake(momentum.reshape(1, -1))[0]
                 if "row_scaling" in state:
                     lr = lr * state["row_scaling"].mean()
+                if group["lr_growth"] and "lr_growth" in state:
+                    lr = lr * state["lr_growth"]
                 total = lr * p.numel() if total is None else total + lr * p.numel()
                 count += p.numel()
             if total is None:
@@ -1859,7 +1918,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state["polarity"] = bits.reshape(p.shape).to(torch.bool)
             if "initial_weight" in state:
                 state["initial_weight"] = state["initial_weight"].to(p.dtype)
-        for key in ("avg_lr", "avg_lr_max", "lr_decay", "decay_rate", "row_scaling"):
+        for key in ("avg_lr", "avg_lr_max", "lr_decay", "decay_rate", "row_scaling", "lr_growth"):
             if key in state:
                 state[key] = state[key].to(float_dtype)
 

@@ -159,6 +159,22 @@ MUTATIONS = [
              "        _row_means(lr_mask, mean_weights, out=avg_lr)\n",
              "        _row_means(lr_mask, None, out=avg_lr)\n",
              ("tests/test_gpu_readiness.py",), "padded or vectors"),
+    Mutation("s", "lr_growth: a skipped (NaN) tensor's factor still grows", CORE,
+             "    return lr_growth.mul_(agreement.mul_(keep).mul_(growth_rate).exp_()).clamp_(1.0, growth_max)\n",
+             "    return lr_growth.mul_(agreement.mul_(growth_rate).exp_()).clamp_(1.0, growth_max)\n",
+             ("tests/test_lr_growth.py",)),
+    Mutation("t", "lr_growth: the factor also falls below 1 (the one-step signal's bias towards small rates)", CORE,
+             "    return lr_growth.mul_(agreement.mul_(keep).mul_(growth_rate).exp_()).clamp_(1.0, growth_max)\n",
+             "    return lr_growth.mul_(agreement.mul_(keep).mul_(growth_rate).exp_()).clamp_(0.01, growth_max)\n",
+             ("tests/test_lr_growth.py",)),
+    Mutation("u", "lr_growth: the factor keeps growing after warm-up (it would undo the post-warm-up decay)", CORE,
+             "    if lr_growth is not None and warmup:\n",
+             "    if lr_growth is not None:\n",
+             ("tests/test_lr_growth.py",)),
+    Mutation("v", "lr_growth: the factor is kept but never applied to the update", CORE,
+             "    if lr_growth is not None:\n        rate = rate * lr_growth\n",
+             "",
+             ("tests/test_lr_growth.py",)),
 ]
 
 
