@@ -245,9 +245,12 @@ FIXES = {
         # the robustness matrix's per-tensor growth factor, checked at real scale
         ("lr_growth=1", dict(lr_growth=1.0)),
         ("lr_growth=1", dict(lr_growth=1.0), "high_performance"),
+        ("lr_growth=1, lr_growth_steps=60", dict(lr_growth=1.0, lr_growth_steps=60)),
+        ("lr_growth=1, lr_growth_steps=60", dict(lr_growth=1.0, lr_growth_steps=60), "high_performance"),
     ),
     "full_real": (
         ("lr_growth=1", dict(lr_growth=1.0)),
+        ("lr_growth=1, lr_growth_steps=60", dict(lr_growth=1.0, lr_growth_steps=60)),
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)
         ("relative_bump=0.2, fp32 state", dict(relative_bump=0.2, state_precision="fp32")),
         ("warm-up advice + relative_bump=0.2, fp32 state",

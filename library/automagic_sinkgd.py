@@ -768,17 +768,20 @@ _PER_TENSOR_STATE = frozenset({"avg_lr", "avg_lr_max", "lr_decay", "decay_rate",
 class _Phase:
     """Which techniques apply at a tensor's step t; the same for every tensor of a bucket."""
 
-    __slots__ = ("first", "warmup", "early", "orthograd", "post")
+    __slots__ = ("first", "warmup", "early", "orthograd", "post", "growing")
 
-    def __init__(self, t: int, warmup_steps: int, orthograd_on: bool, is_matrix: bool):
+    def __init__(self, t: int, warmup_steps: int, orthograd_on: bool, is_matrix: bool,
+                 growth_steps: Optional[int] = None):
         self.first = t == 1
         self.warmup = t < warmup_steps               # mask still adapting
+        # the opt-in lr_growth factor still adapting: in warm-up, up to its own step limit
+        self.growing = self.warmup and (growth_steps is None or t <= growth_steps)
         self.early = t < warmup_steps / 2            # Prodigy signal and weight decay
         self.orthograd = orthograd_on and is_matrix and t > warmup_steps
         self.post = t >= warmup_steps                # mask frozen, linear decay
 
     def key(self) -> tuple:
-        return (self.first, self.warmup, self.early, self.orthograd, self.post)
+        return (self.first, self.warmup, self.early, self.orthograd, self.post, self.growing)
 
 
 def _finite_or_zeroed(grad: Tensor, in_place: bool, finite: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -827,7 +830,8 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
                  weight_decay: float, sinkgd_iters: int, grams: bool, vradam: bool,
                  grad_is_copy: bool, decay_floor: float = 0.1, mask_rule: str = "additive",
                  mean_weights: Optional[Tensor] = None, finite: Optional[Tensor] = None,
-                 lr_growth: Optional[Tensor] = None, growth_rate: float = 0.0, growth_max: float = 1.0) -> Tensor:
+                 lr_growth: Optional[Tensor] = None, growth_rate: float = 0.0, growth_max: float = 1.0,
+                 growing: bool = False) -> Tensor:
     """Steps 2-9 of the step (t >= 2) on stacked tensors (B, ...), tensor code only: no host
     reads. Updates exp_avg, lr_mask, polarity, avg_lr, avg_lr_max, lr_decay and ``weight`` (the
     parameters themselves, or their stacked or float32 copy) in place and returns ``weight``.
@@ -835,7 +839,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
     ``mean_weights`` (B, L) marks a zero-padded stack of vectors (see ``_row_means``); ``finite``
     (B,) is the gradients' finite test where it was made for the whole group (``finite_flags``);
     ``lr_growth`` (B,), where given, the per-tensor factor of ``momentum_agreement_growth_``
-    (opt-in), grown in warm-up and applied at every step."""
+    (opt-in), grown while ``growing`` and applied at every step."""
     batch = grad.shape[0]
     # From here on ``grad`` is this step's own buffer (a stacked copy, or the cleaned copy of a
     # lone tensor's .grad), so it can be overwritten once its values are no longer needed.
@@ -849,7 +853,7 @@ def _bucket_math(grad: Tensor, exp_avg: Tensor, lr_mask: Tensor, polarity: Optio
         update = orthograd(update, weight, keep_norm=sinkgd_iters <= 0)
 
     # opt-in: the per-tensor factor grows in warm-up, from the momentum before this step.
-    if lr_growth is not None and warmup:
+    if lr_growth is not None and growing:
         momentum_agreement_growth_(lr_growth, grad, exp_avg, growth_rate, growth_max, finite_f, mean_weights)
 
     # 3. momentum; a skipped tensor gets weight 0 and keeps its exp_avg bit for bit.
@@ -1032,7 +1036,7 @@ def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         grad_is_copy=grad_is_copy, decay_floor=group["decay_floor"], mask_rule=group["mask_rule"],
         mean_weights=mean_weights, finite=finite,
         lr_growth=state("lr_growth") if group["lr_growth"] else None,
-        growth_rate=group["lr_growth"] or 0.0, growth_max=group["lr_growth_max"])
+        growth_rate=group["lr_growth"] or 0.0, growth_max=group["lr_growth_max"], growing=phase.growing)
     if params[0].dtype == state_dtype:
         if not _gathers_as_view(params, state_dtype):  # else the math ran on the parameter itself
             _scatter(new_weight, params)
@@ -1106,7 +1110,7 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
                         mask_rule="additive", mask_bump_decay=None, lora_scale=None, lora_scale_power=0.0,
                         lora_scale_power_above=None, lora_lr_factor=1.0, max_warmup_steps=None,
-                        lr_growth=None, lr_growth_max=100.0)
+                        lr_growth=None, lr_growth_max=100.0, lr_growth_steps=None)
 MASK_RULES = ("additive", "multiplicative")
 
 
@@ -1186,6 +1190,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             whose lrs are far too small for its model climbs in tens of steps; frozen with the mask
             after warm-up. Eager step only.
         lr_growth_max: the factor's bound, a number >= 1 (default 100).
+        lr_growth_steps: None (default: all of warm-up) or an integer >= 1: the factor adapts only
+            during the first this many steps (and never after warm-up).
         full_finetune: False = LoRA mode (4 SinkGD iterations, ALLoRA), True = 5 iterations.
         orthograd: apply OrthoGrad to matrix updates after warm-up.
         stats_update_freq: refresh the group's gradient statistics every N steps; >= 1.
@@ -1226,7 +1232,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  mask_rule: str = "additive", mask_bump_decay: Optional[int] = None,
                  lora_scale: Optional[float] = None, lora_scale_power: float = 0.0,
                  lora_scale_power_above: Optional[float] = None, max_warmup_steps: Optional[int] = None,
-                 lr_growth: Optional[float] = None, lr_growth_max: float = 100.0):
+                 lr_growth: Optional[float] = None, lr_growth_max: float = 100.0,
+                 lr_growth_steps: Optional[int] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         full_finetune=full_finetune, orthograd=orthograd,
@@ -1237,7 +1244,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                         mask_rule=mask_rule, mask_bump_decay=mask_bump_decay, lora_scale=lora_scale,
                         lora_scale_power=lora_scale_power, lora_scale_power_above=lora_scale_power_above,
                         lora_lr_factor=1.0, max_warmup_steps=max_warmup_steps, lr_growth=lr_growth,
-                        lr_growth_max=lr_growth_max)
+                        lr_growth_max=lr_growth_max, lr_growth_steps=lr_growth_steps)
         self._validate(defaults, "")
         self._reset_caches()
         super().__init__(params, defaults)
@@ -1382,6 +1389,11 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      isinstance(growth_max, (int, float)) and not isinstance(growth_max, bool)
                      and 1 <= growth_max < math.inf,
                      "a number >= 1 (the largest factor lr_growth may reach)")
+        growth_steps = get("lr_growth_steps")
+        _check_range("lr_growth_steps" + where, growth_steps,
+                     growth_steps is None or (isinstance(growth_steps, int) and not isinstance(growth_steps, bool)
+                                              and growth_steps >= 1),
+                     "None (all of warm-up) or an integer >= 1: the steps during which lr_growth adapts")
         freq = get("stats_update_freq")
         _check_range("stats_update_freq" + where, freq, isinstance(freq, int) and freq >= 1,
                      "an integer >= 1")
@@ -1697,7 +1709,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
                 t = self._advance_phase(state, group)
                 is_matrix = p.ndim >= 2
-                phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], is_matrix)
+                phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], is_matrix,
+                               group["lr_growth_steps"])
                 needs_stats |= phase.early and group["weight_decay"] > 0
                 key = (_matrix_shape(p.shape), p.dtype, p.device, phase.key(),
                        "row_scaling" in state, "initial_weight" in state, "polarity" in state,
@@ -1833,7 +1846,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             group["group_step"] = t
             group["lr_max"] = _running_max(group["lr_max"], group["lr"])
             gather[:] = [t, None, None, None]
-        phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], p.ndim >= 2)
+        phase = _Phase(t, self._warmup_of(state, group), group["orthograd"], p.ndim >= 2, group["lr_growth_steps"])
         if phase.early and group["weight_decay"] > 0 and self._stats_due(group):
             flat = grad.reshape(-1)
             sums = self._finite_sums(torch.linalg.vector_norm(flat, 1).view(1),

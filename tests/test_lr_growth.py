@@ -68,6 +68,15 @@ def test_a_tensor_whose_gradient_keeps_its_direction_climbs_and_a_noisy_one_does
     assert float(capped.state[params[0]]["lr_growth"]) == pytest.approx(3.0)
 
 
+def test_lr_growth_steps_ends_the_adaptation_early():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = Automagic_Sinkgd([p], lr=1e-4, warmup_steps=50, lr_growth=0.5, lr_growth_steps=5)
+    for _ in range(12):
+        _set_grads([p], [1.0])
+        opt.step()
+    assert float(opt.state[p]["lr_growth"]) == pytest.approx(math.exp(0.5 * 4), rel=1e-5)  # steps 2-5
+
+
 def _delta_of_one_step(growth, warmup, steps, precision="fp32"):
     """The weights' move at step ``steps`` under a steady gradient (mask, momentum and brake are
     then the same with and without the factor), and the optimizer. float64 weights, so the move
@@ -222,6 +231,7 @@ def test_the_effective_lr_includes_the_factor():
     (dict(lr_growth=0), "lr_growth"), (dict(lr_growth=-1.0), "lr_growth"), (dict(lr_growth=11.0), "lr_growth"),
     (dict(lr_growth=True), "lr_growth"), (dict(lr_growth="1"), "lr_growth"),
     (dict(lr_growth=1.0, lr_growth_max=0.5), "lr_growth_max"), (dict(lr_growth_max=math.inf), "lr_growth_max"),
+    (dict(lr_growth=1.0, lr_growth_steps=0), "lr_growth_steps"), (dict(lr_growth_steps=2.5), "lr_growth_steps"),
 ])
 def test_bad_values_name_the_setting_and_range(kwargs, setting):
     with pytest.raises(ValueError, match="allowed") as error:
