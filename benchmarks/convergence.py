@@ -247,6 +247,7 @@ FIXES = {
         ("lr_growth=1", dict(lr_growth=1.0), "high_performance"),
         ("lr_growth=1, lr_growth_steps=60", dict(lr_growth=1.0, lr_growth_steps=60)),
         ("lr_growth=1, lr_growth_steps=60", dict(lr_growth=1.0, lr_growth_steps=60), "high_performance"),
+        ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0)),
     ),
     "full_real": (
         ("lr_growth=1", dict(lr_growth=1.0)),

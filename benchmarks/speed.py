@@ -162,6 +162,8 @@ def optimizers_for(shapes, full: bool, device: str = "cpu", fused: bool = False,
         "AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "Automagic warm-up": lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6, **common),
         "Automagic post-warm-up": lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True, **common),
+        # the opt-in per-tensor growth factor: one more pass over gradient and momentum in warm-up
+        "Automagic warm-up (lr_growth)": lambda ps: Automagic_Sinkgd(ps, warmup_steps=10**6, lr_growth=1.0, **common),
     }
     for precision in state_precisions:
         if precision != "fp32":

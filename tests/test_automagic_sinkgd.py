@@ -428,16 +428,17 @@ def test_resume_is_bit_identical(dtype, resume_at):
 # ------------------------------------------------------------------ syncs, memory, non-finite
 
 
+@pytest.mark.parametrize("options", [{}, dict(lr_growth=1.0)], ids=["default", "lr_growth"])
 @pytest.mark.parametrize("launch_bound", [False, True], ids=["cpu_choices", "gpu_choices"])
 @pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a copy to the host is a real copy there
 @pytest.mark.parametrize("per_param", [False, True])
-def test_step_has_no_host_syncs(per_param, device, launch_bound, monkeypatch):
+def test_step_has_no_host_syncs(per_param, device, launch_bound, options, monkeypatch):
     """gpu_choices: the step as a GPU takes it (core._launch_bound), with the vectors of both lengths
     in one padded stack and the finite test made for the whole group."""
     monkeypatch.setattr(core, "_launch_bound", lambda device: launch_bound)
     grads_from = list(_model().parameters())
     params = on_device(grads_from, device)
-    optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2)
+    optimizer = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, orthograd=True, stats_update_freq=2, **options)
     for step in range(10):  # through every phase
         _synthetic_grads(grads_from, step)
         grads_from[0].grad[0, 0] = float("nan") if step == 3 else grads_from[0].grad[0, 0]
