@@ -123,16 +123,21 @@ CANDIDATES: tuple = (
      dict(warmup_steps=0.5, relative_bump=0.35)),
     # a per-tensor factor that grows while gradient and momentum agree (tensor-level hypergradient
     # sign test): the mask's travel becomes geometric where the model wants far higher rates
-    ("lr_growth=1", "lora", dict(lr_growth=1.0)),
-    ("lr_growth=1", "high_performance", dict(lr_growth=1.0)),
-    ("lr_growth=1", "full", dict(lr_growth=1.0)),
+    ("lr_growth=1, lr_growth_max=100", "lora", dict(lr_growth=1.0, lr_growth_max=100.0)),
+    ("lr_growth=1, lr_growth_max=100", "high_performance", dict(lr_growth=1.0, lr_growth_max=100.0)),
+    ("lr_growth=1, lr_growth_max=100", "full", dict(lr_growth=1.0, lr_growth_max=100.0)),
     # the same, adapting over the first 60 steps only: the start's scale is found, and a long
     # warm-up no longer lets the factor creep on a slowly descending valley
-    ("lr_growth_steps=60 with lr_growth=1", "lora", dict(lr_growth=1.0, lr_growth_steps=60)),
-    ("lr_growth_steps=60 with lr_growth=1", "high_performance", dict(lr_growth=1.0, lr_growth_steps=60)),
-    ("lr_growth_steps=60 with lr_growth=1", "full", dict(lr_growth=1.0, lr_growth_steps=60)),
+    ("lr_growth_steps=60 with lr_growth=1, lr_growth_max=100", "lora",
+     dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
+    ("lr_growth_steps=60 with lr_growth=1, lr_growth_max=100", "high_performance",
+     dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
+    ("lr_growth_steps=60 with lr_growth=1, lr_growth_max=100", "full",
+     dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
     # the same over all of warm-up, with a lower bound on the factor: long warm-ups creep less
     ("lr_growth=1, lr_growth_max=10", "lora", dict(lr_growth=1.0, lr_growth_max=10.0)),
+    ("lr_growth=1, lr_growth_max=10", "high_performance", dict(lr_growth=1.0, lr_growth_max=10.0)),
+    ("lr_growth=1, lr_growth_max=10", "full", dict(lr_growth=1.0, lr_growth_max=10.0)),
     # full: the post-warm-up decay spread over the rest of the run (full_real, 4000 steps, seed 0:
     # 1.8% better than the warm-up-long decay), and masks that reach the weight scale's rate
     ("the document's decay (the preset before this round)", "full", dict(decay_horizon="warmup", decay_floor=0.1)),

@@ -1110,7 +1110,7 @@ _UNPICKLABLE_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.u
 _OPT_IN_DEFAULTS = dict(relative_bump=None, decay_horizon="warmup", decay_floor=0.1, total_steps=None,
                         mask_rule="additive", mask_bump_decay=None, lora_scale=None, lora_scale_power=0.0,
                         lora_scale_power_above=None, lora_lr_factor=1.0, max_warmup_steps=None,
-                        lr_growth=None, lr_growth_max=100.0, lr_growth_steps=None)
+                        lr_growth=None, lr_growth_max=10.0, lr_growth_steps=None)
 MASK_RULES = ("additive", "multiplicative")
 
 
@@ -1189,7 +1189,8 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             sign agreement of gradient and momentum (see ``momentum_agreement_growth_``), so a run
             whose lrs are far too small for its model climbs in tens of steps; frozen with the mask
             after warm-up. Eager step only.
-        lr_growth_max: the factor's bound, a number >= 1 (default 100).
+        lr_growth_max: the factor's bound, a number >= 1 (default 10: with 100, long warm-ups at
+            real SD's rates crept up and lost 1 %; see docs/benchmarks.md).
         lr_growth_steps: None (default: all of warm-up) or an integer >= 1: the factor adapts only
             during the first this many steps (and never after warm-up).
         full_finetune: False = LoRA mode (4 SinkGD iterations, ALLoRA), True = 5 iterations.
@@ -1232,7 +1233,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                  mask_rule: str = "additive", mask_bump_decay: Optional[int] = None,
                  lora_scale: Optional[float] = None, lora_scale_power: float = 0.0,
                  lora_scale_power_above: Optional[float] = None, max_warmup_steps: Optional[int] = None,
-                 lr_growth: Optional[float] = None, lr_growth_max: float = 100.0,
+                 lr_growth: Optional[float] = None, lr_growth_max: float = 10.0,
                  lr_growth_steps: Optional[int] = None):
         defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, eta=eta, beta1=beta1,
                         d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
@@ -1384,7 +1385,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                                         and 0 < growth <= 10),
                      "None (off) or a number in (0, 10]: the per-tensor factor's growth per step at full "
                      "gradient-momentum agreement, in log units (1.0 is the presets')")
-        growth_max = get("lr_growth_max", 100.0)
+        growth_max = get("lr_growth_max", 10.0)
         _check_range("lr_growth_max" + where, growth_max,
                      isinstance(growth_max, (int, float)) and not isinstance(growth_max, bool)
                      and 1 <= growth_max < math.inf,

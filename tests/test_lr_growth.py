@@ -54,7 +54,8 @@ def test_padding_of_a_stack_of_vectors_does_not_count():
 def test_a_tensor_whose_gradient_keeps_its_direction_climbs_and_a_noisy_one_does_not():
     params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4)),
               torch.nn.Parameter(torch.randn(6, 4))]
-    opt = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=10, lr_growth=0.5, weight_decay=0.0, d_coef=1)
+    opt = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=10, lr_growth=0.5, lr_growth_max=100.0, weight_decay=0.0,
+                           d_coef=1)
     for t in range(14):
         _set_grads(params, [1.0, 1.0, (-1.0) ** t])
         opt.step()
@@ -112,7 +113,7 @@ def test_the_factor_scales_the_whole_update_by_exactly_itself(warmup, steps, pre
 
 def test_a_skipped_tensor_keeps_its_factor():
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5, 3))]
-    opt = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=20, lr_growth=1.0)
+    opt = Automagic_Sinkgd(params, lr=1e-4, warmup_steps=20, lr_growth=0.5)  # e^1.5 after 4 steps: below the bound
     for _ in range(4):
         _set_grads(params, [1.0, 1.0])
         opt.step()
@@ -207,7 +208,7 @@ def _plain():
 
 def test_off_by_default_no_state_and_the_documents_step():
     params, opt = _run(_plain, 4)
-    assert opt.param_groups[0]["lr_growth"] is None
+    assert opt.param_groups[0]["lr_growth"] is None and opt.param_groups[0]["lr_growth_max"] == 10.0
     assert all("lr_growth" not in opt.state[p] for p in params)
 
 
@@ -220,7 +221,8 @@ def test_fused_flag_takes_the_eager_step():
 
 def test_the_effective_lr_includes_the_factor():
     p = torch.nn.Parameter(torch.randn(4))
-    opt = Automagic_Sinkgd([p], lr=1e-4, lr_bump=0.0, warmup_steps=10, lr_growth=1.0, vradam=False)
+    opt = Automagic_Sinkgd([p], lr=1e-4, lr_bump=0.0, warmup_steps=10, lr_growth=1.0, lr_growth_max=100.0,
+                           vradam=False)
     for _ in range(4):
         _set_grads([p], [1.0])
         opt.step()
