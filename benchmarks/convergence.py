@@ -251,6 +251,9 @@ FIXES = {
          dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0), "high_performance"),
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0)),
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0), "high_performance"),
+        ("lr_growth=0.5, lr_growth_max=10", dict(lr_growth=0.5, lr_growth_max=10.0)),
+        # the preset before it took lr_growth (for the paired seeds)
+        ("without lr_growth (the preset before it took lr_growth)", dict(lr_growth=None), "high_performance"),
     ),
     "full_real": (
         ("lr_growth=1, lr_growth_max=100", dict(lr_growth=1.0, lr_growth_max=100.0)),

@@ -138,6 +138,9 @@ CANDIDATES: tuple = (
     ("lr_growth=1, lr_growth_max=10", "lora", dict(lr_growth=1.0, lr_growth_max=10.0)),
     ("lr_growth=1, lr_growth_max=10", "high_performance", dict(lr_growth=1.0, lr_growth_max=10.0)),
     ("lr_growth=1, lr_growth_max=10", "full", dict(lr_growth=1.0, lr_growth_max=10.0)),
+    ("lr_growth=0.5, lr_growth_max=10", "lora", dict(lr_growth=0.5, lr_growth_max=10.0)),
+    # the high_performance preset before it took lr_growth=1
+    ("without lr_growth (the preset before it took lr_growth)", "high_performance", dict(lr_growth=None)),
     # full: the post-warm-up decay spread over the rest of the run (full_real, 4000 steps, seed 0:
     # 1.8% better than the warm-up-long decay), and masks that reach the weight scale's rate
     ("the document's decay (the preset before this round)", "full", dict(decay_horizon="warmup", decay_floor=0.1)),
@@ -445,6 +448,11 @@ def adamw_search(store: Store, cell: tuple, seed: int, ctx: Context) -> float:
     return best
 
 
+def _matches(only: str, name: str) -> bool:
+    """``--only``: a part of the optimizer's name, or with a leading "=" the whole name."""
+    return only[1:] == name if only.startswith("=") else only.lower() in name.lower()
+
+
 def run_matrix(args) -> None:
     store = Store(Path(args.out) / "robustness.json")
     ctx = Context(Path(args.cache))
@@ -458,7 +466,7 @@ def run_matrix(args) -> None:
         for seed in seeds:
             specs = preset_specs(cell[0], candidates=not args.no_candidates)
             if args.only:
-                specs = [s for s in specs if any(o.lower() in s["name"].lower() for o in args.only)]
+                specs = [s for s in specs if any(_matches(o, s["name"]) for o in args.only)]
             else:
                 adamw_search(store, cell, seed, ctx)
                 _run_cached(store, cell, dict(name="Prodigy", kind="prodigy"), seed, ctx)
@@ -564,7 +572,9 @@ SUMMARY_ROWS = ["preset lora", "preset high_performance", "preset full", "Prodig
                 "lora: warmup_steps=0.25, lora_scale_power_above=0 (the preset before this round)",
                 "lora: without lora_scale_power, quarter-run warm-up (two presets ago)",
                 "high_performance: without lora_scale_power (the previous preset)",
-                "high_performance: fixed 800-step warm-up (the preset before this round)"]
+                "high_performance: fixed 800-step warm-up (the preset before this round)",
+                "high_performance: without lr_growth (the preset before it took lr_growth)",
+                "lora: lr_growth=1, lr_growth_max=10"]
 
 
 def write_report(out: Path) -> None:
@@ -585,7 +595,8 @@ def parse_args(argv=None):
     ap.add_argument("--scales", nargs="+", default=None,
                     help="only these scales (e.g. alpha=16xrank 'cal alpha=16xrank'): a candidate that differs from a "
                          "row only on one side of alpha = rank")
-    ap.add_argument("--only", nargs="+", default=None, help="only the optimizers whose name contains one of these")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="only the optimizers whose name contains one of these ('=NAME': exactly that name)")
     ap.add_argument("--no-candidates", action="store_true", help="the shipped presets only (no CANDIDATES rows)")
     ap.add_argument("--out", default=str(OUT_DEFAULT))
     ap.add_argument("--cache", default=str(REPO_ROOT / "benchmarks" / "results"),

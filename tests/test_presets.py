@@ -42,9 +42,10 @@ MEASURED_CHANGES = {
     # at the run's end (full_real and the robustness matrix's full cells)
     "full": dict(lr_bump=2e-6, warmup_steps=0.25, decay_horizon="run", decay_floor=0.0),
     # the lrs follow rank / alpha below alpha = rank, (rank / alpha) ** 0.75 above it, the decay to
-    # 0 at the run's end, and a warm-up of 0.8 of the run up to the document's 800 steps
+    # 0 at the run's end, a warm-up of 0.8 of the run up to the document's 800 steps, and the
+    # per-tensor growth factor (lr_growth)
     "high_performance": dict(lora_scale_power=1.0, lora_scale_power_above=0.75, decay_horizon="run", decay_floor=0.0,
-                             warmup_steps=0.8, max_warmup_steps=800),
+                             warmup_steps=0.8, max_warmup_steps=800, lr_growth=1.0),
 }
 
 
