@@ -197,6 +197,16 @@ def test_lora_with_the_preset_as_kohyas_own_config_file(tmp_path):
     assert "Loading settings from" in runs[0][1]
 
 
+def test_high_performance_preset_keeps_its_growth_factors_through_a_resume(tmp_path):
+    """The high_performance preset's lr_growth: one factor per tensor in the optimizer state that
+    kohya's save_state writes and --resume loads."""
+    runs = train_and_resume(tmp_path, 3, 4, ["--preset", "high_performance"])
+    check_lora_runs(runs, 3, 4, preset_marker=f"lr_growth={preset_setting('high_performance', 'lr_growth')}")
+    for run, _ in runs:
+        entries = optimizer_state(run)["state"].values()
+        assert entries and all(float(s["lr_growth"]) >= 1.0 for s in entries)
+
+
 def test_typo_in_optimizer_args_fails_fast(tmp_path):
     start = time.monotonic()
     proc, log = run_kohya(common_lora_args(tmp_path, 2) + ["--preset", "lora", "--optimizer_args", "warmup_step=10"],
