@@ -71,6 +71,8 @@ def effective_rates(state: dict, group: dict) -> Optional[torch.Tensor]:
     scale = torch.ones(())
     if group.get("vradam", True) and "exp_avg" in state:
         scale = scale * vradam_brake(state["exp_avg"].float().cpu().reshape(1, -1))[0]
+    if group.get("lr_growth") and "lr_growth" in state:  # the opt-in per-tensor growth factor
+        scale = scale * state["lr_growth"].float().cpu()
     return (rate * scale * schedule_factor(state, group)).reshape(-1)
 
 

@@ -229,6 +229,19 @@ def test_the_effective_lr_includes_the_factor():
     assert float(opt.effective_lrs()[0]) == pytest.approx(1e-4 * math.exp(3), rel=1e-5)
 
 
+def test_the_mask_picture_includes_the_factor():
+    """tools/lr_mask_picture.py's per-element rates: the growth factor multiplies them, as the step does."""
+    from library.lr_mask_view import effective_rates
+
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = Automagic_Sinkgd([p], lr=1e-4, lr_bump=0.0, warmup_steps=10, lr_growth=0.5, vradam=False)
+    for _ in range(4):
+        _set_grads([p], [1.0])
+        opt.step()
+    rates = effective_rates(opt.state[p], opt.param_groups[0])
+    assert torch.allclose(rates, torch.full((5,), 1e-4 * math.exp(1.5)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, setting", [
     (dict(lr_growth=0), "lr_growth"), (dict(lr_growth=-1.0), "lr_growth"), (dict(lr_growth=11.0), "lr_growth"),
     (dict(lr_growth=True), "lr_growth"), (dict(lr_growth="1"), "lr_growth"),
