@@ -247,8 +247,6 @@ FIXES = {
         ("lr_growth=1, lr_growth_max=100", dict(lr_growth=1.0, lr_growth_max=100.0), "high_performance"),
         ("lr_growth=1, lr_growth_steps=60, lr_growth_max=100",
          dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
-        ("lr_growth=1, lr_growth_steps=60, lr_growth_max=100",
-         dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0), "high_performance"),
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0)),
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0), "high_performance"),
         ("lr_growth=0.5, lr_growth_max=10", dict(lr_growth=0.5, lr_growth_max=10.0)),
@@ -256,9 +254,6 @@ FIXES = {
         ("without lr_growth (the preset before it took lr_growth)", dict(lr_growth=None), "high_performance"),
     ),
     "full_real": (
-        ("lr_growth=1, lr_growth_max=100", dict(lr_growth=1.0, lr_growth_max=100.0)),
-        ("lr_growth=1, lr_growth_steps=60, lr_growth_max=100",
-         dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0)),
         # relative_bump needs fp32 state (a compact mask is a lattice of absolute lr_bump steps)
         ("relative_bump=0.2, fp32 state", dict(relative_bump=0.2, state_precision="fp32")),

@@ -132,8 +132,6 @@ CANDIDATES: tuple = (
      dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
     ("lr_growth_steps=60 with lr_growth=1, lr_growth_max=100", "high_performance",
      dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
-    ("lr_growth_steps=60 with lr_growth=1, lr_growth_max=100", "full",
-     dict(lr_growth=1.0, lr_growth_steps=60, lr_growth_max=100.0)),
     # the same over all of warm-up, with a lower bound on the factor: long warm-ups creep less
     ("lr_growth=1, lr_growth_max=10", "lora", dict(lr_growth=1.0, lr_growth_max=10.0)),
     ("lr_growth=1, lr_growth_max=10", "high_performance", dict(lr_growth=1.0, lr_growth_max=10.0)),
