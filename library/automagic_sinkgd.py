@@ -1480,8 +1480,6 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state["lr_mask"] = torch.empty_like(p, dtype=state_dtype, memory_format=torch.contiguous_format).fill_(start_lr)
         state["avg_lr"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
         state["avg_lr_max"] = torch.empty((), dtype=state_dtype, device=p.device).fill_(start_lr)
-        if group["lr_growth"]:
-            state["lr_growth"] = torch.ones((), dtype=state_dtype, device=p.device)
         if warmup > 1:
             state["polarity"] = torch.zeros_like(p, dtype=torch.bool, memory_format=torch.contiguous_format)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -1505,8 +1503,6 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         state["lr_mask_codec"] = codec
         state["avg_lr"] = torch.empty((), dtype=torch.float32, device=p.device).fill_(start_lr)
         state["avg_lr_max"] = torch.empty((), dtype=torch.float32, device=p.device).fill_(start_lr)
-        if group["lr_growth"]:
-            state["lr_growth"] = torch.ones((), dtype=torch.float32, device=p.device)
         if warmup > 1:
             state["polarity"] = torch.zeros(((p.numel() + 7) // 8,), dtype=torch.uint8, device=p.device)
         if group["d_coef"] != 1 and 1 < warmup / 2:
@@ -1551,7 +1547,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             self._stack_owner.clear()
         if t < warmup and "lr_mask_codec" in state:
             self._rebase_lr_mask(state, group)
-        if group["lr_growth"] and "lr_growth" not in state:  # switched on for a resumed run: from 1
+        if group["lr_growth"] and "lr_growth" not in state:  # a first step, or switched on mid-run: from 1
             state["lr_growth"] = torch.ones_like(state["avg_lr"])
         if t >= warmup:
             if "lr_decay" not in state:
