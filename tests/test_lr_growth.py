@@ -6,7 +6,6 @@ its factor, leave a skipped tensor alone, take the same values on every path (st
 at a time, a GPU's padded stacks, a bf16 state), survive a resume bit for bit, and keep the fused
 flag from taking kernels that do not implement it."""
 
-import io
 import math
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 import library.automagic_sinkgd as core
 from library.automagic_sinkgd import Automagic_Sinkgd, momentum_agreement_growth_
+from test_automagic_sinkgd import _saved_and_resumed
 
 torch.set_num_threads(1)
 
@@ -139,13 +139,20 @@ def _run(make, steps, start=0, opt=None, params=None):
     return params, opt
 
 
+_GROWTH = dict(lr=1e-4, warmup_steps=6, lr_growth=1.0)
+
+
+def _params():
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4)),
+            torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(7)),
+            torch.nn.Parameter(torch.randn(3, 4, 2, 2))]
+
+
 def _fresh(**kwargs):
     def make():
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4)),
-                  torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(7)),
-                  torch.nn.Parameter(torch.randn(3, 4, 2, 2))]
-        return params, Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6, lr_growth=1.0, **kwargs)
+        params = _params()
+        return params, Automagic_Sinkgd(params, **_GROWTH, **kwargs)
     return make
 
 
@@ -171,20 +178,11 @@ def test_a_gpus_padded_stacks_take_the_cpus_values(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("saved_at", [3, 8])  # in warm-up, after it
 def test_resume_continues_bit_for_bit(precision, saved_at):
-    make = _fresh(state_precision=precision)
-    straight, _ = _run(make, 12)
-    params, opt = _run(make, saved_at)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    saved = [p.detach().clone() for p in params]
-    params, opt = make()
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    buffer.seek(0)
-    opt.load_state_dict(torch.load(buffer, weights_only=True))
+    straight, _ = _run(_fresh(state_precision=precision), 12)
+    params, opt = _saved_and_resumed(_params(), dict(_GROWTH, state_precision=precision), saved_at,
+                                     lambda ps, o, steps: _run(None, steps, opt=o, params=ps))
     assert opt.param_groups[0]["lr_growth"] == 1.0
-    _run(make, 12 - saved_at, start=saved_at, opt=opt, params=params)
+    _run(None, 12 - saved_at, start=saved_at, opt=opt, params=params)
     assert all(torch.equal(a, b) for a, b in zip(params, straight))
 
 
@@ -199,10 +197,7 @@ def test_switched_on_during_a_run_it_starts_from_one():
 
 
 def _plain():
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4)),
-              torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(7)),
-              torch.nn.Parameter(torch.randn(3, 4, 2, 2))]
+    params = _params()
     return params, Automagic_Sinkgd(params, lr=1e-4, warmup_steps=6)
 
 
