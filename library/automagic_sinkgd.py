@@ -958,6 +958,20 @@ def _fused_phase(group: dict, phase: _Phase) -> bool:
             and not group.get("lr_growth"))
 
 
+def _warn_if_fused_is_not_used(group: dict, where: str) -> None:
+    """fused=True with a setting the kernels do not implement: say once, at construction, that
+    this group takes the eager step (the same math), rather than leave a user timing kernels that
+    never run."""
+    unsupported = [name for name, on in (("lr_growth", bool(group.get("lr_growth"))),
+                                         ("mask_rule='multiplicative'",
+                                          group.get("mask_rule", "additive") != "additive")) if on]
+    if group.get("fused") and unsupported:
+        import warnings
+        warnings.warn(f"Automagic_Sinkgd: fused=True{where}, but the fused kernels do not implement "
+                      f"{' or '.join(unsupported)}: this group takes the eager step (the same math). "
+                      "Set lr_growth=None and the additive mask to use the kernels.", UserWarning, stacklevel=5)
+
+
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                  phase: _Phase, is_matrix: bool, group_stats: Optional[tuple],
                  generator_for: Callable[[Tensor, int], torch.Generator], weight_seeds: list[int],
@@ -1316,6 +1330,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate(group, f" (param group {len(self.param_groups) - 1})")
+        _warn_if_fused_is_not_used(group, f" (param group {len(self.param_groups) - 1})")
         self._apply_lora_scale(group)  # before _complete_group, which derives lr_max from the lr
         self._complete_group(group)
         self._chunk_numel = None  # recomputed from the new largest tensor at the next step

@@ -7,6 +7,8 @@ at a time, a GPU's padded stacks, a bf16 state), survive a resume bit for bit, a
 flag from taking kernels that do not implement it."""
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -210,8 +212,26 @@ def test_off_by_default_no_state_and_the_documents_step():
 def test_fused_flag_takes_the_eager_step():
     """The kernels do not implement the factor: fused=True with it must give the eager numbers."""
     eager, _ = _run(_fresh(), 8)
-    fused, _ = _run(_fresh(fused=True), 8)
+    with pytest.warns(UserWarning, match="eager step"):
+        fused, _ = _run(_fresh(fused=True), 8)
     assert all(torch.equal(a, b) for a, b in zip(eager, fused))
+
+
+@pytest.mark.parametrize("options, named", [(dict(lr_growth=1.0), "lr_growth"),
+                                            (dict(mask_rule="multiplicative", relative_bump=0.2), "mask_rule='multiplicative'")])
+def test_fused_with_a_setting_the_kernels_lack_says_so_once_at_construction(options, named):
+    """A user who asks for the kernels and sets what they do not implement (the lora and
+    high_performance presets set lr_growth) is told the group steps eagerly, instead of timing
+    kernels that never run."""
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match=rf"fused=True.*{re.escape(named)}.*eager step") as caught:
+        Automagic_Sinkgd([p], lr=1e-4, warmup_steps=10, fused=True, **options)
+    assert len([w for w in caught if "fused=True" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # points at the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Automagic_Sinkgd([p], lr=1e-4, warmup_steps=10, **options)  # fused=None: nothing to say
+        Automagic_Sinkgd([p], lr=1e-4, warmup_steps=10, fused=True)  # the kernels cover it
 
 
 def test_the_effective_lr_includes_the_factor():
