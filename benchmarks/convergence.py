@@ -250,8 +250,9 @@ FIXES = {
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0)),
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0), "high_performance"),
         ("lr_growth=0.5, lr_growth_max=10", dict(lr_growth=0.5, lr_growth_max=10.0)),
-        # the preset before it took lr_growth (for the paired seeds)
+        # the presets before they took lr_growth (for the paired seeds)
         ("without lr_growth (the preset before it took lr_growth)", dict(lr_growth=None), "high_performance"),
+        ("without lr_growth (the preset before it took lr_growth)", dict(lr_growth=None)),
     ),
     "full_real": (
         ("lr_growth=1, lr_growth_max=10", dict(lr_growth=1.0, lr_growth_max=10.0)),

@@ -19,7 +19,8 @@ Usage::
     python benchmarks/noise_floor.py --report-only
 
 Outputs in ``--out`` (default benchmarks/results/robustness): ``noise_floor.json`` (cached per
-cell, preset, seed and perturbation) and ``noise_floor.md``.
+cell, preset, seed and perturbation, with the preset's settings: a changed preset is run again)
+and ``noise_floor.md``.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def render_markdown(store: dict, matrix: rob.Store) -> str:
                 ref = reference(cell, int(seed), matrix) if ":" not in cell else None
                 shown = [values[f"{p:g}"] / ref if ref else values[f"{p:g}"] for p in PERTURBATIONS]
                 width, move = spread({k: values[k] for k in (f"{p:g}" for p in PERTURBATIONS)})
-                lines.append(f"| {cell} | {preset} | {seed} | " + " | ".join(f"{v:.4f}" for v in shown)
+                lines.append(f"| {cell.replace('|', ' ')} | {preset} | {seed} | " + " | ".join(f"{v:.4f}" for v in shown)
                              + f" | {width:.2%} | {move:.2%} |")
     return "\n".join(lines) + "\n"
 
@@ -125,6 +126,11 @@ def main(argv=None) -> int:
     presets, _ = conv.load_presets()
     if args.cells:
         store["machine"] = conv.machine_desc()
+        if store.setdefault("presets", {}).get(args.preset) != presets[args.preset]:
+            # measured with other settings (the preset changed since): those runs are not this preset's
+            for rows in store["runs"].values():
+                rows.pop(args.preset, None)
+            store["presets"][args.preset] = presets[args.preset]
     for cell in args.cells:
         for seed in args.seeds:
             values = store["runs"].setdefault(cell, {}).setdefault(args.preset, {}).setdefault(str(seed), {})

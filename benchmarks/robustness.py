@@ -137,8 +137,9 @@ CANDIDATES: tuple = (
     ("lr_growth=1, lr_growth_max=10", "high_performance", dict(lr_growth=1.0, lr_growth_max=10.0)),
     ("lr_growth=1, lr_growth_max=10", "full", dict(lr_growth=1.0, lr_growth_max=10.0)),
     ("lr_growth=0.5, lr_growth_max=10", "lora", dict(lr_growth=0.5, lr_growth_max=10.0)),
-    # the high_performance preset before it took lr_growth=1
+    # the presets before they took lr_growth=1
     ("without lr_growth (the preset before it took lr_growth)", "high_performance", dict(lr_growth=None)),
+    ("without lr_growth (the preset before it took lr_growth)", "lora", dict(lr_growth=None)),
     # full: the post-warm-up decay spread over the rest of the run (full_real, 4000 steps, seed 0:
     # 1.8% better than the warm-up-long decay), and masks that reach the weight scale's rate
     ("the document's decay (the preset before this round)", "full", dict(decay_horizon="warmup", decay_floor=0.1)),
@@ -395,7 +396,8 @@ def preset_specs(family: str, candidates: bool = True) -> list[dict]:
 
 
 class Store:
-    """robustness.json: {"runs": {cell: {optimizer name: {seed: result}}}}, written after every run."""
+    """robustness.json: {"runs": {cell: {optimizer name: {seed: result}}}, "untrained": {cell: {seed:
+    held-out loss before training}}}, written after every run."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -406,6 +408,9 @@ class Store:
 
     def put(self, cell: str, name: str, seed: int, result: dict) -> None:
         self.data["runs"].setdefault(cell, {}).setdefault(name, {})[str(seed)] = result
+        self.save()
+
+    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conv.atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
@@ -424,14 +429,36 @@ def _run_cached(store: Store, cell: tuple, spec: dict, seed: int, ctx: Context) 
     return hit["final"]
 
 
+def untrained_loss(store: Store, cell: tuple, seed: int, ctx: Context) -> float:
+    """The held-out loss of the cell's model before any step (a LoRA starts as the identity)."""
+    key = cell_key(*cell)
+    cached = store.data.setdefault("untrained", {}).get(key, {}).get(str(seed))
+    if cached is None:
+        cached = run_cell(*cell[:2], 0, dict(name="untrained", kind="adamw", lr=0.0), seed, ctx)["final"]
+        store.data["untrained"].setdefault(key, {})[str(seed)] = cached
+        store.save()
+    return cached
+
+
 def adamw_search(store: Store, cell: tuple, seed: int, ctx: Context) -> float:
-    """Best final loss of AdamW over a half-decade grid, walked until the best is bracketed."""
+    """Best final loss of AdamW over a half-decade grid, walked until the best is bracketed.
+
+    A run that ends worse than the model it started from has diverged, and the diverged side of
+    the grid is not monotone (a wilder lr can end a little less wrong): while every point tried
+    ends above the untrained loss, the search first walks down until one does not, at most 8
+    half-decades, and only then brackets."""
     def at(lr: float) -> float:
         lr = float(f"{lr:.3g}")
         return _run_cached(store, cell, dict(name=f"AdamW lr={lr:g}", kind="adamw", lr=lr), seed, ctx)
 
     start = ADAMW_START[cell[0]]
     best_lr, best = start, at(start)
+    lowest = start
+    while not best < untrained_loss(store, cell, seed, ctx) and lowest > start * HALF_DECADE ** -8:
+        lowest /= HALF_DECADE
+        value = at(lowest)
+        if value < best:
+            best_lr, best = lowest, value
     # Walk each way until two points in a row are worse than the best so far: a diverging lr can
     # be "better" than a slightly less diverging one, so one worse point does not bracket.
     for direction in (HALF_DECADE, 1 / HALF_DECADE):
@@ -564,7 +591,7 @@ def render_heatmap(store: Store, path: Path, names: list[str] | None = None) -> 
     plt.close(fig)
 
 
-# The rows of the README's picture: what ships, Prodigy, and the candidate the matrix favours.
+# The rows of the README's picture: what ships, Prodigy, and each preset before its measured changes.
 SUMMARY_ROWS = ["preset lora", "preset high_performance", "preset full", "Prodigy",
                 "full: the document's decay (the preset before this round)",
                 "lora: warmup_steps=0.25, lora_scale_power_above=0 (the preset before this round)",
@@ -572,7 +599,7 @@ SUMMARY_ROWS = ["preset lora", "preset high_performance", "preset full", "Prodig
                 "high_performance: without lora_scale_power (the previous preset)",
                 "high_performance: fixed 800-step warm-up (the preset before this round)",
                 "high_performance: without lr_growth (the preset before it took lr_growth)",
-                "lora: lr_growth=1, lr_growth_max=10"]
+                "lora: without lr_growth (the preset before it took lr_growth)"]
 
 
 def write_report(out: Path) -> None:
