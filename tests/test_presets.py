@@ -35,9 +35,9 @@ SPEC = {
 # "At real Stable Diffusion learning-rate scale") or benchmarks/robustness.py (the LoRA scale).
 MEASURED_CHANGES = {
     # warmup_steps=0.65 of the run and the lrs raised by rank / alpha below alpha = rank, lowered by
-    # sqrt(alpha / rank) above it (the robustness matrix)
+    # sqrt(alpha / rank) above it, and the per-tensor growth factor (the robustness matrix)
     "lora": dict(relative_bump=0.2, decay_horizon="run", decay_floor=0.0, warmup_steps=0.65,
-                 lora_scale_power=1.0, lora_scale_power_above=0.5),
+                 lora_scale_power=1.0, lora_scale_power_above=0.5, lr_growth=1.0),
     # 0.2 x its lr, absolute as its bf16 state needs (measured as relative_bump=0.2); the decay to 0
     # at the run's end (full_real and the robustness matrix's full cells)
     "full": dict(lr_bump=2e-6, warmup_steps=0.25, decay_horizon="run", decay_floor=0.0),
