@@ -227,7 +227,7 @@ def test_quick_start_uses_embedded_model_and_dataset(tmp_path):
     with safe_open(str(out / "output" / "last.safetensors"), "pt") as f:
         assert f.metadata()["ss_optimizer"].endswith(
             "(min_lr=1e-06,max_lr=0.001,eta=2.0,warmup_steps=0.65,full_finetune=False,orthograd=True,stats_update_freq=3,"
-            "relative_bump=0.2,decay_horizon=run,decay_floor=0.0,lora_scale_power=1.0,lora_scale_power_above=0.5)")
+            "relative_bump=0.2,decay_horizon=run,decay_floor=0.0,lora_scale_power=1.0,lora_scale_power_above=0.5,lr_growth=1.0)")
         assert f.metadata()["ss_network_alpha"] == "4.0" and f.metadata()["ss_batch_size_per_device"] == "4"
         assert f.metadata()["ss_seed"] == "42"  # fixed for the quick start, so its grid is reproducible
     grid = Image.open(out / "output" / "sample" / "last_grid.png")
