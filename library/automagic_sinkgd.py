@@ -950,26 +950,34 @@ def _fused_step_bucket(kernels, *args) -> bool:
         return False
 
 
+def _settings_the_kernels_lack(group: dict) -> list[tuple[str, str]]:
+    """(setting, how to switch it off) for each of the group's settings the fused kernels do not
+    implement: the multiplicative mask and the opt-in growth factor."""
+    lacking = []
+    if group.get("mask_rule", "additive") != "additive":
+        lacking.append(("mask_rule='multiplicative'", "mask_rule='additive'"))
+    if group.get("lr_growth"):
+        lacking.append(("lr_growth", "lr_growth=None"))
+    return lacking
+
+
 def _fused_phase(group: dict, phase: _Phase) -> bool:
     """Whether the fused kernels are asked for and cover this phase: from t = 2 (ADOPT's first
-    step is eager), with the additive mask and without the opt-in growth factor (the kernels
-    implement neither)."""
-    return (bool(group.get("fused")) and not phase.first and group.get("mask_rule", "additive") == "additive"
-            and not group.get("lr_growth"))
+    step is eager), and none of the settings they lack."""
+    return bool(group.get("fused")) and not phase.first and not _settings_the_kernels_lack(group)
 
 
 def _warn_if_fused_is_not_used(group: dict, where: str) -> None:
     """fused=True with a setting the kernels do not implement: say once, at construction, that
     this group takes the eager step (the same math), rather than leave a user timing kernels that
     never run."""
-    unsupported = [name for name, on in (("lr_growth", bool(group.get("lr_growth"))),
-                                         ("mask_rule='multiplicative'",
-                                          group.get("mask_rule", "additive") != "additive")) if on]
-    if group.get("fused") and unsupported:
+    lacking = _settings_the_kernels_lack(group)
+    if group.get("fused") and lacking:
         import warnings
         warnings.warn(f"Automagic_Sinkgd: fused=True{where}, but the fused kernels do not implement "
-                      f"{' or '.join(unsupported)}: this group takes the eager step (the same math). "
-                      "Set lr_growth=None and the additive mask to use the kernels.", UserWarning, stacklevel=5)
+                      f"{' or '.join(name for name, _ in lacking)}: this group takes the eager step (the same "
+                      f"math). {' and '.join(off for _, off in lacking)} would let the kernels step it.",
+                      UserWarning, stacklevel=5)
 
 
 def _step_bucket(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
