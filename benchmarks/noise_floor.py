@@ -25,6 +25,7 @@ and ``noise_floor.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,12 +50,18 @@ def perturbed_spec(preset_kwargs: dict, rel: float) -> dict:
     return dict(name=f"lr x (1{rel:+g})", kind="automagic", kwargs=kwargs)
 
 
+@functools.lru_cache(maxsize=1)
+def _convergence_data(cache: Path) -> tuple:
+    """The convergence benchmark's data and pretrained base, loaded once for every run."""
+    data = conv.Data()
+    return data, conv.get_base_state(data, cache, False)
+
+
 def run_perturbed(cell: str, spec: dict, seed: int, cache: Path) -> float:
     """Final held-out loss of ``spec`` in ``cell`` (a matrix cell or TASK:STEPS)."""
     if ":" in cell:
         task, steps = cell.split(":")
-        data = conv.Data()
-        base = conv.get_base_state(data, cache, False)
+        data, base = _convergence_data(cache)
         return conv.run_one(task, spec, seed, int(steps), data, base, False)["losses"][-1]
     family, scale, steps = cell.split("|")
     return rob.run_cell(family, scale, int(steps), spec, seed, rob.Context(cache))["final"]
