@@ -1407,7 +1407,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
                      growth is None or (isinstance(growth, (int, float)) and not isinstance(growth, bool)
                                         and 0 < growth <= 10),
                      "None (off) or a number in (0, 10]: the per-tensor factor's growth per step at full "
-                     "gradient-momentum agreement, in log units (the high_performance preset: 1.0)")
+                     "gradient-momentum agreement, in log units (the lora and high_performance presets: 1.0)")
         growth_max = get("lr_growth_max", 10.0)
         _check_range("lr_growth_max" + where, growth_max,
                      isinstance(growth_max, (int, float)) and not isinstance(growth_max, bool)
