@@ -4,7 +4,8 @@ compiled by Triton for sm_80 (A100) and sm_90 (H100/H200), checked from its PTX 
 The variants are the ones a real run launches: the fused step runs on CPU with its kernels replaced
 by recorders (the host code, its stacks, tables and launch arguments are real) on the benchmark's
 parameter sets, for fp32 and bf16 weights and the fp32 and compact (state_precision="bf16")
-state, through every phase (first warm-up half, late warm-up, first post-warm-up step, OrthoGrad).
+state, without and with the presets' ``lr_growth``, through every phase (first warm-up half, late
+warm-up, first post-warm-up step, OrthoGrad).
 Each launch is specialised as Triton's JIT would specialise it (16-byte aligned pointers, integers
 divisible by 16, integers equal to 1), so what is compiled is what a GPU would run. Per variant:
   * no float atomics (``atom``/``red`` on f16/f32/f64): the reductions are bit-for-bit repeatable;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -55,6 +57,8 @@ MAX_REGISTERS = 232
 KERNEL_NAMES = ("_bucket_step_kernel", "_split_reductions_kernel", "_split_state_kernel",
                 "_split_sinkgd_kernel", "_split_weights_kernel")
 CONFIGS = [(torch.float32, "fp32"), (torch.float32, "bf16"), (torch.bfloat16, "fp32"), (torch.bfloat16, "bf16")]
+# The class default (no growth factor) and the lora / high_performance presets' lr_growth
+GROWTHS = (None, 1.0)
 
 
 def specialise(fn, args: tuple, kwargs: dict) -> tuple:
@@ -112,20 +116,23 @@ def recorded_launches(variants: dict, label: str, arch: int):
             setattr(kernels, name, value)
 
 
-def launched_variants(sets: list[str], arch: int, shapes_of: dict = None, configs=CONFIGS, steps: int = 8) -> dict:
+def launched_variants(sets: list[str], arch: int, shapes_of: dict = None, configs=CONFIGS, steps: int = 8,
+                      growths=GROWTHS) -> dict:
     """Every kernel variant one run launches on these parameter sets on a GPU of compute
-    capability ``arch``, with where it was seen (``shapes_of``: set name -> its shapes)."""
+    capability ``arch``, with where it was seen (``shapes_of``: set name -> its shapes), for each
+    ``lr_growth`` of ``growths``."""
     from benchmarks.speed import full_slice_shapes, lora_shapes, make_params, sdxl_lora_shapes
     shapes_of = shapes_of or dict(lora=lora_shapes, sdxl_lora=sdxl_lora_shapes, full=full_slice_shapes)
     variants: dict = {}
     for name in sets:
         shapes = shapes_of[name]() if callable(shapes_of[name]) else shapes_of[name]
-        for dtype, precision in configs:
-            label = f"{name}/{str(dtype)[6:]} weights/{precision} state"
+        for (dtype, precision), growth in itertools.product(configs, growths):
+            label = f"{name}/{str(dtype)[6:]} weights/{precision} state" + (f"/lr_growth={growth}" if growth else "")
             with recorded_launches(variants, label, arch):
                 optimizer = Automagic_Sinkgd(make_params(shapes, seed=0, dtype=dtype), lr=5e-5, min_lr=1e-6,
                                              max_lr=1e-3, warmup_steps=6, orthograd=True, full_finetune=name == "full",
-                                             state_precision=precision, fused=True, stats_update_freq=1)
+                                             state_precision=precision, fused=True, stats_update_freq=1,
+                                             lr_growth=growth)
                 for _ in range(steps):  # t = 2: early warm-up; 4, 5: late; 6: first post-warm-up; 7, 8: OrthoGrad
                     optimizer.step()
             del optimizer
@@ -171,7 +178,7 @@ def describe(variant: dict) -> dict:
     """A variant in words: kernel, tile, dtypes, phase flags, the row length's specialisation."""
     constants = {variant["fn"].arg_names[k[0]]: v for k, v in variant["constexprs"].items()}
     flags = [name for name in ("WARMUP", "SIGNAL", "DECAY", "HAS_STATS", "POST", "ORTHO", "KEEP_NORM", "VRADAM",
-                               "HAS_ROW_SCALING") if constants.get(name)]
+                               "HAS_ROW_SCALING", "GROWTH", "GROWING") if constants.get(name)]
     c_index = variant["fn"].arg_names.index("C")
     aligned_rows = (c_index,) in variant["attrs"]
     weights = "bf16" if constants.get("BF16", constants.get("ROUND_BF16")) else "fp32"

@@ -176,6 +176,9 @@ def optimizers_for(shapes, full: bool, device: str = "cpu", fused: bool = False,
                                                                              **common)
         factories["Automagic post-warm-up (fused)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True,
                                                                                   fused=True, **common)
+        # the presets' growth factor inside the kernels: one more sum in their first pass, no launch
+        factories["Automagic warm-up (fused, lr_growth)"] = lambda ps: Automagic_Sinkgd(
+            ps, warmup_steps=10**6, fused=True, lr_growth=1.0, **common)
         for precision in state_precisions:
             if precision != "fp32":  # the kernels read and write the compact state themselves
                 factories[f"Automagic warm-up (fused, {precision} state)"] = lambda ps, sp=precision: Automagic_Sinkgd(
@@ -380,7 +383,7 @@ def fused_launch_counts(shapes, full: bool, bf16_weights: bool = False, device: 
     with dry_fused_kernels():
         factories = optimizers_for(shapes, full, "cpu", fused=True, state_precisions=("fp32", "bf16"))
         labels = [(label, torch.float32) for label in (
-            "Automagic warm-up (fused)", "Automagic post-warm-up (fused)",
+            "Automagic warm-up (fused)", "Automagic post-warm-up (fused)", "Automagic warm-up (fused, lr_growth)",
             "Automagic warm-up (fused, bf16 state)", "Automagic post-warm-up (fused, bf16 state)")]
         if bf16_weights:
             labels += [(label, torch.bfloat16) for label in (

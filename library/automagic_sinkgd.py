@@ -952,12 +952,10 @@ def _fused_step_bucket(kernels, *args) -> bool:
 
 def _settings_the_kernels_lack(group: dict) -> list[tuple[str, str]]:
     """(setting, how to switch it off) for each of the group's settings the fused kernels do not
-    implement: the multiplicative mask and the opt-in growth factor."""
+    implement: the multiplicative mask."""
     lacking = []
     if group.get("mask_rule", "additive") != "additive":
         lacking.append(("mask_rule='multiplicative'", "mask_rule='additive'"))
-    if group.get("lr_growth"):
-        lacking.append(("lr_growth", "lr_growth=None"))
     return lacking
 
 
@@ -1210,7 +1208,7 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             multiplied by a factor that grows by exp(lr_growth x a) per step, a = the tensor's mean
             sign agreement of gradient and momentum (see ``momentum_agreement_growth_``), so a run
             whose lrs are far too small for its model climbs in tens of steps; frozen with the mask
-            after warm-up. Eager step only.
+            after warm-up. The fused kernels implement it too.
         lr_growth_max: the factor's bound, a number >= 1 (default 10: with 100, long warm-ups at
             real SD's rates crept up and lost 1 %; see docs/benchmarks.md).
         lr_growth_steps: None (default: all of warm-up) or an integer >= 1: the factor adapts only

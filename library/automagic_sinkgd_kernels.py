@@ -54,8 +54,9 @@ _SPLIT_NUMEL = 1 << 18
 # half the U buffer the split path had before it recomputed U (an SDXL full step: 31 chunks).
 _SPLIT_BUFFER_NUMEL = 1 << 24
 # Per-block partial sums of the split path, (tensors, blocks, _PARTIALS) float32: total, |g|,
-# Prodigy signal, OrthoGrad's <u, x>, |x|^2, |u|^2 (launch 1); |m|^2, mask sum, |u|^2 after (launch 2).
-_PARTIALS: tl.constexpr = tl.constexpr(9)
+# Prodigy signal, OrthoGrad's <u, x>, |x|^2, |u|^2 (launch 1); |m|^2, mask sum, |u|^2 after (launch 2);
+# the sum of sign(g) x sign(m) of the opt-in lr_growth (launch 1).
+_PARTIALS: tl.constexpr = tl.constexpr(10)
 _BLOCK_SUM_WIDTH = 128  # blocks summed side by side by _block_sum
 
 
@@ -101,6 +102,20 @@ def _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside, p
         w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
         u = u - w * projection
     return g, m, u
+
+
+@triton.jit
+def _sign_agreement(g, m):
+    """sign(g x m): +1 where the gradient agrees with the momentum, -1 where not, 0 at a zero."""
+    product = g * m
+    return tl.where(product > 0.0, 1.0, tl.where(product < 0.0, -1.0, 0.0))
+
+
+@triton.jit
+def _grown_factor(growth, agreement, finite_f, growth_rate, growth_max):
+    """``core.momentum_agreement_growth_`` of one tensor: its factor times exp(rate x mean
+    agreement), in [1, growth_max]; a skipped tensor (finite_f 0) keeps its factor."""
+    return tl.minimum(tl.maximum(growth * tl.exp(agreement * finite_f * growth_rate), 1.0), growth_max)
 
 
 @triton.jit
@@ -219,9 +234,10 @@ def _add_column_sums(grad_ptr, exp_avg_ptr, weight_ptr, col_out_ptr, b, numel, r
 @triton.jit
 def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begin, r_end, C,
                      IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ABS_SUM: tl.constexpr,
-                     SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
+                     SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr, GROWING: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass 0: sum g (the finite test), sum |g|, <g, x0 - x> and OrthoGrad's <u, x>, |x|^2, |u|^2."""
+    """Pass 0: sum g (the finite test), sum |g|, <g, x0 - x>, OrthoGrad's <u, x>, |x|^2, |u|^2 and,
+    GROWING, the sum of sign(g) x sign(m) (exact: a sum of small integers)."""
     zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_sum = zeros
     acc_abs = zeros
@@ -229,6 +245,7 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
     acc_uw = zeros
     acc_ww = zeros
     acc_uu = zeros
+    acc_agree = zeros
     for r0 in range(r_begin, r_end, BLOCK_R):
         for c0 in range(0, C, BLOCK_C):
             offsets, inside, rows, cols = _tile(b, numel, r0, c0, r_end, C, BLOCK_R, BLOCK_C)
@@ -238,13 +255,16 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
             g = _finite_or_zero(g_raw)
             if ABS_SUM:
                 acc_abs += tl.abs(g)
+            if ORTHO or GROWING:
+                m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+                if GROWING:  # the momentum before this step, as the eager step reads it
+                    acc_agree += _sign_agreement(g, m)
             if SIGNAL or ORTHO:
                 w = tl.load(weight_ptr + local, mask=inside, other=0.0).to(tl.float32)
                 if SIGNAL:  # Prodigy (arXiv 2306.06101): c = -<g, x - x0>
                     x0 = tl.load(x0_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                     acc_signal += g * (x0 - w)
                 if ORTHO:
-                    m = tl.load(exp_avg_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
                     u = _grams_direction(g, m, IS_MATRIX, GRAMS)
                     acc_uw += u * w
                     acc_ww += w * w
@@ -252,7 +272,8 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
                         acc_uu += u * u
     return (tl.sum(tl.sum(acc_sum, axis=1), axis=0), tl.sum(tl.sum(acc_abs, axis=1), axis=0),
             tl.sum(tl.sum(acc_signal, axis=1), axis=0), tl.sum(tl.sum(acc_uw, axis=1), axis=0),
-            tl.sum(tl.sum(acc_ww, axis=1), axis=0), tl.sum(tl.sum(acc_uu, axis=1), axis=0))
+            tl.sum(tl.sum(acc_ww, axis=1), axis=0), tl.sum(tl.sum(acc_uu, axis=1), axis=0),
+            tl.sum(tl.sum(acc_agree, axis=1), axis=0))
 
 
 @triton.jit
@@ -366,13 +387,13 @@ def _block_sum(partials_ptr, b, n_blocks, k, NB: tl.constexpr):
 
 @triton.jit
 def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor,
-                  weight_decay,
+                  weight_decay, growth,
                   avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr,
                   VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr, HAS_STATS: tl.constexpr,
                   KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """The tensor's new avg_lr, its rate (finite * decay * VRAdam brake [* OrthoGrad norm restore])
-    and the weight-decay factor."""
+                  GROWTH: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The tensor's new avg_lr, its rate (finite * decay * VRAdam brake [* growth factor]
+    [* OrthoGrad norm restore]) and the weight-decay factor."""
     tiny = 1.1754943508222875e-38
     if WARMUP:
         avg_lr = mask_sum / numel
@@ -384,6 +405,8 @@ def _rate_scalars(b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr
     rate = finite_f
     if POST:  # the linear decay, capped by an outside scheduler's ratio, floored (0.1 by default)
         rate = rate * tl.maximum(tl.minimum(lr_decay, lr_ratio), decay_floor)
+    if GROWTH:  # brake x factor first, as the eager step multiplies them before the decay
+        brake = brake * growth
     rate = rate * brake
     if KEEP_NORM:  # OrthoGrad's norm restore, only when SinkGD does not rescale anyway
         norm_before = tl.sqrt(uu)
@@ -474,16 +497,16 @@ def _tensor_address(table_ptr, b, BF16: tl.constexpr):
 @triton.jit(do_not_specialize=["lr_ratio"])
 def _bucket_step_kernel(
         grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr, x0_ptr,
-        avg_lr_ptr, avg_lr_max_ptr, row_scaling_ptr, lr_decay_ptr, decay_rate_ptr,
+        avg_lr_ptr, avg_lr_max_ptr, row_scaling_ptr, lr_decay_ptr, decay_rate_ptr, lr_growth_ptr,
         group_mean_ptr, group_std_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr, table_ptr, noise_offsets_ptr,
         B, R, C, lr_ratio, decay_floor,
-        momentum_weight, lr_bump, d_coef, min_lr, max_lr, weight_decay, sqrt_rows,
+        momentum_weight, lr_bump, d_coef, min_lr, max_lr, weight_decay, sqrt_rows, growth_rate, growth_max,
         mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr, WARMUP: tl.constexpr,
         SIGNAL: tl.constexpr, DECAY: tl.constexpr, HAS_STATS: tl.constexpr, ORTHO: tl.constexpr,
         KEEP_NORM: tl.constexpr, POST: tl.constexpr, HAS_ROW_SCALING: tl.constexpr,
         SINKGD_ITERS: tl.constexpr, ROUND_BF16: tl.constexpr, COMPACT: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        GROWTH: tl.constexpr, GROWING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     slot = pid.to(tl.int64)  # this program's rows of the U, row and column buffers
     numel = R * C
@@ -501,11 +524,18 @@ def _bucket_step_kernel(
             weight_noise_offset = tl.load(noise_offsets_ptr + b)
         if COMPACT:
             state_noise_offset = tl.load(noise_offsets_ptr + B + b)
-        total, abs_sum, signal, uw, ww, uu = _pass_reductions(
+        total, abs_sum, signal, uw, ww, uu, agreement = _pass_reductions(
             grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, 0, R, C, IS_MATRIX, GRAMS, DECAY and HAS_STATS,
-            SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
+            SIGNAL, ORTHO, KEEP_NORM, GROWING, BLOCK_R, BLOCK_C)
         finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
             total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
+        growth = 1.0
+        if GROWTH:  # the opt-in per-tensor factor: grown in warm-up, applied at every step
+            growth = tl.load(lr_growth_ptr + b)
+            if GROWING:
+                growth = _grown_factor(growth, agreement / numel, finite_f, growth_rate, growth_max)
+                tl.debug_barrier()  # every thread has read the old value before one stores the new
+                tl.store(lr_growth_ptr + b, growth)
         mm, mask_sum, uu_after = _pass_direction_and_state(
             grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr,
             table_ptr, b, slot, numel, 0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
@@ -518,8 +548,8 @@ def _bucket_step_kernel(
             tl.store(lr_decay_ptr + b, lr_decay)
         avg_lr, rate, weight_factor = _rate_scalars(
             b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor, weight_decay,
-            avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
-            KEEP_NORM, POST, HAS_ROW_SCALING, BLOCK_R)
+            growth, avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
+            KEEP_NORM, POST, HAS_ROW_SCALING, GROWTH, BLOCK_R)
         if WARMUP:
             tl.store(avg_lr_ptr + b, avg_lr)
             tl.store(avg_lr_max_ptr + b, tl.maximum(tl.load(avg_lr_max_ptr + b), avg_lr))
@@ -544,16 +574,18 @@ def _split_reductions_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, x0_p
                              ROWS_PER_PROGRAM,
                              IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ABS_SUM: tl.constexpr,
                              SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
-                             BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             GROWING: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
     """Large tensors, launch 1: pass 0 over one block of rows, its sums into partials[b, block, 0:6]
-    (summed over the blocks by the next launches, see _block_sum)."""
+    and, GROWING, [9] (summed over the blocks by the next launches, see _block_sum)."""
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     r_begin = block * ROWS_PER_PROGRAM
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
-    total, abs_sum, signal, uw, ww, uu = _pass_reductions(
+    total, abs_sum, signal, uw, ww, uu, agreement = _pass_reductions(
         _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, _tensor_address(weight_table_ptr, b, BF16), x0_ptr,
-        b, R * C, r_begin, r_end, C, IS_MATRIX, GRAMS, ABS_SUM, SIGNAL, ORTHO, KEEP_NORM, BLOCK_R, BLOCK_C)
+        b, R * C, r_begin, r_end, C, IS_MATRIX, GRAMS, ABS_SUM, SIGNAL, ORTHO, KEEP_NORM, GROWING, BLOCK_R,
+        BLOCK_C)
     base = partials_ptr + (b * tl.num_programs(1) + block) * _PARTIALS
     tl.store(base + 0, total)
     tl.store(base + 1, abs_sum)
@@ -561,6 +593,7 @@ def _split_reductions_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, x0_p
     tl.store(base + 3, uw)
     tl.store(base + 4, ww)
     tl.store(base + 5, uu)
+    tl.store(base + 9, agreement)
 
 
 @triton.jit
@@ -581,18 +614,18 @@ def _split_scalars(partials_ptr, b, n_blocks, lr_bump, d_coef, momentum_weight,
 
 @triton.jit
 def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_table_ptr,
-                        row_sq_ptr, col_out_ptr, lr_decay_ptr, decay_rate_ptr, partials_ptr,
+                        row_sq_ptr, col_out_ptr, lr_decay_ptr, decay_rate_ptr, lr_growth_ptr, partials_ptr,
                         R, C, ROWS_PER_PROGRAM, lr_bump, d_coef, momentum_weight, min_lr, max_lr,
-                        mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
+                        mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, growth_rate, growth_max,
                         IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                         WARMUP: tl.constexpr, SIGNAL: tl.constexpr, ORTHO: tl.constexpr,
                         KEEP_NORM: tl.constexpr, POST: tl.constexpr, ROW_SUMS: tl.constexpr,
-                        COMPACT: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                        NB: tl.constexpr):
+                        COMPACT: tl.constexpr, GROWING: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr, NB: tl.constexpr):
     """Large tensors, launch 2: pass 1 over one block of rows (sign history and mask; the momentum
     is stored by the last launch); its sums into partials[b, block, 6:9]; with ROW_SUMS SinkGD's
     first row half-step and the block's partial column sums of the second; the first block also
-    steps lr_decay (read by the last launch)."""
+    steps lr_decay or, GROWING, the growth factor (both read by the last launch)."""
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     n_blocks = tl.num_programs(1)
@@ -616,6 +649,12 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
             lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
             tl.debug_barrier()  # every thread has read the old value before one stores the new
             tl.store(lr_decay_ptr + b, lr_decay)
+    if GROWING:
+        if block == 0:  # no other block of this launch reads the factor
+            agreement = _block_sum(partials_ptr, b, n_blocks, 9, NB) / (R * C)
+            growth = _grown_factor(tl.load(lr_growth_ptr + b), agreement, finite_f, growth_rate, growth_max)
+            tl.debug_barrier()  # every thread has read the old value before one stores the new
+            tl.store(lr_growth_ptr + b, growth)
 
 
 @triton.jit
@@ -656,14 +695,14 @@ def _split_sinkgd_kernel(grad_table_ptr, exp_avg_ptr, weight_table_ptr, partials
 
 @triton.jit(do_not_specialize=["lr_ratio"])
 def _split_weights_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, weight_table_ptr, row_ptr, col_in_ptr, col_ptr,
-                          row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, group_mean_ptr,
+                          row_scaling_ptr, avg_lr_ptr, avg_lr_max_ptr, lr_decay_ptr, lr_growth_ptr, group_mean_ptr,
                           group_std_ptr, partials_ptr, table_ptr, noise_offsets_ptr, R, C, ROWS_PER_PROGRAM, lr_ratio,
                           decay_floor, weight_decay, sqrt_rows, mask_anchor, mask_step, momentum_weight,
                           IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, ORTHO: tl.constexpr,
                           VRADAM: tl.constexpr, WARMUP: tl.constexpr, DECAY: tl.constexpr,
                           HAS_STATS: tl.constexpr, KEEP_NORM: tl.constexpr, POST: tl.constexpr,
                           HAS_ROW_SCALING: tl.constexpr, SINKGD: tl.constexpr, ROUND_BF16: tl.constexpr,
-                          COMPACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          COMPACT: tl.constexpr, GROWTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                           NB: tl.constexpr):
     """Large tensors, last launch: SinkGD's last column half-step, then this step's momentum and
     the weights of one block of rows; the first block stores avg_lr and avg_lr_max (no other
@@ -685,6 +724,9 @@ def _split_weights_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, weight_table
     lr_decay = 1.0
     if POST:
         lr_decay = tl.load(lr_decay_ptr + b)
+    growth = 1.0
+    if GROWTH:  # this step's factor, grown by launch 2 in warm-up
+        growth = tl.load(lr_growth_ptr + b)
     mm = 0.0
     mask_sum = 0.0
     abs_sum = 0.0
@@ -701,8 +743,8 @@ def _split_weights_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, weight_table
         uu_after = _block_sum(partials_ptr, b, n_blocks, 8, NB)
     avg_lr, rate, weight_factor = _rate_scalars(
         b, numel, R, finite_f, mm, mask_sum, abs_sum, uu, uu_after, lr_decay, lr_ratio, decay_floor, weight_decay,
-        avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS, KEEP_NORM,
-        POST, HAS_ROW_SCALING, BLOCK_R)
+        growth, avg_lr_ptr, row_scaling_ptr, group_mean_ptr, group_std_ptr, VRADAM, WARMUP, DECAY, HAS_STATS,
+        KEEP_NORM, POST, HAS_ROW_SCALING, GROWTH, BLOCK_R)
     if WARMUP:
         if block == 0:
             tl.store(avg_lr_ptr + b, avg_lr)
@@ -835,14 +877,18 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
                 use_orthograd: bool, post: bool, is_matrix: bool, beta1: float, lr_bump: float, d_coef: float,
                 min_lr: float, max_lr: float, weight_decay: float, sinkgd_iters: int, grams: bool,
                 vradam: bool, shape: tuple[int, ...], weight_dtype: torch.dtype, decay_floor: float = 0.1,
-                noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None) -> None:
+                noise_offsets: Optional[torch.Tensor] = None, codec: Optional[tuple[float, float]] = None,
+                lr_growth: Optional[torch.Tensor] = None, growth_rate: float = 0.0, growth_max: float = 1.0,
+                growing: bool = False) -> None:
     """``core._bucket_math`` in one launch per bucket (for a chunk of large tensors 2 + sinkgd_iters):
     the same state stacks, updated in place, but the gradients and weights as (B,) int64 tables of
     their addresses (contiguous tensors of ``shape`` and ``weight_dtype``, read and written where
     they are: bf16 weights rounded stochastically). ``noise_offsets``: (2, B) int32 rounding-table
     offsets of each tensor's weights and momentum, needed for bf16 weights or a compact state. With
     ``codec`` (a compact state: ``core.lr_mask_codec``) ``exp_avg`` is bf16, ``lr_mask`` uint16
-    codes and ``polarity`` (B, ceil(numel / 8)) packed bytes, as ``core._step_bucket`` keeps them."""
+    codes and ``polarity`` (B, ceil(numel / 8)) packed bytes, as ``core._step_bucket`` keeps them.
+    ``lr_growth`` (B,), where given, the opt-in per-tensor factor (``core.momentum_agreement_growth_``),
+    grown while ``growing`` and applied at every step."""
     batch = grad_table.shape[0]
     rows, cols = (shape[0], shape[1]) if is_matrix else (1, shape[0])
     device = exp_avg.device
@@ -852,6 +898,8 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
     has_stats = decay and group_mean is not None
     bf16 = weight_dtype == torch.bfloat16
     compact = codec is not None
+    growth = lr_growth is not None
+    growing = growth and growing
     if (bf16 or compact) and noise_offsets is None:
         raise ValueError("bucket_math: bf16 weights or a compact state need noise_offsets")
     any_ = avg_lr  # stands in for the pointers a phase does not read
@@ -874,12 +922,13 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
             grad_table, exp_avg, lr_mask, polarity if warmup else any_, weight_table,
             initial_weight if signal else any_, avg_lr, avg_lr_max,
             row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
-            decay_rate if post else any_, group_mean if has_stats else any_, group_std if has_stats else any_,
-            table, noise_offsets, rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr,
-            weight_decay, mask_codec, packed_bytes,
+            decay_rate if post else any_, lr_growth if growth else any_, group_mean if has_stats else any_,
+            group_std if has_stats else any_, table, noise_offsets, rows, cols, lr_ratio, decay_floor, beta1,
+            lr_bump, d_coef, min_lr, max_lr, weight_decay, mask_codec, packed_bytes, growth_rate, growth_max,
             dict(IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
                  HAS_STATS=has_stats, ORTHO=use_orthograd, KEEP_NORM=use_orthograd and sinkgd_iters <= 0,
-                 POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact),
+                 POST=post, HAS_ROW_SCALING=row_scaling is not None, COMPACT=compact, GROWTH=growth,
+                 GROWING=growing),
             sinkgd_iters if sinkgd else 0, bf16, block_r, block_c)
         return
     # at least one program per SM where the bucket has the tensors (their U slots may then pass the cap)
@@ -892,22 +941,24 @@ def bucket_math(grad_table: torch.Tensor, exp_avg: torch.Tensor, lr_mask: torch.
         grad_table, exp_avg, lr_mask, polarity if warmup else any_, weight_table,
         initial_weight if signal else any_, avg_lr, avg_lr_max,
         row_scaling if row_scaling is not None else any_, lr_decay if post else any_,
-        decay_rate if post else any_, group_mean if has_stats else any_,
+        decay_rate if post else any_, lr_growth if growth else any_, group_mean if has_stats else any_,
         group_std if has_stats else any_, scratch, row_sq, col_sq, table, noise_offsets,
         batch, rows, cols, float(lr_ratio), decay_floor,
-        1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5, *mask_codec, packed_bytes,
+        1.0 - beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay, float(rows) ** 0.5, float(growth_rate),
+        float(growth_max), *mask_codec, packed_bytes,
         IS_MATRIX=is_matrix, GRAMS=grams, VRADAM=vradam, WARMUP=warmup, SIGNAL=signal, DECAY=decay,
         HAS_STATS=has_stats, ORTHO=use_orthograd,
         KEEP_NORM=use_orthograd and sinkgd_iters <= 0, POST=post, HAS_ROW_SCALING=row_scaling is not None,
-        SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=bf16, COMPACT=compact,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
+        SINKGD_ITERS=sinkgd_iters if sinkgd else 0, ROUND_BF16=bf16, COMPACT=compact, GROWTH=growth,
+        GROWING=growing, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _counted("bucket_step")
 
 
 def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initial_weight, avg_lr, avg_lr_max,
-                    row_scaling, lr_decay, decay_rate, group_mean, group_std, table, noise_offsets,
+                    row_scaling, lr_decay, decay_rate, lr_growth, group_mean, group_std, table, noise_offsets,
                     rows, cols, lr_ratio, decay_floor, beta1, lr_bump, d_coef, min_lr, max_lr, weight_decay,
-                    mask_codec, packed_bytes, flags, sinkgd_iters, bf16, block_r, block_c) -> None:
+                    mask_codec, packed_bytes, growth_rate, growth_max, flags, sinkgd_iters, bf16, block_r,
+                    block_c) -> None:
     """A chunk of large tensors in 2 + sinkgd_iters launches over blocks of rows (one SinkGD
     iteration each: a column half-step from the previous launch's partial column sums, then a row
     half-step; none with sinkgd_iters 0: 3 launches), partial sums added in a fixed order."""
@@ -930,12 +981,14 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
                   num_warps=_NUM_WARPS, maxnreg=_MAX_NREG)
     _split_reductions_kernel[grid](
         grad_table, exp_avg, weight_table, initial_weight, partials, rows, cols, rows_per_program,
-        ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], KEEP_NORM=f["KEEP_NORM"], BF16=bf16, **common)
+        ABS_SUM=f["HAS_STATS"], SIGNAL=f["SIGNAL"], KEEP_NORM=f["KEEP_NORM"], GROWING=f["GROWING"], BF16=bf16,
+        **common)
     _split_state_kernel[grid](
-        grad_table, exp_avg, lr_mask, polarity, weight_table, row_sq, col_parts[0], lr_decay, decay_rate, partials,
-        rows, cols, rows_per_program, lr_bump, d_coef, momentum_weight, min_lr, max_lr, *mask_codec, packed_bytes,
-        VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], SIGNAL=f["SIGNAL"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"],
-        ROW_SUMS=sinkgd_iters > 0, COMPACT=f["COMPACT"], BF16=bf16, NB=_BLOCK_SUM_WIDTH, **common)
+        grad_table, exp_avg, lr_mask, polarity, weight_table, row_sq, col_parts[0], lr_decay, decay_rate, lr_growth,
+        partials, rows, cols, rows_per_program, lr_bump, d_coef, momentum_weight, min_lr, max_lr, *mask_codec,
+        packed_bytes, float(growth_rate), float(growth_max), VRADAM=f["VRADAM"], WARMUP=f["WARMUP"],
+        SIGNAL=f["SIGNAL"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], ROW_SUMS=sinkgd_iters > 0,
+        COMPACT=f["COMPACT"], GROWING=f["GROWING"], BF16=bf16, NB=_BLOCK_SUM_WIDTH, **common)
     for iteration in range(1, sinkgd_iters):
         _split_sinkgd_kernel[grid](
             grad_table, exp_avg, weight_table, partials, row_sq, col_parts[(iteration - 1) % 2],
@@ -943,11 +996,13 @@ def _split_launches(grad_table, exp_avg, lr_mask, polarity, weight_table, initia
             **common)
     _split_weights_kernel[grid](
         grad_table, exp_avg, lr_mask, weight_table, row_sq, col_parts[(sinkgd_iters - 1) % 2], col_scalings,
-        row_scaling, avg_lr, avg_lr_max, lr_decay, group_mean, group_std, partials, table, noise_offsets, rows, cols,
+        row_scaling, avg_lr, avg_lr_max, lr_decay, lr_growth, group_mean, group_std, partials, table, noise_offsets,
+        rows, cols,
         rows_per_program, float(lr_ratio), decay_floor, weight_decay, float(rows) ** 0.5, mask_codec[0],
         mask_codec[1], momentum_weight, VRADAM=f["VRADAM"], WARMUP=f["WARMUP"], DECAY=f["DECAY"],
         HAS_STATS=f["HAS_STATS"], KEEP_NORM=f["KEEP_NORM"], POST=f["POST"], HAS_ROW_SCALING=f["HAS_ROW_SCALING"],
-        SINKGD=sinkgd_iters > 0, ROUND_BF16=bf16, COMPACT=f["COMPACT"], NB=_BLOCK_SUM_WIDTH, **common)
+        SINKGD=sinkgd_iters > 0, ROUND_BF16=bf16, COMPACT=f["COMPACT"], GROWTH=f["GROWTH"], NB=_BLOCK_SUM_WIDTH,
+        **common)
     _counted("split_reductions", "split_state", *["split_sinkgd"] * max(0, sinkgd_iters - 1), "split_weights")
 
 
@@ -985,7 +1040,7 @@ def step_bucket(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
 
     stacks = {key: core._bucket_stack(states, key, params, shape, stack_cache)
               for key in ("exp_avg", "lr_mask", "polarity", "initial_weight", "avg_lr", "avg_lr_max",
-                          "row_scaling", "lr_decay", "decay_rate")}
+                          "row_scaling", "lr_decay", "decay_rate", "lr_growth")}
     if not all(t.is_contiguous() for t in stacks.values() if t is not None):
         return False
     bf16 = params[0].dtype == torch.bfloat16
@@ -1015,4 +1070,6 @@ def _launch_bucket(params, grads, stacks, group, phase, is_matrix, group_stats, 
         min_lr=group["mask_min_lr"], max_lr=group["mask_max_lr"], weight_decay=group["weight_decay"],
         sinkgd_iters=group["sinkgd_iters"], grams=group["grams"], vradam=group["vradam"],
         shape=shape, weight_dtype=params[0].dtype, decay_floor=float(group["decay_floor"]),
-        noise_offsets=noise_offsets, codec=codec)
+        noise_offsets=noise_offsets, codec=codec,
+        lr_growth=stacks["lr_growth"] if group["lr_growth"] else None, growth_rate=float(group["lr_growth"] or 0.0),
+        growth_max=float(group["lr_growth_max"]), growing=phase.growing)

@@ -44,10 +44,12 @@ def _params(shapes, dtype=torch.float32, seed=1):
     return [torch.nn.Parameter((torch.randn(s, generator=generator) * 0.1).to(DEVICE, dtype)) for s in shapes]
 
 
-def _grads(params_sets, generator, nan_at=None):
-    """The same fresh gradient for the matching parameter of every set."""
+def _grads(params_sets, generator, nan_at=None, drift=0.0):
+    """The same fresh gradient for the matching parameter of every set; ``drift`` is added to every
+    other tensor's, which then keeps agreeing with its momentum (lr_growth climbs there)."""
     for i, group in enumerate(zip(*params_sets)):
-        grad = torch.randn(group[0].shape, generator=generator).to(DEVICE, group[0].dtype)
+        grad = torch.randn(group[0].shape, generator=generator) + (drift if i % 2 == 0 else 0.0)
+        grad = grad.to(DEVICE, group[0].dtype)
         if nan_at is not None and i == nan_at:
             grad.view(-1)[1] = float("nan")
         for p in group:
@@ -87,7 +89,7 @@ def _assert_states_close(eager, fused, eager_params, fused_params, rtol=2e-5):
                 assert value == other, key
 
 
-def _lockstep(shapes, steps, dtype=torch.float32, nan_at=None, resync=False, **settings):
+def _lockstep(shapes, steps, dtype=torch.float32, nan_at=None, resync=False, drift=0.0, **settings):
     """Eager and fused optimizers on identical parameters and gradients, compared after every step
     (weights as this step's update, which is ~1e-3 of the weights, state element by element).
     ``resync``: the fused optimizer restarts every step from the eager one's state and weights, so
@@ -99,7 +101,7 @@ def _lockstep(shapes, steps, dtype=torch.float32, nan_at=None, resync=False, **s
     launches_before = kernels.launches.get("bucket_step", 0)
     compact_agreement[:] = [0, 0]
     for step in range(1, steps + 1):
-        _grads([eager_params, fused_params], generator, nan_at=nan_at if step == 3 else None)
+        _grads([eager_params, fused_params], generator, nan_at=nan_at if step == 3 else None, drift=drift)
         for optimizer in (eager, fused):  # an outside scheduler: the decay's cap, then its 0.1 floor
             optimizer.param_groups[0]["lr"] = settings["lr"] * {9: 0.5, 10: 0.05}.get(step, 1.0)
         before = [p.detach().clone() for p in eager_params]
@@ -140,6 +142,74 @@ def test_fused_step_matches_eager_in_every_phase(mode):
 ], ids=["orthograd-keep-norm", "ablations", "no-signal-lerp", "no-decay-1-iter"])
 def test_fused_step_matches_eager_with_other_settings(settings):
     _lockstep([(4, 24), (4, 24), (24, 4), (10,)], steps=10, **{**PHASES, **settings})
+
+
+GROWTH = dict(lr_growth=1.0, lr_growth_max=3.0)  # the presets' rate; a bound that some tensors reach
+
+
+def _assert_growth_moved(eager, params, to_the_bound=True):
+    """Factors climbed (so the comparison covered the growth), and where ``to_the_bound`` some
+    reached lr_growth_max (so it covered the clamp too)."""
+    factors = [float(eager.state[p]["lr_growth"]) for p in params]
+    assert any(1.0 < f < GROWTH["lr_growth_max"] for f in factors), factors
+    assert (GROWTH["lr_growth_max"] in factors) == to_the_bound, factors
+
+
+@pytest.mark.parametrize("case", ["lora", "full", "split", "compact", "growth-steps", "non-finite"])
+def test_lr_growth_matches_eager(monkeypatch, case):
+    """The opt-in per-tensor growth factor (the lora and high_performance presets set it) inside
+    the kernels: grown from the sign agreement of gradient and momentum in warm-up (t = 2 .. 7),
+    applied to every later step, kept by a skipped tensor (tensor 1 at step 3 in "non-finite"),
+    compared with the eager step's after every step."""
+    shapes = [(4, 24), (4, 24), (24, 4), (300, 3), (10,), (10,), (2100,)]
+    settings = dict(PHASES, **GROWTH)
+    if case == "full":
+        settings["full_finetune"] = True
+    elif case == "split":  # every matrix above 50 elements in blocks of rows: the factor grows in launch 2
+        monkeypatch.setattr(kernels, "_SPLIT_NUMEL", 50)
+        shapes = [(64, 24), (64, 24), (300, 3), (4, 300), (10,)]
+    elif case == "compact":
+        settings["state_precision"] = "bf16"
+        shapes = [(4, 24), (4, 24), (24, 8), (10,), (10,)]
+    elif case == "growth-steps":
+        settings["lr_growth_steps"] = 4  # grows at t = 2 .. 4, then only applied
+    split_before = kernels.launches.get("split_weights", 0)
+    eager, fused, eager_params, _ = _lockstep(shapes, steps=10, drift=0.7, resync=case == "compact",
+                                              nan_at=1 if case == "non-finite" else None, **settings)
+    _assert_growth_moved(eager, eager_params, to_the_bound=case != "growth-steps")
+    if case == "split":
+        assert kernels.launches["split_weights"] - split_before == 9 * 3
+
+
+def test_lr_growth_steps_stops_the_factor_in_the_kernels():
+    """After lr_growth_steps the factor is only applied: the kernel must not keep growing it."""
+    _, fused, _, fused_params = _lockstep([(4, 24), (4, 24), (10,)], steps=4, drift=0.7,
+                                          **dict(PHASES, **GROWTH, lr_growth_steps=3))
+    after_growth = [fused.state[p]["lr_growth"].clone() for p in fused_params]
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):  # t = 5, 6: still warm-up, past the factor's steps
+        _grads([fused_params], generator, drift=0.7)
+        fused.step()
+    assert all(torch.equal(fused.state[p]["lr_growth"], before) for p, before in zip(fused_params, after_growth))
+    assert max(float(f) for f in after_growth) > 1.2
+
+
+@pytest.mark.parametrize("preset", ["lora", "high_performance", "full"])
+def test_every_preset_is_stepped_by_the_kernels(preset):
+    """A user who adds fused=True to a preset gets kernels, not a silent eager step: the presets'
+    settings as kohya passes them (a 16-step run, LoRA alpha 1 at rank 8), stepped by the kernels
+    through warm-up and the decay, with the eager step's values and nothing said about an eager
+    step."""
+    from library.optimizer_factory import parse_optimizer_args, with_run_length
+    from library.presets import load_preset
+    config = load_preset(preset)
+    settings = with_run_length(config["optimizer_type"], parse_optimizer_args(config["optimizer_args"]), 16)
+    if "lora_scale_power" in settings:
+        settings["lora_scale"] = 1 / 8  # kohya's default alpha 1 at rank 8, as the hook passes it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*eager step")
+        _lockstep(LORA_SHAPES if preset != "full" else FULL_SHAPES, steps=12, drift=0.7,
+                  resync=settings.get("state_precision") == "bf16", lr=config["learning_rate"], **settings)
 
 
 def test_a_non_finite_gradient_skips_that_tensor_in_both_paths():

@@ -82,24 +82,29 @@ def _programs_in_reverse_order():
         del interpreter.range
 
 
-@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)],
-                         ids=["fp32-state-fp32-weights", "bf16-state-bf16-weights"])
-def test_every_fused_path_is_bitwise_repeatable(monkeypatch, precision, dtype):
+@pytest.mark.parametrize("precision, dtype, growth", [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+                                                     ("fp32", torch.float32, 1.0)],
+                         ids=["fp32-state-fp32-weights", "bf16-state-bf16-weights", "lr_growth"])
+def test_every_fused_path_is_bitwise_repeatable(monkeypatch, precision, dtype, growth):
     """The same state and gradients through the one-program and the split kernels (t = 2: early
     warm-up, Prodigy signal, weight decay; t = 3: the first post-warm-up step, OrthoGrad) twice on a
     GPU, and once with every launch's programs run last to first: the same bits each time. Each
     row block's sums go to a slot of its own and are added in block order; with float atomics
-    the reversed run differs (the sums follow the order the blocks finish in, as on a GPU)."""
+    the reversed run differs (the sums follow the order the blocks finish in, as on a GPU). With
+    the presets' lr_growth the split path's first block grows the factor the last launch reads."""
     _split_small_tensors(monkeypatch)
     before = dict(kernels.launches)
-    first = _run(3, dtype, state_precision=precision)
+    settings = dict(state_precision=precision, lr_growth=growth)
+    first = _run(3, dtype, **settings)
     launched = {k: v - before.get(k, 0) for k, v in kernels.launches.items()}
     assert launched.get("bucket_step", 0) == 2 * 2 and launched.get("split_weights", 0) == 2 * 2, launched
     if DEVICE == "cuda":  # the interpreter runs programs in one order: a plain rerun proves nothing here
-        _assert_bitwise_equal(first, _run(3, dtype, state_precision=precision))
+        _assert_bitwise_equal(first, _run(3, dtype, **settings))
     with _programs_in_reverse_order():
-        reversed_run = _run(3, dtype, state_precision=precision)
+        reversed_run = _run(3, dtype, **settings)
     _assert_bitwise_equal(first, reversed_run)
+    if growth:
+        assert all("lr_growth" in state for state in first[1])
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)],

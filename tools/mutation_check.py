@@ -179,6 +179,18 @@ MUTATIONS = [
              "    if lr_growth is not None:\n        rate = rate * lr_growth\n",
              "",
              ("tests/test_lr_growth.py",)),
+    Mutation("x", "fused lr_growth: a skipped (NaN) tensor's factor still grows in the kernels", KERNELS,
+             "tl.exp(agreement * finite_f * growth_rate)",
+             "tl.exp(agreement * growth_rate)",
+             ("tests/test_fused_kernels.py",)),
+    Mutation("y", "fused lr_growth: every row block of a split tensor grows its factor (the first only may)", KERNELS,
+             "        if block == 0:  # no other block of this launch reads the factor\n",
+             "        if True:\n",
+             ("tests/test_fused_kernels.py", "tests/test_gpu_readiness.py")),
+    Mutation("z", "fused lr_growth: the kernels grow the factor but never apply it", KERNELS,
+             "        brake = brake * growth\n",
+             "        brake = brake\n",
+             ("tests/test_fused_kernels.py",)),
 ]
 
 
