@@ -7,7 +7,8 @@
     the weights must agree bit for bit; the step times of both are printed;
   * registers: registers and spills of every kernel variant the runs above compiled;
   * cpu: the eager and fused GPU steps against the CPU's eager step from the same weights and
-    gradients (LoRA-sized and split-sized matrices, vectors of four lengths), fp32 and bf16 state:
+    gradients (LoRA-sized and split-sized matrices, vectors of four lengths), fp32 and bf16 state,
+    without and with the LoRA presets' lr_growth (sync too):
     each tensor's total update must agree to 1 % (float32 sums in another order may flip a few mask
     decisions, not more); a GPU-only defect (a padded stack's padding leaking, a kernel's missing
     dtype) shows as an error or an O(1) difference.
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -30,13 +32,16 @@ from benchmarks.speed import lora_shapes, make_params  # noqa: E402
 from library.automagic_sinkgd import Automagic_Sinkgd  # noqa: E402
 
 SETTINGS = dict(lr=5e-5, min_lr=1e-6, max_lr=1e-3, warmup_steps=4, orthograd=True, stats_update_freq=1)
+PRECISIONS = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+GROWTHS = (None, 1.0)  # the class default, and the lora and high_performance presets' growth factor
 
 
-def _steps(fused: bool, steps: int = 6, dtype=torch.float32, state_precision: str = "fp32", sync_check=False):
+def _steps(fused: bool, steps: int = 6, dtype=torch.float32, state_precision: str = "fp32", sync_check=False,
+           lr_growth=None):
     """Weights after ``steps`` steps (every phase: warm-up, its end, OrthoGrad) and the last step's ms."""
     # and vectors of three lengths, which the eager step stacks zero-padded
     params = make_params(lora_shapes() + [(320,), (640,), (1280,), (640,)], seed=0, dtype=dtype, device="cuda")
-    optimizer = Automagic_Sinkgd(params, fused=fused, state_precision=state_precision, **SETTINGS)
+    optimizer = Automagic_Sinkgd(params, fused=fused, state_precision=state_precision, lr_growth=lr_growth, **SETTINGS)
     generator = torch.Generator(device="cuda").manual_seed(1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for step in range(steps):
@@ -56,28 +61,29 @@ def _steps(fused: bool, steps: int = 6, dtype=torch.float32, state_precision: st
 
 def check_sync() -> dict:
     results = {}
-    for fused in (False, True):
-        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            label = f"{'fused' if fused else 'eager'}, {precision} state"
-            try:
-                _steps(fused, dtype=dtype, state_precision=precision, sync_check=True)
-                results[label] = "no host sync"
-            except RuntimeError as error:  # a sync, or the step failing on this GPU
-                kind = "SYNC" if "synchroniz" in str(error).lower() else "ERROR"
-                results[label] = f"{kind}: {error}"
-            print(f"sync  {label:22s} {results[label]}", flush=True)
+    for fused, (precision, dtype), growth in itertools.product((False, True), PRECISIONS, GROWTHS):
+        label = f"{'fused' if fused else 'eager'}, {precision} state" + (", lr_growth" if growth else "")
+        try:
+            _steps(fused, dtype=dtype, state_precision=precision, sync_check=True, lr_growth=growth)
+            results[label] = "no host sync"
+        except RuntimeError as error:  # a sync, or the step failing on this GPU
+            kind = "SYNC" if "synchroniz" in str(error).lower() else "ERROR"
+            results[label] = f"{kind}: {error}"
+        print(f"sync  {label:33s} {results[label]}", flush=True)
     return results
 
 
 AGREEMENT_SHAPES = [(4, 320)] * 3 + [(320, 4)] * 3 + [(640, 640)] * 2 + [(320,), (640,), (1280,), (7,), (640,)]
 
 
-def _trained_updates(device: str, fused: bool, state_precision: str, steps: int = 6) -> list[torch.Tensor]:
+def _trained_updates(device: str, fused: bool, state_precision: str, steps: int = 6,
+                     lr_growth=None) -> list[torch.Tensor]:
     """Each tensor's total update after ``steps`` steps from seeded weights and gradients (drawn on
     the CPU, so every device gets the same ones), as float64 on the CPU."""
     params = make_params(AGREEMENT_SHAPES, seed=0, device=device)
     start = [p.detach().double().cpu() for p in params]
-    optimizer = Automagic_Sinkgd(params, fused=fused, state_precision=state_precision, **SETTINGS)
+    optimizer = Automagic_Sinkgd(params, fused=fused, state_precision=state_precision, lr_growth=lr_growth,
+                                 **SETTINGS)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
@@ -86,27 +92,27 @@ def _trained_updates(device: str, fused: bool, state_precision: str, steps: int 
     return [p.detach().double().cpu() - w for p, w in zip(params, start)]
 
 
-def update_disagreement(device: str, fused: bool, state_precision: str, reference: str = "cpu") -> float:
+def update_disagreement(device: str, fused: bool, state_precision: str, reference: str = "cpu",
+                        lr_growth=None) -> float:
     """The largest relative difference between a tensor's total update on ``device`` and on the
     ``reference`` device's eager step: ||u_device - u_ref|| / ||u_ref||."""
-    ours = _trained_updates(device, fused, state_precision)
-    theirs = _trained_updates(reference, False, state_precision)
+    ours = _trained_updates(device, fused, state_precision, lr_growth=lr_growth)
+    theirs = _trained_updates(reference, False, state_precision, lr_growth=lr_growth)
     return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, theirs))
 
 
 def check_cpu_agreement() -> dict:
     results = {}
-    for fused in (False, True):
-        for precision in ("fp32", "bf16"):
-            label = f"{'fused' if fused else 'eager'}, {precision} state"
-            try:
-                worst = update_disagreement("cuda", fused, precision)
-                results[label] = dict(relative_difference=worst, agrees=worst <= 1e-2)
-                verdict = "agrees" if worst <= 1e-2 else "DIFFERS"
-                print(f"cpu   {label:22s} {verdict} with the CPU step (worst tensor {worst:.2e})", flush=True)
-            except Exception as error:  # noqa: BLE001 - reported, and counted as a failure
-                results[label] = dict(error=f"{type(error).__name__}: {error}", agrees=False)
-                print(f"cpu   {label:22s} ERROR {type(error).__name__}: {error}", flush=True)
+    for fused, (precision, _), growth in itertools.product((False, True), PRECISIONS, GROWTHS):
+        label = f"{'fused' if fused else 'eager'}, {precision} state" + (", lr_growth" if growth else "")
+        try:
+            worst = update_disagreement("cuda", fused, precision, lr_growth=growth)
+            results[label] = dict(relative_difference=worst, agrees=worst <= 1e-2)
+            verdict = "agrees" if worst <= 1e-2 else "DIFFERS"
+            print(f"cpu   {label:33s} {verdict} with the CPU step (worst tensor {worst:.2e})", flush=True)
+        except Exception as error:  # noqa: BLE001 - reported, and counted as a failure
+            results[label] = dict(error=f"{type(error).__name__}: {error}", agrees=False)
+            print(f"cpu   {label:33s} ERROR {type(error).__name__}: {error}", flush=True)
     return results
 
 

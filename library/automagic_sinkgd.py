@@ -1229,10 +1229,13 @@ class Automagic_Sinkgd(torch.optim.Optimizer):
             warm-up / after, against 13 / 9 / 8 (11 / 9 / 8 with bf16 weights).
         foreach: None/True batch same-shape tensors into stacked kernels, False steps one tensor
             at a time (same math); per group, like the other settings.
-        fused: True steps each bucket with one Triton kernel (same math) where it applies: CUDA
-            tensors with Triton installed, fp32/bf16 weights, fp32 state, a float lr (CPU tensors
-            only under Triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use); every
-            other bucket, and every bucket with None (default) or False, takes the eager step.
+        fused: True steps each bucket with Triton kernels (same math; one launch per bucket of
+            LoRA-sized tensors, 2 + sinkgd_iters per chunk of large ones) where it applies: CUDA
+            tensors of compute capability 8.0 or later with Triton installed, fp32/bf16 weights,
+            the fp32 or bf16 state (in warm-up a bf16 state's packed signs need matrix rows of a
+            whole number of bytes), a float lr, the additive mask (CPU tensors only under Triton's
+            interpreter, ``TRITON_INTERPRET=1``, which the tests use); every other bucket, and
+            every bucket with None (default) or False, takes the eager step.
     """
 
     # Group settings a resume takes from this optimizer, not from the saved state: storage and

@@ -14,9 +14,11 @@ partial column sums that the next launch adds up in a fixed order (see _split_la
 
 The math is the eager path's (``library.automagic_sinkgd._bucket_math``, the reference), in the
 same order; ``tests/test_fused_kernels.py`` compares the two in every phase. Passes per program:
-  0. reductions over the raw gradient (finite flag, mean |g|), <g, x0 - x> and OrthoGrad's dots;
+  0. reductions over the raw gradient (finite flag, mean |g|), <g, x0 - x> and OrthoGrad's dots
+     (the split path: also lr_growth's sign agreement, see _split_state_kernel);
   1. elementwise: Grams direction (+ OrthoGrad projection) written to the U buffer, momentum,
-     sign history and mask; reductions: ||m||^2, mask mean, the first SinkGD row sums of U**2;
+     sign history and mask; reductions: ||m||^2, mask mean, the first SinkGD row sums of U**2,
+     the opt-in lr_growth's sign agreement of g and the momentum before the step;
   2. SinkGD: 2 * iters - 1 more mat-vec passes over U**2 (per-row / per-column scalings kept in
      two small per-tensor buffers; the split path does a column and a row half-step per launch);
   3. epilogue: weight decay and w -= mask * diag(r) U diag(c), with stochastic rounding for bf16.
@@ -237,7 +239,8 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
                      SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr, GROWING: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 0: sum g (the finite test), sum |g|, <g, x0 - x>, OrthoGrad's <u, x>, |x|^2, |u|^2 and,
-    GROWING, the sum of sign(g) x sign(m) (exact: a sum of small integers)."""
+    GROWING (the split path, whose factor grows before pass 1's launch ends), the sum of sign(g) x
+    sign(m) (exact: a sum of small integers)."""
     zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_sum = zeros
     acc_abs = zeros
@@ -301,9 +304,11 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
                               IS_MATRIX: tl.constexpr, GRAMS: tl.constexpr, VRADAM: tl.constexpr,
                               WARMUP: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr,
                               ROW_SUMS: tl.constexpr, COMPACT: tl.constexpr, SPLIT: tl.constexpr,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                              GROWING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 1: direction U (+ OrthoGrad) into the scratch buffer, momentum, sign history, mask;
-    returns |m|^2, sum(mask), |U|^2; with ROW_SUMS also SinkGD's first row pass into row_sq.
+    returns |m|^2, sum(mask), |U|^2 and, GROWING, the sum of sign(g) x sign(m) before the step
+    (read here, not in pass 0: pass 1 holds both already); with ROW_SUMS also SinkGD's first row
+    pass into row_sq.
     SPLIT (a block of a large tensor's rows): neither U nor the momentum is stored (the last launch
     stores the momentum: until then every pass can compute U again), and with ROW_SUMS the block's
     partial column sums of the next half-step go to col_out_ptr.
@@ -313,6 +318,7 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
     acc_mm = zeros
     acc_mask = zeros
     acc_uu_after = zeros
+    acc_agree = zeros
     for r0 in range(r_begin, r_end, BLOCK_R):
         row_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -320,6 +326,8 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
             local = rows[:, None] * C + cols[None, :]  # the element's index within its tensor
             g, m, u = _direction_tile(grad_ptr, exp_avg_ptr, weight_ptr, offsets, local, inside, projection,
                                       IS_MATRIX, GRAMS, ORTHO)
+            if GROWING:
+                acc_agree += _sign_agreement(g, m)
             m = _momentum_step(g, m, lerp_weight)
             if not SPLIT:
                 _store_momentum(exp_avg_ptr, offsets, local, inside, m, table_ptr, state_noise_offset, COMPACT)
@@ -365,7 +373,7 @@ def _pass_direction_and_state(grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
                 _add_column_sums(grad_ptr, exp_avg_ptr, weight_ptr, col_out_ptr, b, numel, r0, r_begin, r_end, C,
                                  r_sq, projection, IS_MATRIX, GRAMS, ORTHO, BLOCK_R, BLOCK_C)
     return (tl.sum(tl.sum(acc_mm, axis=1), axis=0), tl.sum(tl.sum(acc_mask, axis=1), axis=0),
-            tl.sum(tl.sum(acc_uu_after, axis=1), axis=0))
+            tl.sum(tl.sum(acc_uu_after, axis=1), axis=0), tl.sum(tl.sum(acc_agree, axis=1), axis=0))
 
 
 @triton.jit
@@ -524,11 +532,16 @@ def _bucket_step_kernel(
             weight_noise_offset = tl.load(noise_offsets_ptr + b)
         if COMPACT:
             state_noise_offset = tl.load(noise_offsets_ptr + B + b)
-        total, abs_sum, signal, uw, ww, uu, agreement = _pass_reductions(
+        total, abs_sum, signal, uw, ww, uu, _ = _pass_reductions(
             grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, 0, R, C, IS_MATRIX, GRAMS, DECAY and HAS_STATS,
-            SIGNAL, ORTHO, KEEP_NORM, GROWING, BLOCK_R, BLOCK_C)
+            SIGNAL, ORTHO, KEEP_NORM, False, BLOCK_R, BLOCK_C)
         finite, finite_f, up, down, projection, lerp_weight = _direction_scalars(
             total, signal, uw, ww, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO)
+        mm, mask_sum, uu_after, agreement = _pass_direction_and_state(
+            grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr,
+            table_ptr, b, slot, numel, 0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
+            state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS,
+            VRADAM, WARMUP, ORTHO, KEEP_NORM, sinkgd, COMPACT, False, GROWING, BLOCK_R, BLOCK_C)
         growth = 1.0
         if GROWTH:  # the opt-in per-tensor factor: grown in warm-up, applied at every step
             growth = tl.load(lr_growth_ptr + b)
@@ -536,11 +549,6 @@ def _bucket_step_kernel(
                 growth = _grown_factor(growth, agreement / numel, finite_f, growth_rate, growth_max)
                 tl.debug_barrier()  # every thread has read the old value before one stores the new
                 tl.store(lr_growth_ptr + b, growth)
-        mm, mask_sum, uu_after = _pass_direction_and_state(
-            grad_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, weight_ptr, scratch_ptr, row_sq_ptr, col_sq_ptr,
-            table_ptr, b, slot, numel, 0, R, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
-            state_noise_offset, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes, IS_MATRIX, GRAMS,
-            VRADAM, WARMUP, ORTHO, KEEP_NORM, sinkgd, COMPACT, False, BLOCK_R, BLOCK_C)
         lr_decay = 1.0
         if POST:
             lr_decay = _decayed_lr_decay(lr_decay_ptr, decay_rate_ptr, b, finite_f)
@@ -633,13 +641,13 @@ def _split_state_kernel(grad_table_ptr, exp_avg_ptr, lr_mask_ptr, polarity_ptr, 
     r_end = tl.minimum(r_begin + ROWS_PER_PROGRAM, R)
     finite, finite_f, up, down, projection, lerp_weight = _split_scalars(
         partials_ptr, b, n_blocks, lr_bump, d_coef, momentum_weight, SIGNAL, ORTHO, NB)
-    mm, mask_sum, uu_after = _pass_direction_and_state(
+    mm, mask_sum, uu_after, _ = _pass_direction_and_state(
         _tensor_address(grad_table_ptr, b, BF16), exp_avg_ptr, lr_mask_ptr, polarity_ptr,
         _tensor_address(weight_table_ptr, b, BF16), exp_avg_ptr, row_sq_ptr,
         col_out_ptr + (b * n_blocks + block) * C, exp_avg_ptr, b, b, R * C,
         r_begin, r_end, R, C, finite, up, down, projection, lerp_weight, min_lr, max_lr,
         0, mask_anchor, mask_step, mask_inverse, mask_bias, packed_bytes,
-        IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, True, BLOCK_R, BLOCK_C)
+        IS_MATRIX, GRAMS, VRADAM, WARMUP, ORTHO, KEEP_NORM, ROW_SUMS, COMPACT, True, False, BLOCK_R, BLOCK_C)
     base = partials_ptr + (b * n_blocks + block) * _PARTIALS
     tl.store(base + 6, mm)
     tl.store(base + 7, mask_sum)

@@ -474,9 +474,9 @@ def test_the_gpu_checks_comparison_with_the_cpu_tells_a_defect_from_rounding(mon
 
     real_trained = gpu_extras._trained_updates
 
-    def trained(device, fused, precision, steps=6):
+    def trained(device, fused, precision, steps=6, lr_growth=None):
         monkeypatch.setattr(core, "_launch_bound", lambda d: device == "gpu")
-        return real_trained("cpu", fused, precision, steps)
+        return real_trained("cpu", fused, precision, steps, lr_growth=lr_growth)
 
     monkeypatch.setattr(gpu_extras, "_trained_updates", trained)
     assert gpu_extras.update_disagreement("gpu", False, "fp32") < 1e-2

@@ -183,6 +183,12 @@ MUTATIONS = [
              "tl.exp(agreement * finite_f * growth_rate)",
              "tl.exp(agreement * growth_rate)",
              ("tests/test_fused_kernels.py",)),
+    Mutation("x2", "fused lr_growth: the one-program kernel's agreement reads the momentum after this step's update",
+             KERNELS,
+             "                acc_agree += _sign_agreement(g, m)\n            m = _momentum_step(",
+             "                acc_agree += _sign_agreement(g, _momentum_step(g, m, lerp_weight))\n"
+             "            m = _momentum_step(",
+             ("tests/test_fused_kernels.py",)),
     Mutation("y", "fused lr_growth: every row block of a split tensor grows its factor (the first only may)", KERNELS,
              "        if block == 0:  # no other block of this launch reads the factor\n",
              "        if True:\n",
