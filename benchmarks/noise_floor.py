@@ -9,6 +9,11 @@ another trajectory. This script measures that spread directly: it runs a preset 
 rate multiplied by 1 +- 1e-5 and 1 + 1e-4 (a change with no systematic effect on the result) next
 to the exact preset. A difference between two candidates smaller than this spread is not evidence.
 
+``--preset adamw`` does the same for the matrix's denominator: AdamW at the best lr of the cell's
+grid for that seed. The best of a grid of such runs is a minimum over noisy values, so it sits
+below what AdamW at that lr gives on average: a preset whose runs match AdamW's on average reads
+above 1.00 by about that much (matrix cells only).
+
 Cells: a robustness-matrix cell ``family|scale|steps`` (benchmarks/robustness.py; reported as final
 loss / best AdamW of that cell and seed from the matrix's JSON) or a convergence task
 ``lora_real:STEPS`` / ``full_real:STEPS`` (benchmarks/convergence.py; reported as final loss).
@@ -16,6 +21,7 @@ loss / best AdamW of that cell and seed from the matrix's JSON) or a convergence
 Usage::
 
     python benchmarks/noise_floor.py --preset high_performance --cells "charlm|cal alpha=1|2000" lora_real:500
+    python benchmarks/noise_floor.py --preset adamw --cells "charlm|cal alpha=1|2000" --seeds 0 1
     python benchmarks/noise_floor.py --report-only
 
 Outputs in ``--out`` (default benchmarks/results/robustness): ``noise_floor.json`` (cached per
@@ -48,6 +54,21 @@ def perturbed_spec(preset_kwargs: dict, rel: float) -> dict:
     kwargs = dict(preset_kwargs)
     kwargs["lr"] = kwargs["lr"] * (1.0 + rel)
     return dict(name=f"lr x (1{rel:+g})", kind="automagic", kwargs=kwargs)
+
+
+def best_adamw_lr(cell: str, seed: int, matrix: "rob.Store") -> float:
+    """The lr of the matrix's best AdamW run in ``cell`` for ``seed`` (its denominator)."""
+    rows = matrix.data["runs"].get(cell, {})
+    finals = {name: by_seed[str(seed)]["final"] for name, by_seed in rows.items()
+              if name.startswith("AdamW lr=") and str(seed) in by_seed}
+    if not finals:
+        raise SystemExit(f"--preset adamw: the matrix has no AdamW search for {cell!r}, seed {seed} "
+                         "(run benchmarks/robustness.py first)")
+    return float(min(finals, key=finals.get).split("lr=", 1)[1])
+
+
+def perturbed_adamw_spec(lr: float, rel: float) -> dict:
+    return dict(name=f"AdamW lr x (1{rel:+g})", kind="adamw", lr=lr * (1.0 + rel))
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,14 +119,16 @@ def render_markdown(store: dict, matrix: rob.Store) -> str:
                 ref = reference(cell, int(seed), matrix) if ":" not in cell else None
                 shown = [values[f"{p:g}"] / ref if ref else values[f"{p:g}"] for p in PERTURBATIONS]
                 width, move = spread({k: values[k] for k in (f"{p:g}" for p in PERTURBATIONS)})
-                lines.append(f"| {cell.replace('|', ' ')} | {preset} | {seed} | " + " | ".join(f"{v:.4f}" for v in shown)
+                label = f"AdamW, the grid's best lr {values['lr']:g}" if preset == "adamw" else preset
+                lines.append(f"| {cell.replace('|', ' ')} | {label} | {seed} | " + " | ".join(f"{v:.4f}" for v in shown)
                              + f" | {width:.2%} | {move:.2%} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="high_performance", choices=("lora", "high_performance", "full"))
+    ap.add_argument("--preset", default="high_performance", choices=("lora", "high_performance", "full", "adamw"),
+                    help="a preset, or adamw: AdamW at the best lr of the matrix's grid for the cell and seed")
     ap.add_argument("--cells", nargs="+", default=[],
                     help='matrix cells "family|scale|steps" or convergence tasks "lora_real:STEPS"')
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -121,6 +144,8 @@ def parse_args(argv=None):
                 ap.error(f"--cells {cell!r}: a convergence task is lora_real:STEPS or full_real:STEPS")
         elif cell.count("|") != 2 or cell.rsplit("|", 1)[1] not in {str(n) for ls in rob.LENGTHS.values() for n in ls}:
             ap.error(f"--cells {cell!r}: a matrix cell is family|scale|steps, e.g. 'charlm|cal alpha=1|2000'")
+        if args.preset == "adamw" and ":" in cell:
+            ap.error(f"--cells {cell!r}: --preset adamw takes matrix cells (the best lr of their AdamW grid)")
     return args
 
 
@@ -131,7 +156,8 @@ def main(argv=None) -> int:
     path = out / "noise_floor.json"
     store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     presets, _ = conv.load_presets()
-    if args.cells:
+    matrix = rob.Store(out / "robustness.json")
+    if args.cells and args.preset != "adamw":
         store["machine"] = conv.machine_desc()
         if store.setdefault("presets", {}).get(args.preset) != presets[args.preset]:
             # measured with other settings (the preset changed since): those runs are not this preset's
@@ -141,15 +167,21 @@ def main(argv=None) -> int:
     for cell in args.cells:
         for seed in args.seeds:
             values = store["runs"].setdefault(cell, {}).setdefault(args.preset, {}).setdefault(str(seed), {})
+            if args.preset == "adamw":
+                lr = best_adamw_lr(cell, seed, matrix)
+                if values.get("lr") != lr:  # the search found another best since: measure it again
+                    values.clear()
+                    values["lr"] = lr
             for rel in PERTURBATIONS:
                 if f"{rel:g}" in values:
                     continue
-                values[f"{rel:g}"] = run_perturbed(cell, perturbed_spec(presets[args.preset], rel), seed,
-                                                   Path(args.cache))
+                spec = (perturbed_adamw_spec(values["lr"], rel) if args.preset == "adamw"
+                        else perturbed_spec(presets[args.preset], rel))
+                store["machine"] = conv.machine_desc()
+                values[f"{rel:g}"] = run_perturbed(cell, spec, seed, Path(args.cache))
                 conv.log(f"{cell} {args.preset} seed {seed} lr x (1{rel:+g}): {values[f'{rel:g}']:.5f}")
                 out.mkdir(parents=True, exist_ok=True)
                 conv.atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
-    matrix = rob.Store(out / "robustness.json")
     conv.atomic_write_text(out / "noise_floor.md", render_markdown(store, matrix))
     return 0
 

@@ -239,8 +239,8 @@ def _pass_reductions(grad_ptr, exp_avg_ptr, weight_ptr, x0_ptr, b, numel, r_begi
                      SIGNAL: tl.constexpr, ORTHO: tl.constexpr, KEEP_NORM: tl.constexpr, GROWING: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass 0: sum g (the finite test), sum |g|, <g, x0 - x>, OrthoGrad's <u, x>, |x|^2, |u|^2 and,
-    GROWING (the split path, whose factor grows before pass 1's launch ends), the sum of sign(g) x
-    sign(m) (exact: a sum of small integers)."""
+    GROWING, the sum of sign(g) x sign(m) (exact: a sum of small integers): the split path's, whose
+    second launch grows the factor from these sums (the one-program kernel sums it in pass 1)."""
     zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_sum = zeros
     acc_abs = zeros

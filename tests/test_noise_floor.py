@@ -48,3 +48,26 @@ def test_a_malformed_cell_is_refused_before_anything_runs(cell, capsys):
     with pytest.raises(SystemExit):
         nf.parse_args(["--cells", cell])
     assert "--cells" in capsys.readouterr().err
+
+
+def test_adamw_is_run_at_its_own_seeds_best_grid_lr(tmp_path):
+    """--preset adamw measures the matrix's denominator: AdamW at the lr that won the cell's grid for
+    that seed (not another seed's), with only the lr perturbed."""
+    cell = "charlm|cal alpha=1|2000"
+    matrix = {"runs": {cell: {"AdamW lr=0.003": {"0": {"final": 2.5}, "1": {"final": 1.0}},
+                              "AdamW lr=0.000949": {"0": {"final": 2.0}, "1": {"final": 1.5}},
+                              "Prodigy": {"0": {"final": 1.0}}}}}
+    (tmp_path / "robustness.json").write_text(json.dumps(matrix))
+    store = rob.Store(tmp_path / "robustness.json")
+    assert nf.best_adamw_lr(cell, 0, store) == 0.000949
+    assert nf.best_adamw_lr(cell, 1, store) == 0.003
+    spec = nf.perturbed_adamw_spec(0.003, -1e-5)
+    assert spec["kind"] == "adamw" and spec["lr"] == pytest.approx(0.003 * (1 - 1e-5))
+    with pytest.raises(SystemExit, match="no AdamW search"):
+        nf.best_adamw_lr("digits|alpha=1|200", 0, store)
+
+
+def test_adamw_takes_matrix_cells_only(capsys):
+    with pytest.raises(SystemExit):
+        nf.parse_args(["--preset", "adamw", "--cells", "lora_real:500"])
+    assert "matrix cells" in capsys.readouterr().err
