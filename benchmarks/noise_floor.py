@@ -106,11 +106,11 @@ def spread(values: dict) -> tuple[float, float]:
 
 def render_markdown(store: dict, matrix: rob.Store) -> str:
     lines = ["# Noise floor of paired comparisons", "",
-             "The final loss of a preset with its lr multiplied by 1 + each perturbation (same seed). "
-             "Matrix cells: final loss / best AdamW of the cell and seed; `TASK:STEPS`: final loss. "
+             "The final loss of a preset with its lr multiplied by 1 + each perturbation (same seed), and "
+             "their mean. Matrix cells: final loss / best AdamW of the cell and seed; `TASK:STEPS`: final loss. "
              f"Command: `python benchmarks/noise_floor.py` (see its docstring). Machine: {store.get('machine', '?')}.",
              "", "| cell | preset | seed | " + " | ".join(f"{p:+g}" for p in PERTURBATIONS)
-             + " | range | largest move |", "|---|---|---:|" + "---:|" * (len(PERTURBATIONS) + 2)]
+             + " | mean | range | largest move |", "|---|---|---:|" + "---:|" * (len(PERTURBATIONS) + 3)]
     for cell, presets in store["runs"].items():
         for preset, seeds in presets.items():
             for seed, values in seeds.items():
@@ -121,7 +121,7 @@ def render_markdown(store: dict, matrix: rob.Store) -> str:
                 width, move = spread({k: values[k] for k in (f"{p:g}" for p in PERTURBATIONS)})
                 label = f"AdamW, the grid's best lr {values['lr']:g}" if preset == "adamw" else preset
                 lines.append(f"| {cell.replace('|', ' ')} | {label} | {seed} | " + " | ".join(f"{v:.4f}" for v in shown)
-                             + f" | {width:.2%} | {move:.2%} |")
+                             + f" | {sum(shown) / len(shown):.4f} | {width:.2%} | {move:.2%} |")
     return "\n".join(lines) + "\n"
 
 
