@@ -145,6 +145,8 @@ def apply_preset(preset: str, argv: list[str]) -> list[str]:
     sources = presets.merge_sources(str(presets.preset_path(preset)), config, user_file[0] if user_file else None,
                                     user_config)
     if user_file:
+        for line in presets.overridden_preset_settings(preset, config, user_file[0], user_config):
+            print(f"train_network_patch.py: {line}", file=sys.stderr)
         config = presets.merge_configs(config, user_config)
     cli_type, _ = take_option(argv, "--optimizer_type")
     cli_args, rest = take_option(argv, "--optimizer_args", many=True)

@@ -60,6 +60,29 @@ def test_preset_under_user_config_under_command_line(tmp_path):
     assert rest == ["--seed", "1"]  # merged into the file; the rest is left for kohya's argparse
 
 
+def test_a_user_config_that_overrides_the_presets_optimizer_says_so(tmp_path, capsys):
+    """A kohya config written for another optimizer, put under --preset, wins over the preset (the
+    documented order): the launcher says which of its keys replace the preset's, naming the file
+    and the fix, before anything runs; a config without them says nothing."""
+    user = tmp_path / "my_lora.toml"
+    user.write_text('optimizer_type = "AdamW8bit"\nlearning_rate = 1e-4\noutput_dir = "out"\n')
+    config, _ = read_merged(launcher.apply_preset("lora", ["--config_file", str(user)]))
+    err = capsys.readouterr().err
+    assert config["optimizer_type"] == "AdamW8bit" and "optimizer_args" not in config  # the order is kept
+    assert f"{user} sets optimizer_type = 'AdamW8bit', which replaces the preset lora's 'automagic_sinkgd'" in err
+    assert f"Remove optimizer_type from {user}" in err
+
+    user.write_text('learning_rate = 1e-4\nlr_scheduler = "cosine"\n')
+    launcher.apply_preset("lora", ["--config_file", str(user)])
+    err = capsys.readouterr().err
+    assert f"{user} sets learning_rate = 0.0001 over the preset lora's 5e-05" in err
+    assert f"{user} sets lr_scheduler = 'cosine' over the preset lora's 'constant'" in err
+
+    user.write_text('output_dir = "out"\nlr_scheduler = "constant"\noptimizer_type = "automagic_sinkgd"\n')
+    launcher.apply_preset("lora", ["--config_file", str(user)])
+    assert " sets " not in capsys.readouterr().err
+
+
 def test_command_line_optimizer_switch_drops_the_preset_args():
     config, rest = read_merged(launcher.apply_preset("lora", ["--optimizer_type", "AdamW"]))
     assert "optimizer_args" not in config and rest == ["--optimizer_type", "AdamW"]
