@@ -23,7 +23,7 @@ SPEC = {
     "lora": (5e-5, dict(min_lr=1e-6, max_lr=1e-3, eta=2.0, warmup_steps=500, full_finetune=False, orthograd=True,
                         stats_update_freq=3)),
     # state_precision is not the document's: a storage choice added with the evidence that it
-    # converges as fp32 state does (README, "State memory")
+    # converges as fp32 state does (docs/state_memory.md)
     "full": (1e-5, dict(min_lr=5e-7, max_lr=5e-4, d_coef=2, weight_decay=1e-4, warmup_steps=1000,
                         full_finetune=True, orthograd=True, stats_update_freq=5, state_precision="bf16")),
     "high_performance": (3e-5, dict(beta1=0.85, weight_decay=5e-4, warmup_steps=800, full_finetune=False,
@@ -31,8 +31,9 @@ SPEC = {
 }
 
 
-# What the presets change from the document, each measured by benchmarks/convergence.py (README,
-# "At real Stable Diffusion learning-rate scale") or benchmarks/robustness.py (the LoRA scale).
+# What the presets change from the document, each measured by benchmarks/convergence.py
+# (docs/benchmarks.md, "At real Stable Diffusion learning-rate scale") or benchmarks/robustness.py
+# (the LoRA scale).
 MEASURED_CHANGES = {
     # warmup_steps=0.65 of the run and the lrs raised by rank / alpha below alpha = rank, lowered by
     # sqrt(alpha / rank) above it, and the per-tensor growth factor (the robustness matrix)
