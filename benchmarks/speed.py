@@ -176,7 +176,8 @@ def optimizers_for(shapes, full: bool, device: str = "cpu", fused: bool = False,
                                                                              **common)
         factories["Automagic post-warm-up (fused)"] = lambda ps: Automagic_Sinkgd(ps, warmup_steps=2, orthograd=True,
                                                                                   fused=True, **common)
-        # the presets' growth factor inside the kernels: one more sum in their first pass, no launch
+        # the presets' growth factor inside the kernels: one more sum in a pass that already reads the
+        # gradient and the momentum, no launch
         factories["Automagic warm-up (fused, lr_growth)"] = lambda ps: Automagic_Sinkgd(
             ps, warmup_steps=10**6, fused=True, lr_growth=1.0, **common)
         for precision in state_precisions:

@@ -303,21 +303,16 @@ def overridden_preset_settings(preset_name: str, preset: Mapping[str, Any], user
     each: a kohya config written for another optimizer brings its optimizer_type, learning_rate and
     lr_scheduler along, and the file wins over the preset (merge_configs). Said, not refused: a
     user may mean it."""
-    lines = []
-    ours = is_automagic(preset.get("optimizer_type"))
     theirs = user.get("optimizer_type", preset.get("optimizer_type"))
-    if ours and not is_automagic(theirs):
-        lines.append(f"{user_file} sets optimizer_type = {theirs!r}, which replaces the preset {preset_name}'s "
-                     f"{preset['optimizer_type']!r}: this run trains with {theirs} and none of the preset's "
-                     f"optimizer_args. Remove optimizer_type from {user_file} to train with the preset.")
-        return lines
-    for key, why in (("learning_rate", "the lr the preset's settings were measured with"),
-                     ("lr_scheduler", "the optimizer warms up and decays its own rates; an outside schedule can "
-                                      "only lower them")):
-        if key in user and key in preset and user[key] != preset[key]:
-            lines.append(f"{user_file} sets {key} = {user[key]!r} over the preset {preset_name}'s {preset[key]!r} "
-                         f"({why}). Remove {key} from {user_file} to use the preset's.")
-    return lines
+    if is_automagic(preset.get("optimizer_type")) and not is_automagic(theirs):
+        return [f"{user_file} sets optimizer_type = {theirs!r}, which replaces the preset {preset_name}'s "
+                f"{preset['optimizer_type']!r}: this run trains with {theirs} and none of the preset's "
+                f"optimizer_args. Remove optimizer_type from {user_file} to train with the preset."]
+    why = {"learning_rate": "the lr the preset's settings were measured with",
+           "lr_scheduler": "the optimizer warms up and decays its own rates; an outside schedule can only lower them"}
+    return [f"{user_file} sets {key} = {user[key]!r} over the preset {preset_name}'s {preset[key]!r} ({reason}). "
+            f"Remove {key} from {user_file} to use the preset's."
+            for key, reason in why.items() if key in user and key in preset and user[key] != preset[key]]
 
 
 def merge_configs(preset: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
