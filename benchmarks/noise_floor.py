@@ -10,9 +10,8 @@ rate multiplied by 1 +- 1e-5 and 1 + 1e-4 (a change with no systematic effect on
 to the exact preset. A difference between two candidates smaller than this spread is not evidence.
 
 ``--preset adamw`` does the same for the matrix's denominator: AdamW at the best lr of the cell's
-grid for that seed. The best of a grid of such runs is a minimum over noisy values, so it sits
-below what AdamW at that lr gives on average: a preset whose runs match AdamW's on average reads
-above 1.00 by about that much (matrix cells only).
+grid for that seed (matrix cells only). Where those runs spread too, the grid's best is a minimum
+over noisy values and sits below what AdamW at that lr gives on average.
 
 Cells: a robustness-matrix cell ``family|scale|steps`` (benchmarks/robustness.py; reported as final
 loss / best AdamW of that cell and seed from the matrix's JSON) or a convergence task
@@ -157,8 +156,9 @@ def main(argv=None) -> int:
     store = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     presets, _ = conv.load_presets()
     matrix = rob.Store(out / "robustness.json")
-    if args.cells and args.preset != "adamw":
+    if args.cells:
         store["machine"] = conv.machine_desc()
+    if args.cells and args.preset != "adamw":
         if store.setdefault("presets", {}).get(args.preset) != presets[args.preset]:
             # measured with other settings (the preset changed since): those runs are not this preset's
             for rows in store["runs"].values():
@@ -177,7 +177,6 @@ def main(argv=None) -> int:
                     continue
                 spec = (perturbed_adamw_spec(values["lr"], rel) if args.preset == "adamw"
                         else perturbed_spec(presets[args.preset], rel))
-                store["machine"] = conv.machine_desc()
                 values[f"{rel:g}"] = run_perturbed(cell, spec, seed, Path(args.cache))
                 conv.log(f"{cell} {args.preset} seed {seed} lr x (1{rel:+g}): {values[f'{rel:g}']:.5f}")
                 out.mkdir(parents=True, exist_ok=True)
